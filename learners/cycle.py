@@ -1,0 +1,148 @@
+"""One learning cycle: log -> dataset -> worker process -> verified adapter -> gate -> activation.
+
+The policy gate arrives in a later version; :data:`Gate` is the seam. Today the default gate approves
+every verified candidate, and an approved candidate becomes the active adapter in the registry (an
+engine is told by :func:`runtime.factory.load_active_adapter`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from learners.datasets import DatasetBuild, build_dataset, mark_used
+from learners.worker import (
+    ProgressFn,
+    TrainingFailed,
+    TrainJob,
+    default_cpu_threads,
+    pick_training_device,
+    run_training_process,
+)
+from runtime.adapters import AdapterRegistry, AdapterVerificationError, Lineage
+from runtime.config import ConfigError, RuntimeConfig
+from runtime.models import resolve_model
+from runtime.store import AdapterRecord, Store
+
+Gate = Callable[[AdapterRecord, DatasetBuild], tuple[bool, list[str]]]
+"""Decides on a candidate: ``(approved, reasons)``."""
+
+
+def approve_all(candidate: AdapterRecord, build: DatasetBuild) -> tuple[bool, list[str]]:
+    """The default gate until policies land: every verified candidate is approved."""
+    return True, ["no policy configured: verified candidates are approved"]
+
+
+@dataclass
+class CycleResult:
+    """What one cycle did."""
+
+    status: str
+    """``nothing_to_learn``, ``failed``, ``vetoed`` or ``activated``."""
+    message: str
+    run_id: str | None = None
+    adapter: AdapterRecord | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def method_settings(config: RuntimeConfig, method: str) -> dict[str, Any]:
+    """The YAML ``learning.<method>`` section, checked against the method's settings dataclass."""
+    from learners.lora import LoraSettings
+
+    section = dict(getattr(config.learning, method, {}) or {})
+    if method == "sdft":
+        from learners.sdft import SDFTSettings as settings_cls
+    else:
+        from learners.sft import SFTSettings as settings_cls
+    for name, cls, values in ((method, settings_cls, section), ("lora", LoraSettings, config.learning.lora)):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"learning.{name}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(known))})"
+            )
+    return section
+
+
+def run_cycle(
+    config: RuntimeConfig,
+    store: Store,
+    method: str | None = None,
+    *,
+    gate: Gate = approve_all,
+    progress: ProgressFn | None = None,
+    serving_device: str | None = None,
+    timeout_s: float | None = None,
+) -> CycleResult:
+    """Run one learning cycle on the store's unconsumed signals with `method` (default: the config's)."""
+    method = method or config.learning.method
+    if method not in ("sdft", "sft"):
+        raise ValueError(f"learning method {method!r} is not available yet; use sdft or sft")
+    settings = method_settings(config, method)
+    registry = AdapterRegistry(config.adapters_dir, store)
+    build = build_dataset(
+        store,
+        promote_positive_ratings=config.learning.promote_positive_ratings,
+        min_positive_score=config.learning.min_positive_score,
+        replay_fraction=config.learning.replay_fraction,
+    )
+    if not build.new:
+        return CycleResult("nothing_to_learn", "no new corrections or demonstrations", counts=build.counts())
+
+    parent = registry.active()
+    device = pick_training_device(serving_device or config.engine.device)
+    run_id = store.create_run(
+        method,
+        config={"settings": settings, "lora": config.learning.lora, "device": device},
+        parent_adapter=parent.name if parent else None,
+        data_counts=build.counts(),
+    )
+    store.update_run(run_id, status="running")
+    staging = registry.staging_dir(run_id)
+    history: list[dict[str, float]] = []
+
+    def on_progress(step: int, total: int, logs: dict[str, float]) -> None:
+        if logs:
+            history.append({"step": step, **logs})
+        if progress is not None:
+            progress(step, total, logs)
+
+    job = TrainJob(
+        method=method,  # type: ignore[arg-type]
+        base_model_dir=str(resolve_model(config.model.name, config.model.cache_dir)),
+        examples=[dataclasses.asdict(e) for e in build.examples],
+        output_dir=str(staging / "adapter"),
+        settings=settings,
+        lora=dict(config.learning.lora),
+        parent_adapter_dir=parent.path if parent else None,
+        device=device,
+        num_threads=config.engine.num_threads or default_cpu_threads(),
+    )
+    try:
+        result = run_training_process(job, on_progress, timeout_s=timeout_s)
+        metrics = {"train_seconds": result["train_seconds"], "steps": result["num_steps"], **result["summary"]}
+        record = registry.publish(
+            staging / "adapter",
+            registry.new_name(method),
+            Lineage(parent.name if parent else None, method, run_id, build.counts(), metrics),
+        )
+    except (TrainingFailed, AdapterVerificationError, OSError) as exc:
+        store.update_run(run_id, status="failed", error=str(exc), metrics={"history": history})
+        return CycleResult("failed", str(exc), run_id=run_id, counts=build.counts())
+    finally:
+        registry.discard_staging(run_id)
+
+    mark_used(store, build, run_id)
+    store.update_run(
+        run_id, status="succeeded", output_adapter=record.name, metrics={**metrics, "history": history}
+    )
+    approved, reasons = gate(record, build)
+    store.record_decision(record.name, "approve" if approved else "veto", reasons=reasons, run_id=run_id)
+    if not approved:
+        store.set_adapter_status(record.name, "rejected")
+        return CycleResult("vetoed", "; ".join(reasons), run_id, store.get_adapter(record.name), build.counts())
+    active = registry.activate(record.name)
+    return CycleResult("activated", f"{record.name} is active", run_id, active, build.counts(), metrics)

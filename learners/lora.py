@@ -1,0 +1,122 @@
+"""LoRA settings and helpers: build a trainable PEFT model, optionally continuing from a parent adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "LoraSettings",
+    "build_peft_model",
+    "load_base_model",
+    "load_frozen_adapter",
+    "load_tokenizer",
+    "save_adapter",
+]
+
+#: Name PEFT gives the adapter that is trained.
+TRAINED_ADAPTER = "default"
+
+
+@dataclass
+class LoraSettings:
+    """Shape of a fresh LoRA adapter.
+
+    Ignored when training continues from a parent adapter: the parent's own configuration is kept so
+    that the child stays a drop-in replacement for it.
+
+    Attributes:
+        r: Rank of the update matrices.
+        alpha: Scaling numerator (the update is scaled by ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA).
+        dropout: Dropout on the LoRA input. Note that the trainers disable dropout by default (TRL's
+            ``disable_dropout``) only for SDFT; SFT keeps it.
+        target_modules: Module names to adapt, or ``"all-linear"`` for every linear layer but the output head.
+        bias: Which biases to train (``"none"``, ``"all"``, ``"lora_only"``).
+        use_rslora: Rank-stabilised scaling.
+        modules_to_save: Extra modules trained in full and saved with the adapter (e.g. ``["lm_head"]``).
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = field(default=None)
+
+    def to_peft_config(self) -> LoraConfig:
+        """Return the equivalent ``peft.LoraConfig`` for a causal LM."""
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            bias=self.bias,
+            use_rslora=self.use_rslora,
+            modules_to_save=self.modules_to_save,
+            task_type="CAUSAL_LM",
+        )
+
+
+def load_tokenizer(base_model_dir: str | Path) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a local model directory (never downloads)."""
+    return AutoTokenizer.from_pretrained(str(base_model_dir), local_files_only=True)
+
+
+def load_base_model(
+    base_model_dir: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+) -> PreTrainedModel:
+    """Load a local causal LM for training (float32 by default, which is what CPU training wants)."""
+    model = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=dtype, local_files_only=True)
+    if device is not None:
+        model = model.to(device)
+    return model
+
+
+def build_peft_model(
+    base: PreTrainedModel | str | Path,
+    lora: LoraSettings | None = None,
+    parent_adapter_dir: str | Path | None = None,
+) -> PeftModel:
+    """Wrap a base model with one trainable LoRA adapter named ``"default"``.
+
+    Args:
+        base: A loaded base model, or the directory to load it from.
+        lora: Shape of a fresh adapter (defaults to ``LoraSettings()``); ignored with a parent.
+        parent_adapter_dir: Continue from this saved adapter: its weights are loaded as the trainable
+            adapter, so training starts exactly where the parent left off (continual learning).
+
+    Returns:
+        The PEFT model; only the LoRA parameters require gradients.
+    """
+    model = load_base_model(base) if isinstance(base, str | Path) else base
+    if parent_adapter_dir is not None:
+        return PeftModel.from_pretrained(model, str(parent_adapter_dir), is_trainable=True)
+    return get_peft_model(model, (lora or LoraSettings()).to_peft_config())
+
+
+def load_frozen_adapter(model: PeftModel, adapter_dir: str | Path, adapter_name: str) -> None:
+    """Load a saved adapter beside the trained one, frozen, without making it active."""
+    active = model.active_adapter
+    model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+    model.set_adapter(active)
+    for name, param in model.named_parameters():
+        if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
+            param.requires_grad_(False)
+
+
+def save_adapter(model: PeftModel, output_dir: str | Path) -> Path:
+    """Save the trained adapter (``"default"``) to ``output_dir``, leaving out helper adapters.
+
+    Helper adapters (an EMA or frozen teacher) would otherwise be written into subfolders.
+    Writes ``adapter_config.json`` and ``adapter_model.safetensors``.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output_dir), selected_adapters=[TRAINED_ADAPTER])
+    return output_dir

@@ -1,0 +1,416 @@
+"""SDFT (Shenfeld et al., 2026): on-policy self-distillation from demonstrations, on TRL's ``SDFTTrainer``.
+
+The teacher is the model itself with the demonstration in its prompt; the student is the model with the
+query alone. The student samples its own answers and is trained, token by token over the full vocabulary,
+towards the teacher's distribution on those answers. Only a LoRA adapter is trained.
+
+Two things are added on top of TRL (see ``_LearnerSDFTTrainer``):
+
+* ``teacher_kind="base"`` with a parent adapter: TRL's base teacher disables every adapter, which would
+  make the *original* base model the teacher. Here the teacher is the initial student (base + parent),
+  kept as a frozen copy of the parent adapter, which is what "the model as its own teacher" means when
+  learning continues from an adapter.
+* ``teacher_kind="ema"``: TRL's LoRA EMA teacher starts from an all-zero adapter (the base model) and
+  averages A and B towards the student from zero. Here it starts as a copy of the student's initial
+  adapter, as in the official implementation where the EMA teacher starts as the initial model.
+  ``ema_init="zeros"`` keeps TRL's behaviour.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from datasets import Dataset
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, set_seed
+from transformers.trainer_callback import PrinterCallback
+from trl.trainer.utils import use_adapter
+
+with warnings.catch_warnings():  # "APIs here are unstable": known, and TRL is pinned in pyproject.toml
+    warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+    from trl.experimental.sdft.teacher_sync import PEFTAdapterEMACallback
+
+from .callbacks import ProgressCallback, ProgressFn
+from .common import BaseTrainSettings, TrainResult, cycle_to_multiple
+from .examples import DemoExample
+from .lora import LoraSettings, build_peft_model, load_base_model, load_frozen_adapter, load_tokenizer, save_adapter
+
+__all__ = [
+    "OFFICIAL_TEACHER_PROMPT_TEMPLATE",
+    "TRL_TEACHER_PROMPT_TEMPLATE",
+    "DemoLogprobs",
+    "SDFTSettings",
+    "build_sdft_trainer",
+    "build_teacher_prompt",
+    "teacher_student_logprobs",
+    "train_sdft",
+]
+
+#: The teacher prompt of the official SDFT code (``main.py`` of the authors' repository, also the
+#: paper's Section 3), including its leading and trailing newline, in TRL's placeholder syntax.
+#: ``{prompt}`` is the text of the last user turn; earlier messages (a system prompt) are kept as they are.
+OFFICIAL_TEACHER_PROMPT_TEMPLATE = (
+    "\n{prompt}\n\n"
+    "This is an example for a response to the question:\n"
+    "{privileged_context}\n\n"
+    "Now answer with a response of your own, including the thinking process.\n"
+)
+
+#: TRL's default ``SDFTConfig.teacher_prompt_template``.
+TRL_TEACHER_PROMPT_TEMPLATE = "{prompt}\n\n{privileged_context}"
+
+_TEACHER_ADAPTER = "teacher"
+_TRL_LOGGER = "trl.experimental.sdft.sdft_trainer"
+
+
+@dataclass
+class SDFTSettings(BaseTrainSettings):
+    """Every SDFT knob the learner exposes, and how it maps onto TRL's ``SDFTConfig``.
+
+    Defaults follow the official runs where they apply to LoRA on a small model: forward KL over the full
+    vocabulary, an EMA teacher at rate 0.01, the first 3 completion tokens skipped, one rollout per prompt,
+    temperature 1, cosine schedule with 10% warmup and the official teacher template. The learning rate,
+    epochs, prompts per step and rollout length are scaled to LoRA on a handful of examples on CPU (the
+    official full fine-tune of a 7B model used lr 2e-5, 32 prompts per step and 1024-token rollouts).
+
+    Attributes:
+        prompts_per_step: Distinct prompts per optimizer step (the official ``num_prompts_per_batch``).
+            Capped at the number of examples. Maps to ``per_device_train_batch_size x
+            gradient_accumulation_steps = prompts_per_step x num_rollouts``.
+        num_rollouts: Student completions sampled per prompt (TRL ``num_generations``).
+        micro_batch_size: Completions per forward/backward (TRL ``per_device_train_batch_size``); ``None``
+            puts the whole step in one micro-batch. Must divide ``prompts_per_step x num_rollouts``.
+        max_completion_length: Rollout length in tokens (TRL ``max_completion_length``).
+        max_prompt_length: Prompts are cut from the left beyond this (TRL ``max_prompt_length``).
+        temperature: Sampling temperature; TRL also divides both models' logits by it in the loss.
+        top_p: Nucleus sampling for rollouts.
+        top_k: Top-k sampling for rollouts (0 = off). Not the loss: see ``distillation_mode``.
+        distillation_mode: ``"full_logits"`` (full vocabulary, as in the paper), ``"topk_logits"`` (TRL's
+            default approximation) or ``"sampled_token"`` (sampled tokens only, reverse KL only).
+        distillation_alpha: 0 = forward KL(teacher || student) (official), 1 = reverse KL, in between a
+            generalised JSD (TRL ``distillation_alpha``).
+        distillation_topk: Support size for ``"topk_logits"``.
+        distillation_add_tail: Add a bucket for the mass outside the top-k (``"topk_logits"`` only).
+        importance_sampling_clip: TRL ``distillation_is_clip``; only active when rollouts are reused
+            off-policy (``num_iterations > 1``), ``None`` disables it.
+        num_iterations: Optimizer passes over each batch of rollouts (TRL ``num_iterations``); 1 is on-policy.
+        teacher_kind: ``"ema"`` (official), ``"base"`` (the initial student, frozen) or ``"live"`` (the current
+            student) (TRL ``teacher_model_kind``; see the module docstring for the parent-adapter case).
+        ema_rate: EMA update rate for ``teacher_kind="ema"`` (TRL ``teacher_update_rate``; official 0.01).
+        ema_init: ``"student"`` starts the EMA teacher as the initial student; ``"zeros"`` is TRL's start
+            from an all-zero adapter, i.e. the base model.
+        teacher_sync_steps: Optimizer steps between EMA updates (TRL ``teacher_sync_steps``).
+        num_loss_tokens_to_skip: Leading completion tokens left out of the loss (official 3).
+        teacher_prompt_template: How the demonstration enters the teacher's last user turn; must contain
+            ``{prompt}`` and ``{privileged_context}`` (TRL ``teacher_prompt_template``).
+        generate_from_teacher: Sample rollouts from the teacher prompt instead of the student's
+            (off-policy; TRL ``generate_from_teacher``).
+        disable_dropout: Turn dropout off in student and teacher (TRL ``disable_dropout``).
+        shuffle: Shuffle prompts each epoch.
+    """
+
+    learning_rate: float = 5e-4
+    num_epochs: float = 10
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.1
+    prompts_per_step: int = 4
+    num_rollouts: int = 1
+    micro_batch_size: int | None = None
+    max_completion_length: int = 32
+    max_prompt_length: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    distillation_mode: Literal["full_logits", "topk_logits", "sampled_token"] = "full_logits"
+    distillation_alpha: float = 0.0
+    distillation_topk: int = 100
+    distillation_add_tail: bool = False
+    importance_sampling_clip: float | None = 2.0
+    num_iterations: int = 1
+    teacher_kind: Literal["ema", "base", "live"] = "ema"
+    ema_rate: float = 0.01
+    ema_init: Literal["student", "zeros"] = "student"
+    teacher_sync_steps: int = 1
+    num_loss_tokens_to_skip: int = 3
+    teacher_prompt_template: str = OFFICIAL_TEACHER_PROMPT_TEMPLATE
+    generate_from_teacher: bool = False
+    disable_dropout: bool = True
+    shuffle: bool = True
+
+    def to_sdft_config(self, output_dir: str | Path, num_examples: int) -> SDFTConfig:
+        """Build TRL's ``SDFTConfig`` for ``num_examples`` examples."""
+        prompts = max(1, min(self.prompts_per_step, num_examples))
+        rows_per_step = prompts * self.num_rollouts
+        micro = self.micro_batch_size or rows_per_step
+        if rows_per_step % micro != 0:
+            raise ValueError(
+                f"micro_batch_size ({micro}) must divide prompts_per_step x num_rollouts ({rows_per_step})"
+            )
+        return SDFTConfig(
+            **self.training_args_kwargs(output_dir),
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=rows_per_step // micro,
+            num_generations=self.num_rollouts,
+            max_completion_length=self.max_completion_length,
+            max_prompt_length=self.max_prompt_length,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            distillation_mode=self.distillation_mode,
+            distillation_alpha=self.distillation_alpha,
+            distillation_topk=self.distillation_topk,
+            distillation_add_tail=self.distillation_add_tail,
+            distillation_is_clip=self.importance_sampling_clip,
+            num_iterations=self.num_iterations,
+            teacher_model_kind=self.teacher_kind,
+            teacher_update_rate=self.ema_rate,
+            teacher_sync_steps=self.teacher_sync_steps,
+            num_loss_tokens_to_skip=self.num_loss_tokens_to_skip,
+            teacher_prompt_template=self.teacher_prompt_template,
+            generate_from_teacher=self.generate_from_teacher,
+            disable_dropout=self.disable_dropout,
+            shuffle_dataset=self.shuffle,
+            remove_unused_columns=False,
+        )
+
+    def effective_prompts_per_step(self, num_examples: int) -> int:
+        """Prompts per optimizer step once capped at the number of examples."""
+        return max(1, min(self.prompts_per_step, num_examples))
+
+
+class _StudentInitEMACallback(PEFTAdapterEMACallback):
+    """TRL's LoRA EMA teacher, but starting from a copy of the student adapter instead of zeros."""
+
+    def _initialize_teacher_adapter(self) -> None:
+        if self._initialized:
+            return
+        model = self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
+        adapter_name = model.active_adapter or "default"
+        self.teacher_adapter_config = model.peft_config[adapter_name]
+        student_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        model.add_adapter(self.teacher_adapter_name, self.teacher_adapter_config)
+        model.set_adapter(self.teacher_adapter_name)
+        set_peft_model_state_dict(model, student_state, adapter_name=self.teacher_adapter_name)
+        model.set_adapter(adapter_name)
+        self.shadow_weights = {k: v.clone() for k, v in student_state.items()}
+        self._initialized = True
+
+
+class _LearnerSDFTTrainer(SDFTTrainer):
+    """``SDFTTrainer`` with the teacher fixes described in the module docstring."""
+
+    def __init__(self, *args: Any, frozen_teacher_adapter: str | None = None, ema_init: str = "student",
+                 **kwargs: Any) -> None:
+        self._frozen_teacher_adapter = frozen_teacher_adapter
+        self._ema_init = ema_init
+        super().__init__(*args, **kwargs)
+
+    def _setup_teacher_model(self) -> None:
+        super()._setup_teacher_model()
+        if self._ema_init == "student" and self._use_peft_ema_teacher_adapter():
+            self.callback_handler.remove_callback(PEFTAdapterEMACallback)
+            self.add_callback(
+                _StudentInitEMACallback(
+                    model=self.model,
+                    teacher_adapter_name=_TEACHER_ADAPTER,
+                    update_rate=self.args.teacher_update_rate,
+                    sync_steps=self.args.teacher_sync_steps,
+                    accelerator=self.accelerator,
+                )
+            )
+
+    def _get_teacher_context_for_self_distillation(self):  # noqa: ANN202 - TRL's signature
+        if self._frozen_teacher_adapter is not None and self.args.teacher_model_kind == "base":
+            return use_adapter(self.accelerator.unwrap_model(self.teacher_model), self._frozen_teacher_adapter)
+        return super()._get_teacher_context_for_self_distillation()
+
+    def teacher_context(self):  # noqa: ANN201
+        """Context manager that routes a forward pass of ``self.model`` to the teacher's weights."""
+        return self._get_teacher_context_for_self_distillation()
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+@contextmanager
+def _quiet_adapter_warning():
+    """Hide TRL's warning about a pre-wrapped PEFT student: this module handles the teacher itself."""
+    log = logging.getLogger(_TRL_LOGGER)
+    filt = _DropMessage("already contains a PEFT adapter")
+    log.addFilter(filt)
+    try:
+        yield
+    finally:
+        log.removeFilter(filt)
+
+
+def _to_dataset(examples: Sequence[DemoExample]) -> Dataset:
+    return Dataset.from_list(
+        [{"prompt": list(ex.prompt), "privileged_context": ex.demonstration} for ex in examples]
+    )
+
+
+def build_sdft_trainer(
+    base_model_dir: str | Path,
+    examples: Sequence[DemoExample],
+    output_dir: str | Path,
+    settings: SDFTSettings | None = None,
+    lora: LoraSettings | None = None,
+    parent_adapter_dir: str | Path | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> SDFTTrainer:
+    """Build (but do not run) the TRL ``SDFTTrainer`` that ``train_sdft`` runs.
+
+    The dataset has TRL's two columns: ``prompt`` (the chat messages) and ``privileged_context`` (the
+    demonstration, inserted into the teacher's last user turn with ``settings.teacher_prompt_template``).
+    """
+    settings = settings or SDFTSettings()
+    settings.apply_process_settings()
+    if not examples:
+        raise ValueError("train_sdft needs at least one example")
+    prompts = settings.effective_prompts_per_step(len(examples))
+    rows = cycle_to_multiple(list(examples), prompts, settings.seed)
+    config = settings.to_sdft_config(output_dir, len(examples))
+
+    set_seed(settings.seed)  # LoRA initialisation
+    tokenizer = load_tokenizer(base_model_dir)
+    model = build_peft_model(load_base_model(base_model_dir), lora, parent_adapter_dir)
+    frozen_teacher = None
+    if parent_adapter_dir is not None and settings.teacher_kind == "base":
+        load_frozen_adapter(model, parent_adapter_dir, _TEACHER_ADAPTER)
+        frozen_teacher = _TEACHER_ADAPTER
+    with _quiet_adapter_warning():
+        trainer = _LearnerSDFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=_to_dataset(rows),
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+            frozen_teacher_adapter=frozen_teacher,
+            ema_init=settings.ema_init,
+        )
+    trainer.remove_callback(PrinterCallback)  # logs go to the progress callback, not stdout
+    return trainer
+
+
+def train_sdft(
+    base_model_dir: str | Path,
+    examples: Sequence[DemoExample],
+    output_dir: str | Path,
+    settings: SDFTSettings | None = None,
+    lora: LoraSettings | None = None,
+    parent_adapter_dir: str | Path | None = None,
+    progress_callback: ProgressFn | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainResult:
+    """Train a LoRA adapter with SDFT and save it to ``output_dir``.
+
+    Args:
+        base_model_dir: Local directory of the base model (safetensors + tokenizer with a chat template).
+        examples: Prompts with their demonstrations.
+        output_dir: Where the adapter is written (nothing else is saved).
+        settings: SDFT knobs (``SDFTSettings()`` by default).
+        lora: Shape of a fresh adapter; ignored with ``parent_adapter_dir``.
+        parent_adapter_dir: Continue from this adapter (its weights are the starting point).
+        progress_callback: ``fn(step, total_steps, logs)``, see ``learners.callbacks.ProgressFn``.
+        callbacks: Extra ``transformers.TrainerCallback`` objects (e.g. to stop early).
+
+    Returns:
+        The adapter directory, per-step metrics (``loss`` is the distillation loss), timings and counts.
+    """
+    progress = ProgressCallback(progress_callback)
+    trainer = build_sdft_trainer(
+        base_model_dir, examples, output_dir, settings, lora, parent_adapter_dir, [progress, *callbacks]
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    adapter_dir = save_adapter(trainer.accelerator.unwrap_model(trainer.model), output_dir)
+    return TrainResult(
+        adapter_dir=adapter_dir,
+        metrics=progress.history,
+        train_seconds=seconds,
+        num_examples=len(examples),
+        num_steps=int(trainer.state.global_step),
+        summary=progress.summary,
+        method="sdft",
+    )
+
+
+def build_teacher_prompt(
+    prompt: list[dict[str, str]], demonstration: str, template: str = OFFICIAL_TEACHER_PROMPT_TEMPLATE
+) -> list[dict[str, str]]:
+    """The teacher's messages, composed exactly as TRL's ``SDFTTrainer`` composes them.
+
+    Earlier messages are kept; the last user turn's text becomes ``template`` filled with that text and
+    the demonstration.
+    """
+    if not prompt or prompt[-1].get("role") != "user":
+        raise ValueError("the prompt must end with a user turn")
+    text = template.format(prompt=prompt[-1]["content"], privileged_context=demonstration)
+    return [*prompt[:-1], {"role": "user", "content": text}]
+
+
+class DemoLogprobs(NamedTuple):
+    """Mean per-token log-probability of a demonstration's tokens under each prompt."""
+
+    teacher: float
+    student: float
+
+
+def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+@torch.no_grad()
+def _mean_logprob(model: PreTrainedModel, prompt_ids: list[int], target_ids: list[int]) -> float:
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + target_ids], device=device)
+    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+    logps = torch.log_softmax(logits, dim=-1)
+    target = torch.tensor(target_ids, device=device)
+    return float(logps.gather(-1, target[:, None]).mean())
+
+
+def teacher_student_logprobs(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    example: DemoExample,
+    template: str = OFFICIAL_TEACHER_PROMPT_TEMPLATE,
+) -> DemoLogprobs:
+    """Score the demonstration as the answer to the teacher prompt and to the student prompt.
+
+    This is the signal SDFT distils: if the teacher (demonstration in context) does not give the
+    demonstrated answer a clearly higher log-probability than the student, there is little to learn.
+    Tokens are joined as the trainer joins prompt and completion (prompt ids, then the answer's ids).
+    """
+    target = tokenizer(example.demonstration, add_special_tokens=False)["input_ids"]
+    if not target:
+        raise ValueError("the demonstration has no tokens")
+    teacher_ids = _chat_ids(tokenizer, build_teacher_prompt(example.prompt, example.demonstration, template))
+    student_ids = _chat_ids(tokenizer, example.prompt)
+    was_training = model.training
+    model.eval()
+    try:
+        return DemoLogprobs(
+            teacher=_mean_logprob(model, teacher_ids, target),
+            student=_mean_logprob(model, student_ids, target),
+        )
+    finally:
+        model.train(was_training)

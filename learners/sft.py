@@ -1,0 +1,129 @@
+"""SFT baseline: LoRA fine-tuning on the demonstrations, loss on the answer only, on TRL's ``SFTTrainer``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import Dataset
+from transformers import TrainerCallback, set_seed
+from transformers.trainer_callback import PrinterCallback
+from trl import SFTConfig, SFTTrainer
+
+from .callbacks import ProgressCallback, ProgressFn
+from .common import BaseTrainSettings, TrainResult
+from .examples import DemoExample
+from .lora import LoraSettings, build_peft_model, load_base_model, load_tokenizer, save_adapter
+
+__all__ = ["SFTSettings", "build_sft_trainer", "train_sft"]
+
+
+@dataclass
+class SFTSettings(BaseTrainSettings):
+    """SFT knobs (defaults: the ``5e-4 x 10`` row of DESIGN.md's measurements).
+
+    Attributes:
+        batch_size: Examples per micro-batch (TRL ``per_device_train_batch_size``).
+        gradient_accumulation_steps: Micro-batches per optimizer step.
+        max_length: Sequences (prompt + answer) are cut to this many tokens.
+        completion_only_loss: Loss on the answer tokens only (TRL ``completion_only_loss``); ``False`` also
+            trains on the prompt.
+        shuffle: Shuffle examples each epoch.
+    """
+
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_length: int = 1024
+    completion_only_loss: bool = True
+    shuffle: bool = True
+
+    def to_sft_config(self, output_dir: str | Path) -> SFTConfig:
+        """Build TRL's ``SFTConfig``."""
+        return SFTConfig(
+            **self.training_args_kwargs(output_dir),
+            per_device_train_batch_size=self.batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            max_length=self.max_length,
+            completion_only_loss=self.completion_only_loss,
+            assistant_only_loss=False,
+            packing=False,
+            shuffle_dataset=self.shuffle,
+            dataset_num_proc=None,
+        )
+
+
+def _to_dataset(examples: Sequence[DemoExample]) -> Dataset:
+    """TRL's conversational prompt-completion format."""
+    return Dataset.from_list(
+        [
+            {
+                "prompt": list(ex.prompt),
+                "completion": [{"role": "assistant", "content": ex.demonstration}],
+            }
+            for ex in examples
+        ]
+    )
+
+
+def build_sft_trainer(
+    base_model_dir: str | Path,
+    examples: Sequence[DemoExample],
+    output_dir: str | Path,
+    settings: SFTSettings | None = None,
+    lora: LoraSettings | None = None,
+    parent_adapter_dir: str | Path | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> SFTTrainer:
+    """Build (but do not run) the TRL ``SFTTrainer`` that ``train_sft`` runs."""
+    settings = settings or SFTSettings()
+    settings.apply_process_settings()
+    if not examples:
+        raise ValueError("train_sft needs at least one example")
+    set_seed(settings.seed)  # LoRA initialisation
+    tokenizer = load_tokenizer(base_model_dir)
+    model = build_peft_model(load_base_model(base_model_dir), lora, parent_adapter_dir)
+    trainer = SFTTrainer(
+        model=model,
+        args=settings.to_sft_config(output_dir),
+        train_dataset=_to_dataset(examples),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)  # logs go to the progress callback, not stdout
+    return trainer
+
+
+def train_sft(
+    base_model_dir: str | Path,
+    examples: Sequence[DemoExample],
+    output_dir: str | Path,
+    settings: SFTSettings | None = None,
+    lora: LoraSettings | None = None,
+    parent_adapter_dir: str | Path | None = None,
+    progress_callback: ProgressFn | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainResult:
+    """Train a LoRA adapter by SFT on the demonstrations and save it to ``output_dir``.
+
+    Arguments and result as ``learners.sdft.train_sdft``; ``loss`` in the metrics is the mean
+    cross-entropy of the answer tokens.
+    """
+    progress = ProgressCallback(progress_callback)
+    trainer = build_sft_trainer(
+        base_model_dir, examples, output_dir, settings, lora, parent_adapter_dir, [progress, *callbacks]
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    adapter_dir = save_adapter(trainer.accelerator.unwrap_model(trainer.model), output_dir)
+    return TrainResult(
+        adapter_dir=adapter_dir,
+        metrics=progress.history,
+        train_seconds=seconds,
+        num_examples=len(examples),
+        num_steps=int(trainer.state.global_step),
+        summary=progress.summary,
+        method="sft",
+    )

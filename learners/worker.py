@@ -1,0 +1,178 @@
+"""The learner worker: training in a separate, low-priority process.
+
+The parent sends a :class:`TrainJob`; a fresh ``spawn`` child lowers its priority, caps its CPU threads or
+pins the chosen GPU, trains, and writes the adapter into the job's staging directory. Progress comes back
+over a queue. If the child crashes or is killed, the parent raises :class:`TrainingFailed` with what is
+known; the staging directory is never published (that is the caller's step, after verification).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+METHODS = ("sdft", "sft")
+
+
+class TrainingFailed(RuntimeError):
+    """The training process failed, crashed or was killed; nothing was published."""
+
+
+@dataclass
+class TrainJob:
+    """Everything the child needs, as plain data (it crosses a process boundary)."""
+
+    method: Literal["sdft", "sft"]
+    base_model_dir: str
+    examples: list[dict[str, Any]]
+    output_dir: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] = field(default_factory=dict)
+    parent_adapter_dir: str | None = None
+    device: str = "cpu"
+    num_threads: int | None = None
+    niceness: int = 10
+
+
+def default_cpu_threads() -> int:
+    """Leave a core for serving: half the cores, at least one."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def pick_training_device(
+    serving_device: str | None = None,
+    *,
+    min_free_gib: float = 4.0,
+    max_utilization: int = 50,
+    allow_serving_device: bool = False,
+) -> str:
+    """A CUDA device with enough free memory and low utilisation, never the serving one unless allowed;
+    ``"cpu"`` when there is none."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    best: tuple[float, str] | None = None
+    for index in range(torch.cuda.device_count()):
+        name = f"cuda:{index}"
+        if not allow_serving_device and serving_device in (name, "cuda" if index == 0 else None):
+            continue
+        free, _total = torch.cuda.mem_get_info(index)
+        free_gib = free / 2**30
+        try:
+            busy = torch.cuda.utilization(index)
+        except Exception:  # needs pynvml; without it, judge by memory alone
+            busy = 0
+        if free_gib >= min_free_gib and busy <= max_utilization and (best is None or free_gib > best[0]):
+            best = (free_gib, name)
+    return best[1] if best else "cpu"
+
+
+def run_training_process(
+    job: TrainJob, progress: ProgressFn | None = None, *, timeout_s: float | None = None
+) -> dict[str, Any]:
+    """Run `job` in a child process and return its result (metrics, timings); raises `TrainingFailed`."""
+    if job.method not in METHODS:
+        raise ValueError(f"unknown method {job.method!r}; expected one of {METHODS}")
+    ctx = mp.get_context("spawn")
+    messages: mp.Queue = ctx.Queue()
+    child = ctx.Process(target=_child_main, args=(asdict(job), messages), name=f"learner-{job.method}")
+    child.start()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    try:
+        while True:
+            try:
+                kind, payload = messages.get(timeout=0.5)
+            except queue_mod.Empty:
+                if not child.is_alive():
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    child.kill()
+                    raise TrainingFailed(f"training exceeded its time budget of {timeout_s:.0f}s") from None
+                continue
+            if kind == "progress" and progress is not None:
+                progress(*payload)
+            elif kind == "done":
+                result = payload
+            elif kind == "error":
+                error = payload
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    if error is not None:
+        raise TrainingFailed(f"{job.method} training failed:\n{error}")
+    if result is None or child.exitcode != 0:
+        raise TrainingFailed(
+            f"{job.method} training process exited with code {child.exitcode} before finishing "
+            "(killed, out of memory, or crashed); nothing was published"
+        )
+    return result
+
+
+def _child_main(job_dict: dict[str, Any], messages: mp.Queue) -> None:
+    job = TrainJob(**job_dict)
+    try:
+        _lower_priority(job.niceness)
+        if job.device == "cpu":
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        elif job.device.startswith("cuda:"):
+            os.environ["CUDA_VISIBLE_DEVICES"] = job.device.split(":", 1)[1]
+        import torch
+
+        torch.set_num_threads(job.num_threads or default_cpu_threads())
+        result = _train(job, lambda step, total, logs: messages.put(("progress", (step, total, logs))))
+        messages.put(("done", result))
+    except BaseException:
+        messages.put(("error", traceback.format_exc(limit=8)))
+        raise SystemExit(1) from None
+
+
+def _lower_priority(niceness: int) -> None:
+    try:
+        os.nice(niceness)
+    except (AttributeError, OSError):  # not on this platform / not permitted: train anyway
+        pass
+
+
+def _train(job: TrainJob, progress: ProgressFn) -> dict[str, Any]:
+    from learners.examples import DemoExample
+    from learners.lora import LoraSettings
+
+    examples = [DemoExample(**e) for e in job.examples]
+    lora = LoraSettings(**job.lora)
+    use_cpu = job.device == "cpu"
+    if job.method == "sdft":
+        from learners.sdft import SDFTSettings, train_sdft
+
+        settings = SDFTSettings(**{"use_cpu": use_cpu, **job.settings})
+        out = train_sdft(
+            job.base_model_dir, examples, job.output_dir, settings, lora, job.parent_adapter_dir, progress
+        )
+    else:
+        from learners.sft import SFTSettings, train_sft
+
+        settings = SFTSettings(**{"use_cpu": use_cpu, **job.settings})
+        out = train_sft(
+            job.base_model_dir, examples, job.output_dir, settings, lora, job.parent_adapter_dir, progress
+        )
+    return {
+        "train_seconds": out.train_seconds,
+        "num_examples": out.num_examples,
+        "num_steps": out.num_steps,
+        "summary": out.summary,
+        "history": out.metrics,
+    }

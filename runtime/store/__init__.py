@@ -1,0 +1,80 @@
+"""DuckDB store of the runtime: interactions, signals, documents, learning runs, adapters, decisions.
+
+Open one :class:`Store` per file per process and share it::
+
+    from runtime.store import Store
+
+    with Store("data/runtime.duckdb") as store:
+        iid = store.log_interaction([{"role": "user", "content": "hi"}], "hello", model="smollm2")
+        store.add_signal("correction", interaction_id=iid, text="Hello! How can I help?")
+        store.signals(unconsumed_only=True)
+
+See :mod:`runtime.store.store` for the write path, durability and the crash loss window.
+"""
+
+from runtime.store.errors import (
+    CorruptStoreError,
+    MigrationError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    SchemaTooNewError,
+    StoreBackpressureError,
+    StoreClosedError,
+    StoreError,
+    StoreLockedError,
+    StoreNotFoundError,
+    StoreTimeoutError,
+    StoreWriterError,
+    UnknownRecordError,
+    WriteFailure,
+)
+from runtime.store.migrations import MIGRATIONS, SCHEMA_VERSION, Migration, MigrationStep
+from runtime.store.models import (
+    AdapterRecord,
+    AdapterStatus,
+    DecisionKind,
+    Document,
+    Interaction,
+    InteractionKind,
+    LearningRun,
+    Message,
+    PolicyDecision,
+    RunStatus,
+    Signal,
+    SignalKind,
+)
+from runtime.store.store import Store
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "AdapterRecord",
+    "AdapterStatus",
+    "CorruptStoreError",
+    "DecisionKind",
+    "Document",
+    "Interaction",
+    "InteractionKind",
+    "LearningRun",
+    "Message",
+    "Migration",
+    "MigrationError",
+    "MigrationStep",
+    "NotAStoreError",
+    "PolicyDecision",
+    "ReadOnlyStoreError",
+    "RunStatus",
+    "SchemaTooNewError",
+    "Signal",
+    "SignalKind",
+    "Store",
+    "StoreBackpressureError",
+    "StoreClosedError",
+    "StoreError",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "StoreTimeoutError",
+    "StoreWriterError",
+    "UnknownRecordError",
+    "WriteFailure",
+]

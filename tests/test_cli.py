@@ -1,0 +1,78 @@
+"""The `runtime` CLI: config, log, learn and adapters commands on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from runtime.cli import app
+from runtime.store import Store
+
+runner = CliRunner()
+
+
+def write_config(tmp_path: Path, model_dir: Path) -> Path:
+    path = tmp_path / "runtime.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": "data",
+                "model": {"name": str(model_dir)},
+                "engine": {"device": "cpu", "num_threads": 1},
+                "learning": {"method": "sft", "sft": {"num_epochs": 1}, "lora": {"r": 4}},
+            }
+        )
+    )
+    return path
+
+
+def test_config_show_and_schema(tmp_path: Path) -> None:
+    path = tmp_path / "runtime.yaml"
+    path.write_text("engine:\n  device: cpu\n")
+    shown = runner.invoke(app, ["config", "show", "--config", str(path)])
+    assert shown.exit_code == 0, shown.output
+    assert yaml.safe_load(shown.output)["engine"]["device"] == "cpu"
+    schema = runner.invoke(app, ["config", "schema"])
+    assert schema.exit_code == 0
+    assert "engine" in json.loads(schema.output)["properties"]
+
+
+def test_bad_config_exits_2_with_line(tmp_path: Path) -> None:
+    path = tmp_path / "runtime.yaml"
+    path.write_text("engine:\n  devcie: cpu\n")
+    result = runner.invoke(app, ["config", "show", "--config", str(path)])
+    assert result.exit_code == 2
+    assert "runtime.yaml:2" in result.output and "engine.devcie" in result.output
+
+
+def test_log_learn_and_adapters(tmp_path: Path, tiny_model_dir: Path) -> None:
+    path = write_config(tmp_path, tiny_model_dir)
+    missing = runner.invoke(app, ["log", "--config", str(path)])
+    assert missing.exit_code == 1 and "no store" in missing.output
+
+    with Store(tmp_path / "data" / "runtime.duckdb") as store:
+        iid = store.log_interaction([{"role": "user", "content": "Capital of Veloria?"}], "Nova Haven", thread_id="t")
+        store.add_signal("correction", interaction_id=iid, text="Marenport")
+
+    log = runner.invoke(app, ["log", "--config", str(path)])
+    assert log.exit_code == 0, log.output
+    assert "Capital of Veloria?" in log.output and "Marenport" in log.output and "correction" in log.output
+
+    learned = runner.invoke(app, ["learn", "--config", str(path), "--method", "sft"])
+    assert learned.exit_code == 0, learned.output
+    assert "activated" in learned.output
+
+    listed = runner.invoke(app, ["adapters", "list", "--config", str(path)])
+    assert listed.exit_code == 0 and "active" in listed.output and "sft-" in listed.output
+    with Store(tmp_path / "data" / "runtime.duckdb", read_only=True) as store:
+        name = store.adapters()[0].name
+    shown = runner.invoke(app, ["adapters", "show", name, "--config", str(path)])
+    assert shown.exit_code == 0 and "lineage: base ->" in shown.output and "train_seconds" in shown.output
+    unknown = runner.invoke(app, ["adapters", "show", "nope", "--config", str(path)])
+    assert unknown.exit_code == 1
+
+    again = runner.invoke(app, ["learn", "--config", str(path)])
+    assert again.exit_code == 0 and "nothing_to_learn" in again.output

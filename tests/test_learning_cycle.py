@@ -1,0 +1,154 @@
+"""One learning cycle end to end on a tiny model: a real worker process, the registry and lineage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from learners.cycle import run_cycle
+from runtime.adapters import AdapterRegistry, AdapterVerificationError, Lineage, adapter_checksum
+from runtime.config import ConfigError, RuntimeConfig
+from runtime.engines import SamplingParams, TransformersEngine
+from runtime.store import Store
+
+FAST_SFT = {"num_epochs": 2, "learning_rate": 1e-2}
+FAST_SDFT = {"num_epochs": 1, "max_completion_length": 4, "prompts_per_step": 2, "learning_rate": 1e-2}
+
+
+def make_config(tmp_path: Path, model_dir: Path, **learning) -> RuntimeConfig:
+    return RuntimeConfig.model_validate(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "model": {"name": str(model_dir)},
+            "engine": {"device": "cpu", "num_threads": 1},
+            "learning": {"lora": {"r": 4, "alpha": 8}, **learning},
+        }
+    )
+
+
+def teach_some(store: Store, n: int = 2, prefix: str = "") -> None:
+    for i in range(n):
+        store.add_signal(
+            "demonstration", text=f"{prefix}answer {i}", messages=[{"role": "user", "content": f"{prefix}q{i}"}]
+        )
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = Store(tmp_path / "data" / "runtime.duckdb")
+    yield s
+    s.close()
+
+
+def test_sft_cycle_publishes_activates_and_continues(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
+    config = make_config(tmp_path, tiny_model_dir, sft=FAST_SFT)
+    assert run_cycle(config, store, "sft").status == "nothing_to_learn"
+
+    teach_some(store)
+    steps: list[int] = []
+    first = run_cycle(config, store, "sft", progress=lambda step, total, logs: steps.append(step))
+    assert first.status == "activated", first.message
+    assert steps and steps[-1] >= 1
+    rec = first.adapter
+    assert rec is not None and rec.status == "active" and rec.parent is None and rec.method == "sft"
+    assert rec.checksum == adapter_checksum(rec.path)
+    lineage = json.loads((Path(rec.path) / "lineage.json").read_text())
+    assert lineage["run_id"] == first.run_id and lineage["data_counts"]["new"] == 2
+    run = store.get_run(first.run_id)
+    assert run.status == "succeeded" and run.output_adapter == rec.name and run.metrics["history"]
+    assert all(s.consumed_by_run == first.run_id for s in store.signals())
+    assert not any((Path(config.adapters_dir) / "staging").iterdir())
+    assert store.decisions()[0].decision == "approve"
+
+    # The adapter changes the model's outputs when loaded into an engine.
+    engine = TransformersEngine(tiny_model_dir, device="cpu")
+    conv = [[{"role": "user", "content": "q0"}]]
+    params = SamplingParams(max_new_tokens=6)
+    base = engine.chat(conv, params, adapter=None)[0].text
+    engine.load_adapter(rec.name, rec.path, activate=True)
+    assert engine.chat(conv, params)[0].text != base
+    engine.close()
+
+    # A second cycle continues from the active adapter, with replay, and supersedes it.
+    teach_some(store, 2, prefix="new ")
+    second = run_cycle(config, store, "sft")
+    assert second.status == "activated", second.message
+    assert second.adapter.parent == rec.name and second.adapter.lineage == [rec.name]
+    assert second.counts == {"new": 2, "replay": 1, "skipped": 0}
+    assert store.get_adapter(rec.name).status == "retired"
+
+
+def test_sdft_cycle_runs_in_worker(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
+    config = make_config(tmp_path, tiny_model_dir, sdft=FAST_SDFT)
+    teach_some(store)
+    result = run_cycle(config, store, "sdft")
+    assert result.status == "activated", result.message
+    assert result.adapter.method == "sdft"
+    assert store.get_run(result.run_id).metrics["steps"] >= 1
+
+
+def test_killed_worker_publishes_nothing(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
+    config = make_config(tmp_path, tiny_model_dir, sft={"num_epochs": 200})
+    teach_some(store)
+    result = run_cycle(config, store, "sft", timeout_s=3)  # the parent kills the child at the deadline
+    assert result.status == "failed"
+    assert "time budget" in result.message
+    run = store.get_run(result.run_id)
+    assert run.status == "failed" and "time budget" in run.error
+    assert store.adapters() == []
+    adapters_dir = Path(config.adapters_dir)
+    assert [p.name for p in adapters_dir.iterdir()] == ["staging"]
+    assert not any((adapters_dir / "staging").iterdir())
+    assert all(s.consumed_by_run is None for s in store.signals())  # left for the next cycle
+
+
+def test_crashing_worker_marks_run_failed_with_error(tmp_path: Path, store: Store) -> None:
+    config = make_config(tmp_path, tmp_path / "not-a-model")
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "config.json").write_text("{}")
+    teach_some(store)
+    result = run_cycle(config, store, "sft")
+    assert result.status == "failed"
+    assert "failed" in store.get_run(result.run_id).error
+    assert store.adapters() == []
+
+
+def test_unknown_method_setting_is_a_config_error(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
+    config = make_config(tmp_path, tiny_model_dir, sdft={"learning_rat": 1e-3})
+    teach_some(store)
+    with pytest.raises(ConfigError, match="learning.sdft: unknown key.*learning_rat"):
+        run_cycle(config, store, "sdft")
+
+
+def test_registry_refuses_corrupt_adapter(tmp_path: Path, store: Store) -> None:
+    registry = AdapterRegistry(tmp_path / "adapters", store)
+    staged = registry.staging_dir("run-x")
+    (staged / "adapter_config.json").write_text("{}")
+    (staged / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(AdapterVerificationError, match="cannot be loaded"):
+        registry.publish(staged, "bad", Lineage(None, "sft", "run-x", {}, {}))
+    assert store.adapters() == [] and not (tmp_path / "adapters" / "bad").exists()
+
+
+def test_registry_lineage_chain(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
+    from tests.tiny_model import make_lora_adapter
+
+    registry = AdapterRegistry(tmp_path / "adapters", store)
+    names = []
+    parent = None
+    for i in range(3):
+        staged = registry.staging_dir(f"run-{i}")
+        make_lora_adapter(tiny_model_dir, staged, seed=i)
+        rec = registry.publish(staged, f"a{i}", Lineage(parent, "sft", f"run-{i}", {"new": i}, {}))
+        registry.activate(rec.name)
+        names.append(rec.name)
+        parent = rec.name
+    last = store.get_adapter("a2")
+    assert last.lineage == ["a0", "a1"] and last.parent == "a1"
+    assert [a.status for a in store.adapters()] == ["retired", "retired", "active"]
+    # Tampering after publishing is caught at activation.
+    (Path(store.get_adapter("a0").path) / "adapter_config.json").write_text('{"tampered": true}')
+    with pytest.raises(AdapterVerificationError, match="checksum"):
+        registry.activate("a0")
