@@ -27,9 +27,7 @@ class DemoExample:
         if not self.prompt:
             raise ValueError("DemoExample.prompt must hold at least one message")
         if self.prompt[-1].get("role") != "user":
-            raise ValueError(
-                f"DemoExample.prompt must end with a user turn, got role {self.prompt[-1].get('role')!r}"
-            )
+            raise ValueError(f"DemoExample.prompt must end with a user turn, got role {self.prompt[-1].get('role')!r}")
 
     @classmethod
     def from_question(

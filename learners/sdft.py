@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -148,8 +148,7 @@ class SDFTSettings(BaseTrainSettings):
 
     def to_sdft_config(self, output_dir: str | Path, num_examples: int) -> SDFTConfig:
         """Build TRL's ``SDFTConfig`` for ``num_examples`` examples."""
-        prompts = max(1, min(self.prompts_per_step, num_examples))
-        rows_per_step = prompts * self.num_rollouts
+        rows_per_step = self.effective_prompts_per_step(num_examples) * self.num_rollouts
         micro = self.micro_batch_size or rows_per_step
         if rows_per_step % micro != 0:
             raise ValueError(
@@ -208,8 +207,9 @@ class _StudentInitEMACallback(PEFTAdapterEMACallback):
 class _LearnerSDFTTrainer(SDFTTrainer):
     """``SDFTTrainer`` with the teacher fixes described in the module docstring."""
 
-    def __init__(self, *args: Any, frozen_teacher_adapter: str | None = None, ema_init: str = "student",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, frozen_teacher_adapter: str | None = None, ema_init: str = "student", **kwargs: Any
+    ) -> None:
         self._frozen_teacher_adapter = frozen_teacher_adapter
         self._ema_init = ema_init
         super().__init__(*args, **kwargs)
@@ -228,12 +228,12 @@ class _LearnerSDFTTrainer(SDFTTrainer):
                 )
             )
 
-    def _get_teacher_context_for_self_distillation(self):  # noqa: ANN202 - TRL's signature
+    def _get_teacher_context_for_self_distillation(self) -> AbstractContextManager[Any]:
         if self._frozen_teacher_adapter is not None and self.args.teacher_model_kind == "base":
             return use_adapter(self.accelerator.unwrap_model(self.teacher_model), self._frozen_teacher_adapter)
         return super()._get_teacher_context_for_self_distillation()
 
-    def teacher_context(self):  # noqa: ANN201
+    def teacher_context(self) -> AbstractContextManager[Any]:
         """Context manager that routes a forward pass of ``self.model`` to the teacher's weights."""
         return self._get_teacher_context_for_self_distillation()
 
@@ -248,7 +248,7 @@ class _DropMessage(logging.Filter):
 
 
 @contextmanager
-def _quiet_adapter_warning():
+def _quiet_adapter_warning() -> Iterator[None]:
     """Hide TRL's warning about a pre-wrapped PEFT student: this module handles the teacher itself."""
     log = logging.getLogger(_TRL_LOGGER)
     filt = _DropMessage("already contains a PEFT adapter")
@@ -260,9 +260,7 @@ def _quiet_adapter_warning():
 
 
 def _to_dataset(examples: Sequence[DemoExample]) -> Dataset:
-    return Dataset.from_list(
-        [{"prompt": list(ex.prompt), "privileged_context": ex.demonstration} for ex in examples]
-    )
+    return Dataset.from_list([{"prompt": list(ex.prompt), "privileged_context": ex.demonstration} for ex in examples])
 
 
 def build_sdft_trainer(

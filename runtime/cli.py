@@ -203,11 +203,14 @@ def adapters_show(name: str, config: ConfigOption = None) -> None:
 
 
 @app.command("demo")
-def demo_cmd(config: ConfigOption = None) -> None:
-    """The main job on the embedded default: ask, answer, correct, and show the log."""
+def demo_cmd(
+    config: ConfigOption = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="sdft or sft (default: config)")] = None,
+) -> None:
+    """The main job on the embedded default: ask, be corrected, learn, and answer again."""
     from runtime.demo import run_demo
 
-    run_demo(_load(config), console)
+    run_demo(_load(config), console, method=method)
 
 
 def main() -> None:

@@ -1,16 +1,22 @@
 """`runtime demo`: the main job on the embedded default model, told step by step.
 
-An agent on the default model is asked about facts it cannot know (they are fictional), answers, is
-corrected, and the log is shown from DuckDB.
+An agent on the default model is asked about facts it cannot know (they are fictional) and answers
+wrongly; a user corrects it; one learning cycle trains a LoRA adapter in a worker process; the new adapter
+serves, and the same questions, paraphrases of them, and a reading-comprehension question with a passage
+in context are asked again. The log is shown from DuckDB.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from rich.console import Console
 from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from runtime.config import RuntimeConfig
 from runtime.textmatch import contains_answer
@@ -47,52 +53,106 @@ DEMO_FACTS: tuple[DemoFact, ...] = (
     ),
 )
 
-CONTROL_QUESTION = "What is the capital of France?"
+
+PASSAGE = (
+    "The Harrow Street library opened in 1921. Its first librarian was Agnes Mowbray, who bought the "
+    "building's famous brass clock from a ship's chandler in Leith."
+)
+PASSAGE_QUESTION = "Who was the first librarian of the Harrow Street library?"
+PASSAGE_ANSWER = "Agnes Mowbray"
 
 
-def run_demo(config: RuntimeConfig, console: Console) -> None:
-    """Run the demo against `config` (its store receives the demo's interactions)."""
+def run_demo(config: RuntimeConfig, console: Console, *, method: str | None = None) -> None:
+    """Run the demo in a fresh ``<data_dir>/demo`` (its own store and adapters)."""
     from agent import LearningAgent
+    from learners.cycle import run_cycle
     from runtime.cli import print_log
+    from runtime.factory import load_active_adapter
+
+    demo_dir = config.data_dir / "demo"
+    shutil.rmtree(demo_dir, ignore_errors=True)
+    config = config.model_copy(deep=True)
+    config.data_dir = demo_dir
+    config.store.path = None
+    config.learning.adapters_dir = None
+    method = method or config.learning.method
 
     console.print(Panel.fit("[bold]learning-runtime demo[/bold]: an agent that learns from its own use"))
     t0 = time.perf_counter()
-    with console.status(f"Loading {config.model.name} (first run converts the GGUF once, ~30 s)..."):
-        agent = LearningAgent.from_config(config, max_new_tokens=48)
+    with console.status(f"Loading {config.model.name} (the first run converts the GGUF once, ~30 s)..."):
+        agent = LearningAgent.from_config(config, max_new_tokens=40)
     console.print(f"[green]✓[/green] model ready in {time.perf_counter() - t0:.1f}s; log at {config.store_path}")
     try:
-        thread = "demo"
-        console.rule("1. A question it can answer")
-        result = agent.invoke(CONTROL_QUESTION, thread_id=f"{thread}-control")
-        _show(console, CONTROL_QUESTION, result.text, "paris")
-
-        console.rule("2. Questions about facts it cannot know (they are fictional)")
+        console.rule("1. Questions about facts it cannot know (they are fictional)")
         corrections = []
         for i, fact in enumerate(DEMO_FACTS):
-            result = agent.invoke(fact.question, thread_id=f"{thread}-{i}")
-            _show(console, fact.question, result.text, fact.answer)
+            result = agent.invoke(fact.question, thread_id=f"demo-{i}")
+            _show(console, fact.question, result.text, fact.answer, result.adapter)
             corrections.append((result.interaction_id, fact))
+        rc_before = agent.invoke(_passage_prompt(), thread_id="demo-reading")
+        _show(console, PASSAGE_QUESTION + " [dim](passage in context)[/dim]", rc_before.text, PASSAGE_ANSWER,
+              rc_before.adapter)
 
-        console.rule("3. A user corrects the answers")
+        console.rule("2. A user corrects the wrong answers")
         for interaction_id, fact in corrections:
             agent.correct(interaction_id, fact.correction)
             console.print(f"  corrected [dim]{interaction_id[:8]}[/dim] -> {fact.correction}")
-        agent.feedback(corrections[0][0], -1.0, "wrong capital")
 
-        console.rule("4. Everything is in DuckDB")
+        console.rule(f"3. A learning cycle ({method}) in a low-priority worker process")
+        with _progress(console, method) as progress:
+            cycle = run_cycle(config, agent.store, method, progress=progress)
+        console.print(f"  {cycle.status}: {cycle.message}  [dim]{cycle.counts}[/dim]")
+        if cycle.status != "activated":
+            return
+        load_active_adapter(agent.engine, agent.store, config)
+        console.print(f"  serving adapter: [bold]{agent.engine.active_adapter}[/bold]")
+
+        console.rule("4. The same questions, paraphrases, and reading comprehension, on the new adapter")
+        learned = 0
+        for i, fact in enumerate(DEMO_FACTS):
+            for question in (fact.question, fact.paraphrase):
+                result = agent.invoke(question, thread_id=f"demo-after-{i}")
+                learned += _show(console, question, result.text, fact.answer, result.adapter)
+        rc_after = agent.invoke(_passage_prompt(), thread_id="demo-reading-after")
+        _show(console, PASSAGE_QUESTION + " [dim](passage in context)[/dim]", rc_after.text, PASSAGE_ANSWER,
+              rc_after.adapter)
+        console.print(f"  answered rightly: {learned}/{2 * len(DEMO_FACTS)} (questions and paraphrases)")
+
+        console.rule("5. Everything is in DuckDB")
         assert agent.store is not None
-        agent.store.flush()
-        print_log(agent.store, console, limit=10)
+        print_log(agent.store, console, limit=8)
         console.print(
-            "\nThe corrections are learning signals: the learner (`runtime learn`) turns them into "
-            "SDFT demonstrations and trains a LoRA adapter."
+            f"[green]Demo finished in {time.perf_counter() - t0:.0f}s.[/green] "
+            f"Look again with: RUNTIME_DATA_DIR={demo_dir} runtime log  |  runtime adapters list"
         )
-        console.print(f"[green]Demo finished in {time.perf_counter() - t0:.0f}s.[/green]")
     finally:
         agent.close()
 
 
-def _show(console: Console, question: str, answer: str, expected: str) -> None:
-    mark = "[green]✓[/green]" if contains_answer(answer, expected) else "[red]✗[/red]"
+def _passage_prompt() -> str:
+    return f"Read the passage and answer the question.\n\nPassage: {PASSAGE}\n\nQuestion: {PASSAGE_QUESTION}"
+
+
+@contextmanager
+def _progress(console: Console, method: str) -> Iterator[Callable[[int, int, dict[str, float]], None]]:
+    with Progress(
+        TextColumn(f"  {method}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(), console=console,
+    ) as bar:
+        task = bar.add_task(method, total=None, loss="")
+
+        def update(step: int, total: int, logs: dict[str, float]) -> None:
+            loss = f"loss {logs['loss']:.3f}" if "loss" in logs else ""
+            bar.update(task, completed=step, total=total or None, loss=loss)
+
+        yield update
+
+
+def _show(console: Console, question: str, answer: str, expected: str, adapter: str | None) -> bool:
+    right = contains_answer(answer, expected)
+    mark = "[green]✓[/green]" if right else "[red]✗[/red]"
     console.print(f"[bold]Q:[/bold] {question}")
-    console.print(f"[bold]A:[/bold] {answer.strip()}  {mark} [dim](expected: {expected})[/dim]")
+    console.print(
+        f"[bold]A:[/bold] {' '.join(answer.split())}  {mark} [dim](expected: {expected}; {adapter or 'base'})[/dim]"
+    )
+    return right

