@@ -430,3 +430,24 @@ def test_real_default_model_knows_the_capital_of_france() -> None:
     assert "Paris" in answer.text
     assert answer.finish_reason == "stop"  # it ends its turn with <|im_end|>
     assert answer.completion_tokens < 48
+
+
+def test_kl_divergence_to_base(engine: TransformersEngine, tiny: dict[str, Path]) -> None:
+    prompts, completions = ["The capital of France is", "Hi"], [" Paris.", " there, friend"]
+    assert engine.kl_divergence(prompts, completions) == pytest.approx([0.0, 0.0], abs=1e-6)
+    engine.load_adapter("a", tiny["a"])
+    kl = engine.kl_divergence(prompts, completions, adapter="a")
+    assert all(k > 0 for k in kl)
+    # Manual: KL(base || a) from full distributions at each completion position.
+    import torch
+
+    model = engine._adapters.model
+    full = engine._align(prompts[0], completions[0])
+    ids = torch.tensor([full[0]])
+    with torch.inference_mode():
+        with model.disable_adapter():
+            base = torch.log_softmax(model(input_ids=ids).logits[0, full[1] - 1 : -1].float(), -1)
+        model.set_adapter(engine._adapters._loaded["a"].internal)
+        tuned = torch.log_softmax(model(input_ids=ids).logits[0, full[1] - 1 : -1].float(), -1)
+    manual = float((base.exp() * (base - tuned)).sum(-1).mean())
+    assert kl[0] == pytest.approx(manual, rel=1e-4)

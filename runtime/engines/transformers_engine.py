@@ -194,6 +194,36 @@ class TransformersEngine(Engine):
             names = self._resolve_many(adapter, len(sequences))
             return self._run_score(sequences, starts, names)
 
+    def kl_divergence(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        adapter: AdapterChoice = ACTIVE,
+        reference: AdapterChoice = None,
+    ) -> list[float]:
+        """Mean per-token KL(reference || adapter) over each completion's positions, full vocabulary.
+
+        With the defaults this is KL(base || active adapter): how far an adapter moved the model's
+        next-token distributions on given text (0 for the base model itself).
+        """
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        aligned = [self._align(p, c) for p, c in zip(prompts, completions, strict=True)]
+        sequences = [full for full, _ in aligned]
+        starts = [start for _, start in aligned]
+        if not sequences:
+            return []
+        with self._lock:
+            self._check_open()
+            ref = self._resolve_many(reference, len(sequences))
+            new = self._resolve_many(adapter, len(sequences))
+            ref_lp = {row: lp for row, lp, _ in self._completion_logprobs(sequences, starts, ref)}
+            result = [0.0] * len(sequences)
+            for row, lp, _ in self._completion_logprobs(sequences, starts, new):
+                p_ref = ref_lp[row]
+                result[row] = float((p_ref.exp() * (p_ref - lp)).sum(-1).mean())
+            return result
+
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` (without added special tokens)."""
         return len(self._tokenizer.encode(text, add_special_tokens=False))
@@ -374,6 +404,14 @@ class TransformersEngine(Engine):
         self, sequences: list[list[int]], starts: list[int], names: list[str | None]
     ) -> list[list[float]]:
         results: list[list[float]] = [[] for _ in sequences]
+        for row, logprobs, targets in self._completion_logprobs(sequences, starts, names):
+            results[row] = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()
+        return results
+
+    def _completion_logprobs(
+        self, sequences: list[list[int]], starts: list[int], names: list[str | None]
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(row, log-softmax over the vocabulary at each completion position, completion token ids)."""
         model = self._adapters.model
         for part in self._adapters.plan(names):
             rows = [sequences[i] for i in part.rows]
@@ -386,10 +424,9 @@ class TransformersEngine(Engine):
                     start, end = starts[row], len(sequences[row])
                     if start >= end:
                         continue
-                    logprobs = torch.log_softmax(logits[j, start - 1 : end - 1].float(), dim=-1)
-                    targets = input_ids[j, start:end].unsqueeze(-1)
-                    results[row] = logprobs.gather(-1, targets).squeeze(-1).tolist()
-        return results
+                    yield row, torch.log_softmax(logits[j, start - 1 : end - 1].float(), dim=-1), input_ids[
+                        j, start:end
+                    ]
 
     def _finish(
         self, prompt_tokens: int, generated: list[int], params: SamplingParams, adapter: str | None
