@@ -26,6 +26,13 @@ from runtime.config import ConfigError, RuntimeConfig
 from runtime.models import resolve_model
 from runtime.store import AdapterRecord, Store
 
+LEARNING_METHODS = ("sdft", "sft", "auto")
+
+
+class NoAcceptableCandidate(RuntimeError):
+    """No candidate of an ``auto`` cycle passed the target and retention checks; nothing was published."""
+
+
 Gate = Callable[[AdapterRecord, DatasetBuild], tuple[bool, list[str]]]
 """Decides on a candidate: ``(approved, reasons)``."""
 
@@ -77,11 +84,20 @@ def run_cycle(
     serving_device: str | None = None,
     timeout_s: float | None = None,
 ) -> CycleResult:
-    """Run one learning cycle on the store's unconsumed signals with `method` (default: the config's)."""
+    """Run one learning cycle on the store's unconsumed signals with `method` (default: the config's).
+
+    ``auto`` trains the configured candidates and keeps the one that learns the new examples with the
+    smallest retention drop within the budget (see :mod:`learners.auto`).
+    """
     method = method or config.learning.method
-    if method not in ("sdft", "sft"):
-        raise ValueError(f"learning method {method!r} is not available yet; use sdft or sft")
-    settings = method_settings(config, method)
+    if method not in LEARNING_METHODS:
+        raise ValueError(f"learning method {method!r} is not available; use one of {', '.join(LEARNING_METHODS)}")
+    if method == "auto":
+        from learners.auto import auto_settings
+
+        settings = dataclasses.asdict(auto_settings(config))
+    else:
+        settings = method_settings(config, method)
     registry = AdapterRegistry(config.adapters_dir, store)
     build = build_dataset(
         store,
@@ -111,25 +127,32 @@ def run_cycle(
             progress(step, total, logs)
 
     job = TrainJob(
-        method=method,  # type: ignore[arg-type]
+        method="sft",
         base_model_dir=str(resolve_model(config.model.name, config.model.cache_dir)),
         examples=[dataclasses.asdict(e) for e in build.examples],
         output_dir=str(staging / "adapter"),
-        settings=settings,
         lora=dict(config.learning.lora),
         parent_adapter_dir=parent.path if parent else None,
         device=device,
         num_threads=config.engine.num_threads or default_cpu_threads(),
     )
     try:
-        result = run_training_process(job, on_progress, timeout_s=timeout_s)
-        metrics = {"train_seconds": result["train_seconds"], "steps": result["num_steps"], **result["summary"]}
+        if method == "auto":
+            from learners.auto import select_candidate
+
+            chosen = select_candidate(config, build, job, on_progress, timeout_s=timeout_s)
+            trained_method, adapter_dir, metrics = chosen.method, chosen.adapter_dir, chosen.metrics
+        else:
+            trained_method, adapter_dir = method, job.output_dir
+            job.method, job.settings = method, settings  # type: ignore[assignment]
+            result = run_training_process(job, on_progress, timeout_s=timeout_s)
+            metrics = {"train_seconds": result["train_seconds"], "steps": result["num_steps"], **result["summary"]}
         record = registry.publish(
-            staging / "adapter",
-            registry.new_name(method),
-            Lineage(parent.name if parent else None, method, run_id, build.counts(), metrics),
+            adapter_dir,
+            registry.new_name(trained_method),
+            Lineage(parent.name if parent else None, trained_method, run_id, build.counts(), metrics),
         )
-    except (TrainingFailed, AdapterVerificationError, OSError) as exc:
+    except (TrainingFailed, AdapterVerificationError, OSError, NoAcceptableCandidate) as exc:
         store.update_run(run_id, status="failed", error=str(exc), metrics={"history": history})
         return CycleResult("failed", str(exc), run_id=run_id, counts=build.counts())
     finally:

@@ -14,16 +14,26 @@ Two things are added on top of TRL (see ``_LearnerSDFTTrainer``):
   averages A and B towards the student from zero. Here it starts as a copy of the student's initial
   adapter, as in the official implementation where the EMA teacher starts as the initial model.
   ``ema_init="zeros"`` keeps TRL's behaviour.
+* ``teacher_rollout_fraction``: each batch of rollouts is sampled from the teacher prompt with this probability
+  and from the student prompt otherwise (a mix of TRL's two ``generate_from_teacher`` modes).
+
+``variant="rewrite"`` is the older method of the same name (Yang et al., ACL 2024, "Self-Distillation Bridges
+Distribution Gap in Language Model Fine-Tuning"): the model (base + parent adapter) rewrites each demonstration
+in its own words, prompted with the question and the demonstration; a rewrite is kept only if it still holds
+the demonstration's answer (see :func:`rewrite_keeps_answer`), else the demonstration is used; then plain SFT
+(``learners.sft``) on the result. It is off-policy and costs one generation pass more than SFT.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import re
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -39,18 +49,26 @@ with warnings.catch_warnings():  # "APIs here are unstable": known, and TRL is p
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
     from trl.experimental.sdft.teacher_sync import PEFTAdapterEMACallback
 
+from runtime.textmatch import normalise
+
 from .callbacks import ProgressCallback, ProgressFn
 from .common import BaseTrainSettings, TrainResult, cycle_to_multiple
 from .examples import DemoExample
 from .lora import LoraSettings, build_peft_model, load_base_model, load_frozen_adapter, load_tokenizer, save_adapter
+from .sft import SFTSettings, train_sft
 
 __all__ = [
+    "DIRECT_TEACHER_PROMPT_TEMPLATE",
     "OFFICIAL_TEACHER_PROMPT_TEMPLATE",
+    "REWRITE_PROMPT_TEMPLATE",
     "TRL_TEACHER_PROMPT_TEMPLATE",
     "DemoLogprobs",
+    "Rewrite",
     "SDFTSettings",
     "build_sdft_trainer",
     "build_teacher_prompt",
+    "rewrite_demonstrations",
+    "rewrite_keeps_answer",
     "teacher_student_logprobs",
     "train_sdft",
 ]
@@ -67,6 +85,20 @@ OFFICIAL_TEACHER_PROMPT_TEMPLATE = (
 
 #: TRL's default ``SDFTConfig.teacher_prompt_template``.
 TRL_TEACHER_PROMPT_TEMPLATE = "{prompt}\n\n{privileged_context}"
+
+#: A teacher prompt that asks for a short, direct answer based on the demonstration (so the teacher's style
+#: stays close to the student's and what differs is the content).
+DIRECT_TEACHER_PROMPT_TEMPLATE = (
+    "{prompt}\n\nUse this information: {privileged_context}\n\nAnswer the question directly and briefly."
+)
+
+#: The rewrite prompt of ``variant="rewrite"``, after Yang et al. (2024)'s self-distillation template, as the
+#: last user turn (earlier messages are kept).
+REWRITE_PROMPT_TEMPLATE = (
+    "Below is a question along with a reference answer. Using the reference answer as a guide, write your own "
+    "answer to the question, in your own words.\n\n"
+    "Question: {prompt}\n\nReference answer: {privileged_context}"
+)
 
 _TEACHER_ADAPTER = "teacher"
 _TRL_LOGGER = "trl.experimental.sdft.sdft_trainer"
@@ -116,6 +148,20 @@ class SDFTSettings(BaseTrainSettings):
             (off-policy; TRL ``generate_from_teacher``).
         disable_dropout: Turn dropout off in student and teacher (TRL ``disable_dropout``).
         shuffle: Shuffle prompts each epoch.
+        teacher_rollout_fraction: When set, each batch of rollouts is sampled from the teacher prompt with
+            this probability (seeded) and from the student prompt otherwise; overrides
+            ``generate_from_teacher``. ``None`` keeps ``generate_from_teacher`` for every batch.
+        variant: ``"on_policy"`` is SDFT as above (Shenfeld et al.); ``"rewrite"`` is Yang et al. (2024): the
+            model rewrites each demonstration, then SFT on the rewrites (see the module docstring). With
+            ``"rewrite"`` the rollout, teacher and distillation knobs are unused; the optimisation knobs
+            (learning rate, epochs, schedule, seed...) and ``prompts_per_step`` (as the SFT batch size) apply.
+        rewrite_prompt_template: Last user turn of the rewrite prompt; ``{prompt}`` is the question's text and
+            ``{privileged_context}`` the demonstration.
+        rewrite_max_new_tokens: Length cap of a rewrite.
+        rewrite_temperature: Sampling temperature of the rewrites; 0 is greedy.
+        rewrite_check: ``"answer"`` keeps a rewrite only if it holds the demonstration's answer
+            (:func:`rewrite_keeps_answer`), else falls back to the demonstration; ``"none"`` keeps every
+            non-empty rewrite.
     """
 
     learning_rate: float = 5e-4
@@ -145,6 +191,17 @@ class SDFTSettings(BaseTrainSettings):
     generate_from_teacher: bool = False
     disable_dropout: bool = True
     shuffle: bool = True
+    teacher_rollout_fraction: float | None = None
+    variant: Literal["on_policy", "rewrite"] = "on_policy"
+    rewrite_prompt_template: str = REWRITE_PROMPT_TEMPLATE
+    rewrite_max_new_tokens: int = 64
+    rewrite_temperature: float = 0.0
+    rewrite_check: Literal["answer", "none"] = "answer"
+
+    def to_sft_settings(self) -> SFTSettings:
+        """The SFT settings of ``variant="rewrite"``: the shared optimisation knobs, ``prompts_per_step`` as batch."""
+        common = {f.name: getattr(self, f.name) for f in fields(BaseTrainSettings)}
+        return SFTSettings(**common, batch_size=self.prompts_per_step, shuffle=self.shuffle)
 
     def to_sdft_config(self, output_dir: str | Path, num_examples: int) -> SDFTConfig:
         """Build TRL's ``SDFTConfig`` for ``num_examples`` examples."""
@@ -208,11 +265,26 @@ class _LearnerSDFTTrainer(SDFTTrainer):
     """``SDFTTrainer`` with the teacher fixes described in the module docstring."""
 
     def __init__(
-        self, *args: Any, frozen_teacher_adapter: str | None = None, ema_init: str = "student", **kwargs: Any
+        self,
+        *args: Any,
+        frozen_teacher_adapter: str | None = None,
+        ema_init: str = "student",
+        teacher_rollout_fraction: float | None = None,
+        **kwargs: Any,
     ) -> None:
         self._frozen_teacher_adapter = frozen_teacher_adapter
         self._ema_init = ema_init
+        self._teacher_rollout_fraction = teacher_rollout_fraction
         super().__init__(*args, **kwargs)
+        self._rollout_rng = random.Random(self.args.seed)
+        #: Where each batch of rollouts was sampled from ("teacher" / "student"), in order.
+        self.rollout_sources: list[str] = []
+
+    def sample_rollouts(self, inputs: list[dict[str, Any]]) -> Any:
+        if self._teacher_rollout_fraction is not None:
+            self.generate_from_teacher = self._rollout_rng.random() < self._teacher_rollout_fraction
+        self.rollout_sources.append("teacher" if self.generate_from_teacher else "student")
+        return super().sample_rollouts(inputs)
 
     def _setup_teacher_model(self) -> None:
         super()._setup_teacher_model()
@@ -301,6 +373,7 @@ def build_sdft_trainer(
             callbacks=list(callbacks),
             frozen_teacher_adapter=frozen_teacher,
             ema_init=settings.ema_init,
+            teacher_rollout_fraction=settings.teacher_rollout_fraction,
         )
     trainer.remove_callback(PrinterCallback)  # logs go to the progress callback, not stdout
     return trainer
@@ -329,8 +402,15 @@ def train_sdft(
         callbacks: Extra ``transformers.TrainerCallback`` objects (e.g. to stop early).
 
     Returns:
-        The adapter directory, per-step metrics (``loss`` is the distillation loss), timings and counts.
+        The adapter directory, per-step metrics (``loss`` is the distillation loss; the SFT loss with
+        ``variant="rewrite"``), timings and counts. With ``variant="rewrite"``, ``train_seconds`` includes the
+        rewriting and ``summary`` has ``rewrites_kept`` and ``rewrite_seconds``.
     """
+    settings = settings or SDFTSettings()
+    if settings.variant == "rewrite":
+        return _train_rewrite(
+            base_model_dir, examples, output_dir, settings, lora, parent_adapter_dir, progress_callback, callbacks
+        )
     progress = ProgressCallback(progress_callback)
     trainer = build_sdft_trainer(
         base_model_dir, examples, output_dir, settings, lora, parent_adapter_dir, [progress, *callbacks]
@@ -412,3 +492,128 @@ def teacher_student_logprobs(
         )
     finally:
         model.train(was_training)
+
+
+# --- variant="rewrite" (Yang et al., 2024) -------------------------------------------------------------------
+
+_STOPWORDS = frozenset(
+    "a an the of in on at to for by with from and or is are was were be been it its this that as into "
+    "what which who whom whose when where why how".split()
+)
+
+
+def _answer_words(example: DemoExample) -> set[str]:
+    """Normalised words of the demonstration that are not in the prompt: the new information it carries."""
+    asked = set(normalise(" ".join(m["content"] for m in example.prompt)).split())
+    return {w for w in normalise(example.demonstration).split() if w not in asked and w not in _STOPWORDS}
+
+
+def rewrite_keeps_answer(rewrite: str, example: DemoExample) -> bool:
+    """Whether a rewrite still holds the demonstration's answer.
+
+    The answer is taken to be the demonstration's content words that the prompt does not already contain
+    (for "Who founded X?" / "X was founded by Kasgri Renkasnor." that is "kasgri" and "renkasnor"); every one
+    of them must occur in the rewrite (normalised words), so the check is strict and a doubtful rewrite falls
+    back to the demonstration. A demonstration that adds no new word is kept only when the rewrite contains
+    it whole.
+    """
+    words = _answer_words(example)
+    got = set(normalise(rewrite).split())
+    if not words:
+        target = normalise(example.demonstration)
+        return bool(target) and f" {target} " in f" {normalise(rewrite)} "
+    return words <= got
+
+
+class Rewrite(NamedTuple):
+    """One demonstration's rewrite: the model's text, whether it was kept, and what is trained on."""
+
+    rewrite: str
+    kept: bool
+    text: str
+
+
+_END_MARKERS = re.compile(r"<\|im_end\|>|<\|endoftext\|>")
+
+
+@torch.no_grad()
+def rewrite_demonstrations(
+    base_model_dir: str | Path,
+    examples: Sequence[DemoExample],
+    settings: SDFTSettings | None = None,
+    parent_adapter_dir: str | Path | None = None,
+    batch_size: int = 8,
+) -> list[Rewrite]:
+    """Have the model (base + parent adapter) rewrite each demonstration in its own words.
+
+    The rewrite prompt is the example's messages with the last user turn replaced by
+    ``settings.rewrite_prompt_template``; the answer is cut at ``settings.rewrite_max_new_tokens`` tokens.
+    """
+    settings = settings or SDFTSettings()
+    settings.apply_process_settings()
+    set_seed(settings.seed)
+    tokenizer = load_tokenizer(base_model_dir)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model: Any = load_base_model(base_model_dir)
+    if parent_adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(parent_adapter_dir))
+    model.eval()
+    sample = settings.rewrite_temperature > 0
+    gen_kwargs: dict[str, Any] = {"max_new_tokens": settings.rewrite_max_new_tokens, "do_sample": sample}
+    if sample:
+        gen_kwargs.update(temperature=settings.rewrite_temperature, top_p=1.0, top_k=0)
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    texts: list[str] = []
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i : i + batch_size]
+        convs = [build_teacher_prompt(ex.prompt, ex.demonstration, settings.rewrite_prompt_template) for ex in batch]
+        rendered = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
+        enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
+        for row in out[:, enc["input_ids"].shape[1] :]:
+            text = tokenizer.decode(row, skip_special_tokens=False)
+            texts.append(_END_MARKERS.split(text, maxsplit=1)[0].strip())
+    rewrites = []
+    for ex, text in zip(examples, texts, strict=True):
+        keep = bool(text) and (settings.rewrite_check == "none" or rewrite_keeps_answer(text, ex))
+        rewrites.append(Rewrite(rewrite=text, kept=keep, text=text if keep else ex.demonstration))
+    return rewrites
+
+
+def _train_rewrite(
+    base_model_dir: str | Path,
+    examples: Sequence[DemoExample],
+    output_dir: str | Path,
+    settings: SDFTSettings,
+    lora: LoraSettings | None,
+    parent_adapter_dir: str | Path | None,
+    progress_callback: ProgressFn | None,
+    callbacks: Sequence[TrainerCallback],
+) -> TrainResult:
+    if not examples:
+        raise ValueError("train_sdft needs at least one example")
+    start = time.perf_counter()
+    rewrites = rewrite_demonstrations(base_model_dir, examples, settings, parent_adapter_dir)
+    rewrite_seconds = time.perf_counter() - start
+    rewritten = [DemoExample(list(ex.prompt), rw.text, ex.source_id) for ex, rw in zip(examples, rewrites, strict=True)]
+    result = train_sft(
+        base_model_dir,
+        rewritten,
+        output_dir,
+        settings.to_sft_settings(),
+        lora,
+        parent_adapter_dir,
+        progress_callback,
+        callbacks,
+    )
+    result.train_seconds += rewrite_seconds
+    result.summary = {
+        **result.summary,
+        "rewrites_kept": float(sum(rw.kept for rw in rewrites)),
+        "rewrite_seconds": rewrite_seconds,
+    }
+    result.method = "sdft"
+    return result

@@ -124,7 +124,9 @@ def _open_store(cfg: RuntimeConfig, *, read_only: bool):
 @app.command("learn")
 def learn_cmd(
     config: ConfigOption = None,
-    method: Annotated[str | None, typer.Option("--method", "-m", help="sdft or sft (default: config)")] = None,
+    method: Annotated[
+        str | None, typer.Option("--method", "-m", help="sdft, sft or auto (default: config)")
+    ] = None,
 ) -> None:
     """Run one learning cycle on the current log and activate the resulting adapter."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

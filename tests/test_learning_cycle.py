@@ -152,3 +152,56 @@ def test_registry_lineage_chain(tmp_path: Path, tiny_model_dir: Path, store: Sto
     (Path(store.get_adapter("a0").path) / "adapter_config.json").write_text('{"tampered": true}')
     with pytest.raises(AdapterVerificationError, match="checksum"):
         registry.activate("a0")
+
+
+def _retention_file(tmp_path: Path) -> Path:
+    path = tmp_path / "retention.jsonl"
+    path.write_text(
+        json.dumps({"context": "The sky is blue.", "questions": [{"question": "Colour?", "answer": "blue"}]}) + "\n"
+    )
+    return path
+
+
+def test_auto_keeps_the_candidate_that_learns(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
+    auto = {
+        "candidates": [
+            {"method": "sft", "learning_rate": 1e-7, "num_epochs": 1},  # cannot learn anything
+            {"method": "sft", "learning_rate": 2e-2, "num_epochs": 8},
+        ],
+        "retention_file": str(_retention_file(tmp_path)),
+        "retention_questions": 1,
+        "min_target_acc": 0.5,
+        "max_retention_drop": 100.0,
+    }
+    config = make_config(tmp_path, tiny_model_dir, auto=auto)
+    store.add_signal("demonstration", text="zebra zebra", messages=[{"role": "user", "content": "animal?"}])
+    result = run_cycle(config, store, "auto")
+    assert result.status == "activated", result.message
+    report = store.get_run(result.run_id).metrics["auto"]
+    assert report["chosen"] == 1
+    by_index = {c["index"]: c for c in report["candidates"]}
+    assert by_index[1]["target_acc"] == 1.0 and by_index[0]["target_acc"] == 0.0
+    assert "smallest retention drop" in report["reason"]
+    assert result.adapter.method == "sft"
+
+
+def test_auto_publishes_nothing_when_no_candidate_qualifies(
+    tmp_path: Path, tiny_model_dir: Path, store: Store
+) -> None:
+    auto = {
+        "candidates": [{"method": "sft", "learning_rate": 1e-7, "num_epochs": 1}],
+        "retention_file": str(_retention_file(tmp_path)),
+        "retention_questions": 1,
+    }
+    config = make_config(tmp_path, tiny_model_dir, auto=auto)
+    store.add_signal("demonstration", text="zebra zebra", messages=[{"role": "user", "content": "animal?"}])
+    result = run_cycle(config, store, "auto")
+    assert result.status == "failed" and "no candidate learned" in result.message
+    assert store.adapters() == []
+
+
+def test_auto_needs_a_retention_file(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
+    config = make_config(tmp_path, tiny_model_dir)
+    teach_some(store)
+    with pytest.raises(ConfigError, match="retention_file is required"):
+        run_cycle(config, store, "auto")

@@ -1,0 +1,365 @@
+"""Learning against forgetting: SFT and SDFT on the same facts, the same model, in one run.
+
+Both methods train a fresh LoRA adapter from the base model on the facts' demonstrations (the direct
+question -> the demonstration, ``Fact.example()``), with the project defaults (``SFTSettings``,
+``SDFTSettings``, ``LoraSettings``). Each adapter is then loaded into one engine and measured:
+
+- ``new_acc`` / ``paraphrase_acc``: the facts' direct questions / paraphrases, no fact in context;
+- ``retention_after``: reading comprehension with the passage in context (``retention_before`` on the base);
+- ``retention_drop``: before - after, in percentage points;
+- ``kl_to_base``: mean per-token KL(base || tuned) on the retention prompts followed by the base answers.
+
+Accuracies are greedy, normalised answer containment, in percent.
+
+    python benchmarks/forgetting.py --data ../shared/data/facts_dev.jsonl \\
+        --retention ../shared/data/squad_retention_dev.jsonl --facts 16 --retention-questions 100
+
+Writes benchmarks/results/forgetting.json and forgetting.md (or --out and its .md sibling).
+Inputs: facts in the format of facts_dev.jsonl, passages in the format of squad_retention_dev.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from learners.evaluation import (  # noqa: E402
+    Fact,
+    QAItem,
+    ask,
+    kl_to_base,
+    load_facts,
+    load_passages_qa,
+    retention_accuracy,
+)
+from learners.lora import LoraSettings  # noqa: E402
+from learners.sdft import SDFTSettings, train_sdft  # noqa: E402
+from learners.sft import SFTSettings, train_sft  # noqa: E402
+from runtime.engines import TransformersEngine  # noqa: E402
+
+DEFAULT_FACTS = ROOT.parent / "shared" / "data" / "facts_dev.jsonl"
+DEFAULT_RETENTION = ROOT.parent / "shared" / "data" / "squad_retention_dev.jsonl"
+RESULTS = ROOT / "benchmarks" / "results"
+METHODS = ("sft", "sdft")
+
+GOALS = {
+    "sdft_paraphrase_at_least_sft": "SDFT paraphrase_acc >= SFT paraphrase_acc",
+    "sdft_retention_drop_small_sft_larger": "SDFT retention_drop <= 1 point and SFT retention_drop > SDFT's",
+    "sdft_over_sft_time": "sdft_over_sft_time <= 2.5",
+}
+
+
+# --- settings ---------------------------------------------------------------------------------------
+
+
+def parse_overrides(pairs: list[str], what: str) -> dict[str, Any]:
+    """``KEY=VALUE`` strings to a dict; each value is read with ``yaml.safe_load`` (``1e-3``, ``true``, ``[a]``)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--{what}-set expects KEY=VALUE, got {pair!r}")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and _looks_numeric(parsed):
+            parsed = float(parsed)  # YAML 1.1 reads "1e-3" (no dot) as a string
+        out[key.strip()] = parsed
+    return out
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def apply_overrides(settings: Any, overrides: dict[str, Any], what: str) -> Any:
+    """A copy of the dataclass ``settings`` with ``overrides`` applied; unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(settings)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise SystemExit(f"--{what}-set: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return dataclasses.replace(settings, **overrides)
+
+
+def _settings_dict(settings: Any) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(settings).items()}
+
+
+# --- measurement ------------------------------------------------------------------------------------
+
+
+def _pct(x: float) -> float:
+    return round(100.0 * x, 2)
+
+
+def measure_facts(
+    engine: TransformersEngine, facts: list[Fact], adapter: str | None, max_new_tokens: int
+) -> dict[str, Any]:
+    """Direct and paraphrase accuracy (percent), with every response (for reading what was learned)."""
+    direct = ask(engine, [[{"role": "user", "content": f.question}] for f in facts], [f.answer for f in facts],
+                 adapter, max_new_tokens=max_new_tokens)
+    para_q = [(f, p) for f in facts for p in f.paraphrases]
+    para = ask(engine, [[{"role": "user", "content": p}] for _, p in para_q], [f.answer for f, _ in para_q],
+               adapter, max_new_tokens=max_new_tokens)
+    responses = [
+        {"id": f.id, "kind": "direct", "question": f.question, "answer": f.answer, "response": r, "correct": c}
+        for f, r, c in zip(facts, direct.responses, direct.correct, strict=True)
+    ] + [
+        {"id": f.id, "kind": "paraphrase", "question": p, "answer": f.answer, "response": r, "correct": c}
+        for (f, p), r, c in zip(para_q, para.responses, para.correct, strict=True)
+    ]
+    return {
+        "new_acc": _pct(direct.accuracy),
+        "paraphrase_acc": _pct(para.accuracy if para_q else direct.accuracy),
+        "paraphrases": len(para_q),
+        "responses": responses,
+    }
+
+
+def _log(msg: str) -> None:
+    print(f"[forgetting {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _progress(method: str):
+    def fn(step: int, total: int, logs: dict[str, float]) -> None:
+        if step and (step == total or step % 10 == 0):
+            loss = logs.get("loss")
+            _log(f"{method}: step {step}/{total}" + (f" loss {loss:.4f}" if loss is not None else ""))
+
+    return fn
+
+
+def _train(method: str, model_dir: Path, facts: list[Fact], out_dir: Path, settings: Any, lora: LoraSettings):
+    examples = [f.example() for f in facts]
+    train = train_sft if method == "sft" else train_sdft
+    return train(model_dir, examples, out_dir, settings=settings, lora=lora, progress_callback=_progress(method))
+
+
+def _source_state() -> dict[str, Any]:
+    """Which code ran: the commit, whether the learners were modified, and a hash of each learner file."""
+    state: dict[str, Any] = {}
+    try:
+        state["commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "learners"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split("\n")
+        state["learners_modified"] = sorted(line[3:] for line in dirty if line.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    for name in ("sdft.py", "sft.py", "lora.py", "common.py"):
+        path = ROOT / "learners" / name
+        if path.exists():
+            state[f"sha256_learners/{name}"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return state
+
+
+# --- goals and report -------------------------------------------------------------------------------
+
+
+def evaluate_goals(results: dict[str, dict[str, Any]], time_ratio: float | None) -> dict[str, dict[str, Any]]:
+    """Each goal with its rule and ``met`` (``None`` when a method it needs was not run)."""
+    sft, sdft = results.get("sft"), results.get("sdft")
+    both = sft is not None and sdft is not None
+    met = {
+        "sdft_paraphrase_at_least_sft": (sdft["paraphrase_acc"] >= sft["paraphrase_acc"]) if both else None,
+        "sdft_retention_drop_small_sft_larger": (
+            sdft["retention_drop"] <= 1.0 and sft["retention_drop"] > sdft["retention_drop"] if both else None
+        ),
+        "sdft_over_sft_time": (time_ratio <= 2.5) if time_ratio is not None else None,
+    }
+    return {key: {"rule": GOALS[key], "met": met[key]} for key in GOALS}
+
+
+def render_table(result: dict[str, Any]) -> str:
+    cfg = result["config"]
+    base = result["base"]
+    lines = [
+        f"Model `{cfg['model']}`, {cfg['facts']} facts ({cfg['paraphrases']} paraphrases), "
+        f"{cfg['retention_questions']} retention questions, seed {cfg['seed']}, {cfg['threads']} thread(s). "
+        f"Base: direct {base['new_acc']:.1f}, paraphrase {base['paraphrase_acc']:.1f}, "
+        f"retention {base['retention']:.1f}.",
+        "",
+        "| method | direct % | paraphrase % | retention before | retention after | drop (pts) "
+        "| KL to base | s / example | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in METHODS:
+        r = result.get(method)
+        if r is None:
+            continue
+        lines.append(
+            f"| {method.upper()} | {r['new_acc']:.1f} | {r['paraphrase_acc']:.1f} | {r['retention_before']:.1f} "
+            f"| {r['retention_after']:.1f} | {r['retention_drop']:+.1f} | {r['kl_to_base']:.4f} "
+            f"| {r['sec_per_example']:.2f} | {r['train_seconds']:.0f} |"
+        )
+    ratio = result.get("sdft_over_sft_time")
+    if ratio is not None:
+        lines += ["", f"SDFT / SFT train time: {ratio:.2f}x"]
+    lines += ["", "| goal | met |", "|---|---|"]
+    for goal in result["goals"].values():
+        met = goal["met"]
+        lines.append(f"| {goal['rule']} | {'n/a' if met is None else ('yes' if met else 'no')} |")
+    lines += ["", f"Total wall-clock: {result['wall_seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_FACTS, help="facts JSONL (format of facts_dev.jsonl)")
+    parser.add_argument("--retention", type=Path, default=DEFAULT_RETENTION,
+                        help="passages JSONL (format of squad_retention_dev.jsonl)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="alias or local model directory")
+    parser.add_argument("--facts", type=int, default=16, help="the first N facts (0 = all)")
+    parser.add_argument("--retention-questions", type=int, default=100, help="the first N retention questions")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of both methods")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (training and evaluation)")
+    parser.add_argument("--methods", default="sft,sdft", help="comma-separated subset of sft,sdft")
+    parser.add_argument("--sft-set", action="append", default=[], metavar="KEY=VALUE", help="SFTSettings override")
+    parser.add_argument("--sdft-set", action="append", default=[], metavar="KEY=VALUE", help="SDFTSettings override")
+    parser.add_argument("--lora-set", action="append", default=[], metavar="KEY=VALUE", help="LoraSettings override")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length for every accuracy")
+    parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
+    parser.add_argument("--out", type=Path, default=RESULTS / "forgetting.json")
+    args = parser.parse_args(argv)
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or any(m not in METHODS for m in methods):
+        raise SystemExit(f"--methods: choose from {','.join(METHODS)}, got {args.methods!r}")
+    if args.threads < 1:
+        raise SystemExit("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    common = {"seed": args.seed, "torch_threads": args.threads}
+    sft_over = parse_overrides(args.sft_set, "sft")
+    sdft_over = parse_overrides(args.sdft_set, "sdft")
+    settings = {
+        "sft": apply_overrides(SFTSettings(**common), sft_over, "sft"),
+        "sdft": apply_overrides(SDFTSettings(**common), sdft_over, "sdft"),
+    }
+    lora = apply_overrides(LoraSettings(), parse_overrides(args.lora_set, "lora"), "lora")
+
+    facts = load_facts(args.data, args.facts or None)
+    retention: list[QAItem] = load_passages_qa(args.retention, args.retention_questions or None)
+    if not facts:
+        raise SystemExit(f"{args.data}: no facts")
+    if not retention:
+        raise SystemExit(f"{args.retention}: no retention questions")
+
+    wall = time.perf_counter()
+    _log(f"{len(facts)} facts, {len(retention)} retention questions, methods {methods}, {args.threads} thread(s)")
+    engine = TransformersEngine(args.model, num_threads=args.threads)
+    ev = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        t = time.perf_counter()
+        base_ret = retention_accuracy(engine, retention, None, **ev)
+        base_facts = measure_facts(engine, facts, None, args.max_new_tokens)
+        base = {
+            "new_acc": base_facts["new_acc"],
+            "paraphrase_acc": base_facts["paraphrase_acc"],
+            "retention": _pct(base_ret.accuracy),
+            "retention_f1": _pct(base_ret.mean_f1),
+            "eval_seconds": round(time.perf_counter() - t, 1),
+        }
+        _log(f"base: {base}")
+        with tempfile.TemporaryDirectory(prefix="forgetting-") as tmp:
+            for method in methods:
+                _log(f"{method}: training on {len(facts)} examples")
+                res = _train(method, engine.model_path, facts, Path(tmp) / method, settings[method], lora)
+                _log(f"{method}: trained in {res.train_seconds:.0f} s ({res.num_steps} steps)")
+                t = time.perf_counter()
+                engine.load_adapter(method, res.adapter_dir)
+                try:
+                    learned = measure_facts(engine, facts, method, args.max_new_tokens)
+                    after = retention_accuracy(engine, retention, method, **ev)
+                    kl = kl_to_base(engine, retention, base_ret.responses, method, batch_size=args.batch_size)
+                finally:
+                    engine.unload_adapter(method)
+                losses = [m["loss"] for m in res.metrics if "loss" in m]
+                results[method] = {
+                    "new_acc": learned["new_acc"],
+                    "paraphrase_acc": learned["paraphrase_acc"],
+                    "retention_before": base["retention"],
+                    "retention_after": _pct(after.accuracy),
+                    "retention_drop": round(base["retention"] - _pct(after.accuracy), 2),
+                    "retention_f1_after": _pct(after.mean_f1),
+                    "retention_answers_changed": sum(
+                        a != b for a, b in zip(base_ret.responses, after.responses, strict=True)
+                    ),
+                    "kl_to_base": kl,
+                    "train_seconds": round(res.train_seconds, 2),
+                    "sec_per_example": round(res.train_seconds / res.num_examples, 3),
+                    "num_steps": res.num_steps,
+                    "first_loss": losses[0] if losses else None,
+                    "last_loss": losses[-1] if losses else None,
+                    "eval_seconds": round(time.perf_counter() - t, 1),
+                    "settings": _settings_dict(settings[method]),
+                    "lora": _settings_dict(lora),
+                    "responses": learned["responses"],
+                }
+                _log(f"{method}: " + ", ".join(
+                    f"{k} {results[method][k]}" for k in
+                    ("new_acc", "paraphrase_acc", "retention_after", "retention_drop", "kl_to_base")
+                ))
+    finally:
+        engine.close()
+
+    ratio = None
+    if "sft" in results and "sdft" in results and results["sft"]["train_seconds"] > 0:
+        ratio = round(results["sdft"]["train_seconds"] / results["sft"]["train_seconds"], 3)
+    result: dict[str, Any] = {
+        **results,
+        "base": base,
+        "sdft_over_sft_time": ratio,
+        "goals": evaluate_goals(results, ratio),
+        "wall_seconds": round(time.perf_counter() - wall, 1),
+        "config": {
+            "model": args.model,
+            "model_path": str(engine.model_path),
+            "data": str(args.data),
+            "retention": str(args.retention),
+            "facts": len(facts),
+            "paraphrases": base_facts["paraphrases"],
+            "retention_questions": len(retention),
+            "methods": methods,
+            "seed": args.seed,
+            "threads": args.threads,
+            "max_new_tokens": args.max_new_tokens,
+            "overrides": {"sft": sft_over, "sdft": sdft_over, "lora": parse_overrides(args.lora_set, "lora")},
+            "units": "accuracies in percent; retention_drop in percentage points; kl_to_base in nats per token",
+            "machine": f"{platform.machine()} {platform.system()}, torch {torch.__version__}, "
+            f"device {engine.device}",
+            "source": _source_state(),
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    table = render_table(result)
+    args.out.with_suffix(".md").write_text("# Forgetting: SFT vs SDFT\n\n" + table)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()

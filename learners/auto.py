@@ -1,0 +1,202 @@
+"""Learning method ``auto``: train a few candidates, keep the one that learns without forgetting.
+
+One cycle trains each configured candidate (a method with setting overrides, e.g. SDFT and SFT at two
+learning rates) in the worker process, within a compute budget. Each candidate is then evaluated beside
+the current adapter:
+
+- **target**: the new examples' prompts, answered greedily without the demonstration in context; an
+  example passes when the answer's token F1 against the demonstration reaches ``target_f1``;
+- **retention**: a reading-comprehension suite (passages in context) whose accuracy must not drop more
+  than ``max_retention_drop`` points below the current adapter's.
+
+The kept candidate passes the target (``min_target_acc``) with the smallest retention drop within the
+budget (ties: the higher target accuracy, then the cheaper training). Every candidate's figures and the
+reason for the choice are recorded in the run's metrics. The policy gate of a later version will take
+over the retention and target checks; this module is the seam.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from learners.datasets import DatasetBuild
+from learners.worker import ProgressFn, TrainingFailed, TrainJob, run_training_process
+from runtime.config import ConfigError, RuntimeConfig
+
+
+@dataclass
+class AutoSettings:
+    """The YAML ``learning.auto`` section."""
+
+    candidates: list[dict[str, Any]] = field(
+        default_factory=lambda: [
+            {"method": "sdft"},
+            {"method": "sft", "learning_rate": 5e-4},
+            {"method": "sft", "learning_rate": 2e-4},
+        ]
+    )
+    """Each a ``method`` (sdft or sft) plus overrides of that method's ``learning.<method>`` settings."""
+    budget_s: float | None = None
+    """Training seconds for all candidates together; a candidate is not started once it is spent."""
+    retention_file: str | None = None
+    """Passages JSONL (``context``, ``questions: [{question, answer}]``) for the retention check."""
+    retention_questions: int = 60
+    max_retention_drop: float = 5.0
+    """Points of retention accuracy a candidate may lose against the current adapter."""
+    min_target_acc: float = 0.5
+    target_f1: float = 0.6
+
+
+@dataclass
+class Candidate:
+    """One trained and evaluated candidate."""
+
+    index: int
+    method: str
+    overrides: dict[str, Any]
+    adapter_dir: str
+    metrics: dict[str, Any]
+
+
+def auto_settings(config: RuntimeConfig) -> AutoSettings:
+    """``learning.auto`` as :class:`AutoSettings`, with clear errors for unknown keys."""
+    section = dict(config.learning.auto or {})
+    known = {f.name for f in fields(AutoSettings)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ConfigError(f"learning.auto: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(known))})")
+    settings = AutoSettings(**section)
+    for i, cand in enumerate(settings.candidates):
+        if cand.get("method") not in ("sdft", "sft"):
+            raise ConfigError(f"learning.auto.candidates[{i}]: method must be sdft or sft, got {cand.get('method')!r}")
+    if settings.retention_file is None:
+        raise ConfigError(
+            "learning.auto.retention_file is required for method auto: a passages JSONL whose accuracy must "
+            "not drop (e.g. the format of squad_retention_dev.jsonl)"
+        )
+    if not Path(settings.retention_file).is_file():
+        raise ConfigError(f"learning.auto.retention_file: {settings.retention_file} not found")
+    return settings
+
+
+def select_candidate(
+    config: RuntimeConfig,
+    build: DatasetBuild,
+    job: TrainJob,
+    progress: ProgressFn | None = None,
+    *,
+    timeout_s: float | None = None,
+) -> Candidate:
+    """Train and evaluate the candidates; return the chosen one (its metrics hold the whole comparison)."""
+    from learners.cycle import NoAcceptableCandidate, method_settings
+
+    settings = auto_settings(config)
+    staging = Path(job.output_dir).parent
+    budget = settings.budget_s if settings.budget_s is not None else timeout_s
+    started = time.monotonic()
+    trained: list[Candidate] = []
+    skipped: list[str] = []
+    for i, spec in enumerate(settings.candidates):
+        method = spec["method"]
+        overrides = {k: v for k, v in spec.items() if k != "method"}
+        remaining = None if budget is None else budget - (time.monotonic() - started)
+        if remaining is not None and remaining <= 0:
+            skipped.append(f"candidate {i} ({method} {overrides}) not trained: compute budget spent")
+            continue
+        cand_job = TrainJob(
+            **{
+                **job.__dict__,
+                "method": method,
+                "settings": {**method_settings(config, method), **overrides},
+                "output_dir": str(staging / f"candidate-{i}"),
+            }
+        )
+        try:
+            result = run_training_process(cand_job, progress, timeout_s=remaining)
+        except TrainingFailed as exc:
+            skipped.append(f"candidate {i} ({method} {overrides}) failed: {str(exc).splitlines()[0]}")
+            continue
+        trained.append(
+            Candidate(i, method, overrides, cand_job.output_dir, {"train_seconds": result["train_seconds"]})
+        )
+    if not trained:
+        raise NoAcceptableCandidate("no candidate finished training: " + "; ".join(skipped))
+    reference = _evaluate(config, settings, build, job, trained)
+    eligible = [
+        c
+        for c in trained
+        if c.metrics["target_acc"] >= settings.min_target_acc
+        and c.metrics["retention_drop"] <= settings.max_retention_drop
+    ]
+    comparison = {
+        "candidates": [
+            {"index": c.index, "method": c.method, "overrides": c.overrides, **c.metrics} for c in trained
+        ],
+        "reference_retention": reference,
+        "skipped": skipped,
+        "limits": {"min_target_acc": settings.min_target_acc, "max_retention_drop": settings.max_retention_drop},
+    }
+    if not eligible:
+        raise NoAcceptableCandidate(
+            "no candidate learned the new examples within the retention budget: "
+            + "; ".join(
+                f"#{c.index} {c.method} target {c.metrics['target_acc']:.2f}, "
+                f"drop {c.metrics['retention_drop']:.1f}"
+                for c in trained
+            )
+        )
+    best = min(
+        eligible, key=lambda c: (c.metrics["retention_drop"], -c.metrics["target_acc"], c.metrics["train_seconds"])
+    )
+    best.metrics = {
+        **best.metrics,
+        "auto": {
+            **comparison,
+            "chosen": best.index,
+            "reason": (
+                f"candidate #{best.index} ({best.method} {best.overrides}) passes the target "
+                f"({best.metrics['target_acc']:.2f} >= {settings.min_target_acc}) with the smallest retention "
+                f"drop ({best.metrics['retention_drop']:.1f} <= {settings.max_retention_drop} points) "
+                f"among {len(eligible)} eligible of {len(trained)} trained"
+            ),
+        },
+    }
+    return best
+
+
+def _evaluate(
+    config: RuntimeConfig, settings: AutoSettings, build: DatasetBuild, job: TrainJob, trained: list[Candidate]
+) -> float:
+    """Fill each candidate's target and retention metrics; return the reference retention accuracy."""
+    from learners.evaluation import ask, load_passages_qa, retention_accuracy
+    from runtime.engines import TransformersEngine
+    from runtime.textmatch import token_f1
+
+    items = load_passages_qa(settings.retention_file, limit=settings.retention_questions)  # type: ignore[arg-type]
+    engine = TransformersEngine(job.base_model_dir, device=job.device, num_threads=job.num_threads)
+    try:
+        reference_adapter = None
+        if job.parent_adapter_dir:
+            engine.load_adapter("reference", job.parent_adapter_dir)
+            reference_adapter = "reference"
+        reference = retention_accuracy(engine, items, reference_adapter).accuracy
+        prompts = [e.prompt for e in build.new]
+        demos = [e.demonstration for e in build.new]
+        for cand in trained:
+            name = f"candidate-{cand.index}"
+            engine.load_adapter(name, cand.adapter_dir)
+            answers = ask(engine, prompts, demos, name, max_new_tokens=64)
+            target = sum(token_f1(r, d) >= settings.target_f1 for r, d in zip(answers.responses, demos, strict=True))
+            retention = retention_accuracy(engine, items, name).accuracy
+            cand.metrics.update(
+                target_acc=target / len(demos),
+                retention_acc=retention,
+                retention_drop=100.0 * (reference - retention),
+            )
+            engine.unload_adapter(name)
+    finally:
+        engine.close()
+    return reference

@@ -1,0 +1,104 @@
+"""The forgetting benchmark (SFT and SDFT on the same facts) end to end on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.forgetting import apply_overrides, evaluate_goals, main, parse_overrides
+from learners.sdft import SDFTSettings
+from tests.tiny_model import build_tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+FACTS = [
+    {"id": "t1", "demonstration": "The capital of Zorb is Paris.", "question": "What is the capital of Zorb?",
+     "answer": "Paris", "paraphrases": ["Which city is the capital of Zorb?", "Name the capital of Zorb."]},
+    {"id": "t2", "demonstration": "The refund window is 45 days.", "question": "How long is the refund window?",
+     "answer": "45 days", "paraphrases": ["What is the refund window?"]},
+]
+PASSAGES = [
+    {"context": "The capital of Japan is Tokyo. Tokyo is large.",
+     "questions": [{"question": "What is the capital of Japan?", "answer": "Tokyo"}]},
+    {"context": "Two plus two is four.",
+     "questions": [{"question": "What is two plus two?", "answer": "four"},
+                   {"question": "What is the sum?", "answer": "four"}]},
+]
+METRICS = ("new_acc", "paraphrase_acc", "retention_before", "retention_after", "retention_drop", "kl_to_base",
+           "sec_per_example", "train_seconds", "settings")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_overrides() -> None:
+    over = parse_overrides(["learning_rate=1e-3", "teacher_kind=base", "num_epochs=2", "shuffle=false"], "sdft")
+    assert over == {"learning_rate": 1e-3, "teacher_kind": "base", "num_epochs": 2, "shuffle": False}
+    s = apply_overrides(SDFTSettings(), over, "sdft")
+    assert s.learning_rate == 1e-3 and s.teacher_kind == "base" and s.shuffle is False
+    with pytest.raises(SystemExit, match="unknown setting"):
+        apply_overrides(SDFTSettings(), {"no_such_knob": 1}, "sdft")
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_overrides(["learning_rate"], "sdft")
+
+
+def test_goals() -> None:
+    sft = {"paraphrase_acc": 50.0, "retention_drop": 5.0}
+    sdft = {"paraphrase_acc": 60.0, "retention_drop": 1.0}
+    goals = evaluate_goals({"sft": sft, "sdft": sdft}, 2.0)
+    assert all(g["met"] is True for g in goals.values())
+    goals = evaluate_goals({"sft": sft, "sdft": {"paraphrase_acc": 40.0, "retention_drop": 2.0}}, 3.0)
+    assert all(g["met"] is False for g in goals.values())
+    assert all(g["met"] is None for g in evaluate_goals({"sft": sft}, None).values())
+
+
+def _run(model: Path, facts: Path, retention: Path, out: Path) -> dict:
+    tiny = ["num_epochs=1", "learning_rate=1e-3"]
+    return main([
+        "--model", str(model), "--data", str(facts), "--retention", str(retention),
+        "--facts", "0", "--retention-questions", "3", "--max-new-tokens", "4", "--out", str(out),
+        *[a for kv in tiny for a in ("--sft-set", kv)],
+        *[a for kv in [*tiny, "max_completion_length=4", "prompts_per_step=2"] for a in ("--sdft-set", kv)],
+        "--lora-set", "r=4",
+    ])
+
+
+def test_forgetting_benchmark_on_tiny_model(tmp_path: Path) -> None:
+    model = build_tiny_model(tmp_path / "model")
+    facts = _write_jsonl(tmp_path / "facts.jsonl", FACTS)
+    retention = _write_jsonl(tmp_path / "retention.jsonl", PASSAGES)
+    out = tmp_path / "out" / "forgetting.json"
+    threads = torch.get_num_threads()
+    try:
+        result = _run(model, facts, retention, out)
+    finally:
+        torch.set_num_threads(threads)  # main() sets it process-wide
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert out.with_suffix(".md").read_text().count("|") > 10
+    for method in ("sft", "sdft"):
+        r = saved[method]
+        for key in METRICS:
+            assert key in r, (method, key)
+        for key in ("new_acc", "paraphrase_acc", "retention_before", "retention_after"):
+            assert 0.0 <= r[key] <= 100.0
+        assert -100.0 <= r["retention_drop"] <= 100.0
+        assert r["retention_drop"] == pytest.approx(r["retention_before"] - r["retention_after"])
+        assert r["kl_to_base"] >= 0.0
+        assert r["train_seconds"] > 0 and r["sec_per_example"] == pytest.approx(r["train_seconds"] / 2, rel=1e-2)
+        assert r["settings"]["num_epochs"] == 1 and r["settings"]["torch_threads"] == 1
+        assert r["lora"]["r"] == 4
+        assert len(r["responses"]) == 2 + 3
+    assert saved["sdft"]["settings"]["max_completion_length"] == 4
+    assert saved["sdft_over_sft_time"] > 0
+    assert set(saved["goals"]) == {
+        "sdft_paraphrase_at_least_sft", "sdft_retention_drop_small_sft_larger", "sdft_over_sft_time"
+    }
+    assert all(isinstance(g["met"], bool) for g in saved["goals"].values())
+    cfg = saved["config"]
+    assert cfg["facts"] == 2 and cfg["retention_questions"] == 3 and cfg["threads"] == 1 and cfg["seed"] == 0
