@@ -451,3 +451,15 @@ def test_kl_divergence_to_base(engine: TransformersEngine, tiny: dict[str, Path]
         tuned = torch.log_softmax(model(input_ids=ids).logits[0, full[1] - 1 : -1].float(), -1)
     manual = float((base.exp() * (base - tuned)).sum(-1).mean())
     assert kl[0] == pytest.approx(manual, rel=1e-4)
+
+
+def test_oversized_request_is_refused_clearly(engine: TransformersEngine) -> None:
+    from runtime.engines import ContextLengthError
+
+    limit = engine.context_length
+    assert limit is not None
+    with pytest.raises(ContextLengthError, match="shorten the conversation or lower max_new_tokens"):
+        engine.chat([[{"role": "user", "content": "word " * limit}]], SamplingParams(max_new_tokens=4))
+    with pytest.raises(ContextLengthError):
+        engine.stream_chat([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=limit + 1))
+    assert engine.chat([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=2))  # still serves

@@ -13,7 +13,13 @@ from runtime.engines.base import (
     SamplingParams,
     StreamResult,
 )
-from runtime.engines.errors import AdapterExistsError, AdapterLoadError, EngineError, UnknownAdapterError
+from runtime.engines.errors import (
+    AdapterExistsError,
+    AdapterLoadError,
+    ContextLengthError,
+    EngineError,
+    UnknownAdapterError,
+)
 from runtime.engines.transformers_engine import TransformersEngine
 from runtime.models import ModelNotFoundError
 
@@ -23,6 +29,7 @@ __all__ = [
     "AdapterChoices",
     "AdapterExistsError",
     "AdapterLoadError",
+    "ContextLengthError",
     "Conversation",
     "Engine",
     "EngineError",

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["AdapterExistsError", "AdapterLoadError", "EngineError", "UnknownAdapterError"]
+__all__ = [
+    "AdapterExistsError",
+    "AdapterLoadError",
+    "ContextLengthError",
+    "EngineError",
+    "UnknownAdapterError",
+]
 
 
 class EngineError(RuntimeError):
@@ -30,3 +36,14 @@ class UnknownAdapterError(EngineError, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the message quoted
         return str(self.args[0])
+
+
+class ContextLengthError(EngineError, ValueError):
+    """A request does not fit the model's context window; nothing was generated."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+        self.prompt_tokens, self.max_new_tokens, self.context = prompt_tokens, max_new_tokens, context
+        super().__init__(
+            f"The request needs {prompt_tokens} prompt + {max_new_tokens} new tokens, more than the model's "
+            f"context of {context} tokens: shorten the conversation or lower max_new_tokens."
+        )

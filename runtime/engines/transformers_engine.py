@@ -25,7 +25,7 @@ from runtime.engines.base import (
     _Active,
 )
 from runtime.engines.decoding import CancelCriteria, TokenQueueStreamer, cut_at_stop, safe_stream_length
-from runtime.engines.errors import EngineError
+from runtime.engines.errors import ContextLengthError, EngineError
 from runtime.engines.peft_adapters import AdapterSet
 from runtime.models import resolve_model
 
@@ -87,6 +87,8 @@ class TransformersEngine(Engine):
         base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self._dtype)
         base.to(self._device).eval()
         self._generation_config = base.generation_config
+        self.context_length: int | None = getattr(base.config, "max_position_embeddings", None)
+        """Tokens the model can attend to (prompt and completion together), if the config says."""
         self._adapters = AdapterSet(base)
         self._eos_ids = _eos_token_ids(base.generation_config.eos_token_id, tokenizer)
         if not self._eos_ids:
@@ -145,6 +147,8 @@ class TransformersEngine(Engine):
         encoded = [self._encode(p) or self._bos_only() for p in prompts]
         if not encoded:
             return []
+        for ids in encoded:
+            self._check_fits(len(ids), params.max_new_tokens)
         with self._lock:
             self._check_open()
             names = self._resolve_many(adapter, len(encoded))
@@ -166,6 +170,7 @@ class TransformersEngine(Engine):
         """
         params = params or SamplingParams()
         ids = self._encode(self.render_chat(conversation))
+        self._check_fits(len(ids), params.max_new_tokens)
         if adapter is not ACTIVE:
             with self._lock:
                 self._check_open()
@@ -284,6 +289,10 @@ class TransformersEngine(Engine):
                 torch.cuda.empty_cache()
 
     # -- internals ------------------------------------------------------------------------------------
+    def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if self.context_length is not None and prompt_tokens + max_new_tokens > self.context_length:
+            raise ContextLengthError(prompt_tokens, max_new_tokens, self.context_length)
+
     def _check_open(self) -> None:
         if self._closed:
             raise EngineError("The engine is closed.")
