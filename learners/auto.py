@@ -26,6 +26,9 @@ from learners.datasets import DatasetBuild
 from learners.worker import ProgressFn, TrainingFailed, TrainJob, run_training_process
 from runtime.config import ConfigError, RuntimeConfig
 
+BUILTIN_RETENTION_PROBE = Path(__file__).parent / "data" / "retention_probe.jsonl"
+"""Short original passages with two questions each; the base default model answers about two thirds."""
+
 
 @dataclass
 class AutoSettings:
@@ -42,7 +45,8 @@ class AutoSettings:
     budget_s: float | None = None
     """Training seconds for all candidates together; a candidate is not started once it is spent."""
     retention_file: str | None = None
-    """Passages JSONL (``context``, ``questions: [{question, answer}]``) for the retention check."""
+    """Passages JSONL (``context``, ``questions: [{question, answer}]``) for the retention check; ``None``
+    uses the small built-in probe (24 reading-comprehension questions, :data:`BUILTIN_RETENTION_PROBE`)."""
     retention_questions: int = 60
     max_retention_drop: float = 5.0
     """Points of retention accuracy a candidate may lose against the current adapter."""
@@ -73,10 +77,7 @@ def auto_settings(config: RuntimeConfig) -> AutoSettings:
         if cand.get("method") not in ("sdft", "sft"):
             raise ConfigError(f"learning.auto.candidates[{i}]: method must be sdft or sft, got {cand.get('method')!r}")
     if settings.retention_file is None:
-        raise ConfigError(
-            "learning.auto.retention_file is required for method auto: a passages JSONL whose accuracy must "
-            "not drop (e.g. the format of squad_retention_dev.jsonl)"
-        )
+        settings.retention_file = str(BUILTIN_RETENTION_PROBE)
     if not Path(settings.retention_file).is_file():
         raise ConfigError(f"learning.auto.retention_file: {settings.retention_file} not found")
     return settings

@@ -200,8 +200,16 @@ def test_auto_publishes_nothing_when_no_candidate_qualifies(
     assert store.adapters() == []
 
 
-def test_auto_needs_a_retention_file(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
-    config = make_config(tmp_path, tiny_model_dir)
+def test_auto_retention_file_default_and_errors(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
+    from learners.auto import BUILTIN_RETENTION_PROBE, auto_settings
+    from learners.evaluation import load_passages_qa
+
+    assert auto_settings(make_config(tmp_path, tiny_model_dir)).retention_file == str(BUILTIN_RETENTION_PROBE)
+    assert len(load_passages_qa(BUILTIN_RETENTION_PROBE)) == 24
     teach_some(store)
-    with pytest.raises(ConfigError, match="retention_file is required"):
-        run_cycle(config, store, "auto")
+    missing = make_config(tmp_path, tiny_model_dir, auto={"retention_file": str(tmp_path / "nope.jsonl")})
+    with pytest.raises(ConfigError, match="retention_file.*not found"):
+        run_cycle(missing, store, "auto")
+    typo = make_config(tmp_path, tiny_model_dir, auto={"candidate": []})
+    with pytest.raises(ConfigError, match="learning.auto: unknown key"):
+        run_cycle(typo, store, "auto")
