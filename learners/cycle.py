@@ -26,7 +26,7 @@ from runtime.config import ConfigError, RuntimeConfig
 from runtime.models import resolve_model
 from runtime.store import AdapterRecord, Store
 
-LEARNING_METHODS = ("sdft", "sft", "auto")
+LEARNING_METHODS = ("sdft", "sft", "auto", "seal")
 
 
 class NoAcceptableCandidate(RuntimeError):
@@ -84,20 +84,16 @@ def run_cycle(
     serving_device: str | None = None,
     timeout_s: float | None = None,
 ) -> CycleResult:
-    """Run one learning cycle on the store's unconsumed signals with `method` (default: the config's).
+    """Run one learning cycle with `method` (default: the config's).
 
-    ``auto`` trains the configured candidates and keeps the one that learns the new examples with the
-    smallest retention drop within the budget (see :mod:`learners.auto`).
+    ``sdft``, ``sft`` and ``auto`` learn from unconsumed corrections and taught answers; ``auto`` trains
+    the configured candidates and keeps the one that learns with the smallest retention drop (see
+    :mod:`learners.auto`). ``seal`` learns unconsumed documents through self-edits (see :mod:`learners.seal`).
     """
     method = method or config.learning.method
     if method not in LEARNING_METHODS:
         raise ValueError(f"learning method {method!r} is not available; use one of {', '.join(LEARNING_METHODS)}")
-    if method == "auto":
-        from learners.auto import auto_settings
-
-        settings = dataclasses.asdict(auto_settings(config))
-    else:
-        settings = method_settings(config, method)
+    settings = _settings(config, method)
     registry = AdapterRegistry(config.adapters_dir, store)
     build = build_dataset(
         store,
@@ -105,8 +101,18 @@ def run_cycle(
         min_positive_score=config.learning.min_positive_score,
         replay_fraction=config.learning.replay_fraction,
     )
-    if not build.new:
-        return CycleResult("nothing_to_learn", "no new corrections or demonstrations", counts=build.counts())
+    documents = []
+    if method == "seal":
+        from learners.seal import documents_from_store
+
+        documents = documents_from_store(store)
+        counts = {"documents": len(documents), "replay": len(build.replay)}
+        if not documents:
+            return CycleResult("nothing_to_learn", "no new documents", counts=counts)
+    else:
+        counts = build.counts()
+        if not build.new:
+            return CycleResult("nothing_to_learn", "no new corrections or demonstrations", counts=counts)
 
     parent = registry.active()
     device = pick_training_device(serving_device or config.engine.device)
@@ -114,7 +120,7 @@ def run_cycle(
         method,
         config={"settings": settings, "lora": config.learning.lora, "device": device},
         parent_adapter=parent.name if parent else None,
-        data_counts=build.counts(),
+        data_counts=counts,
     )
     store.update_run(run_id, status="running")
     staging = registry.staging_dir(run_id)
@@ -136,12 +142,20 @@ def run_cycle(
         device=device,
         num_threads=config.engine.num_threads or default_cpu_threads(),
     )
+    used_documents: list[str] = []
     try:
         if method == "auto":
             from learners.auto import select_candidate
 
             chosen = select_candidate(config, build, job, on_progress, timeout_s=timeout_s)
             trained_method, adapter_dir, metrics = chosen.method, chosen.adapter_dir, chosen.metrics
+        elif method == "seal":
+            from learners.seal_cycle import train_seal
+
+            trained_method = "seal"
+            adapter_dir, metrics, used_documents = train_seal(
+                registry, run_id, job, documents, build, settings, on_progress, timeout_s=timeout_s
+            )
         else:
             trained_method, adapter_dir = method, job.output_dir
             job.method, job.settings = method, settings  # type: ignore[assignment]
@@ -150,15 +164,18 @@ def run_cycle(
         record = registry.publish(
             adapter_dir,
             registry.new_name(trained_method),
-            Lineage(parent.name if parent else None, trained_method, run_id, build.counts(), metrics),
+            Lineage(parent.name if parent else None, trained_method, run_id, counts, metrics),
         )
     except (TrainingFailed, AdapterVerificationError, OSError, NoAcceptableCandidate) as exc:
         store.update_run(run_id, status="failed", error=str(exc), metrics={"history": history})
-        return CycleResult("failed", str(exc), run_id=run_id, counts=build.counts())
+        return CycleResult("failed", str(exc), run_id=run_id, counts=counts)
     finally:
         registry.discard_staging(run_id)
 
-    mark_used(store, build, run_id)
+    if method == "seal":
+        store.mark_consumed(run_id, document_ids=used_documents)
+    else:
+        mark_used(store, build, run_id)
     store.update_run(
         run_id, status="succeeded", output_adapter=record.name, metrics={**metrics, "history": history}
     )
@@ -166,6 +183,19 @@ def run_cycle(
     store.record_decision(record.name, "approve" if approved else "veto", reasons=reasons, run_id=run_id)
     if not approved:
         store.set_adapter_status(record.name, "rejected")
-        return CycleResult("vetoed", "; ".join(reasons), run_id, store.get_adapter(record.name), build.counts())
+        return CycleResult("vetoed", "; ".join(reasons), run_id, store.get_adapter(record.name), counts)
     active = registry.activate(record.name)
-    return CycleResult("activated", f"{record.name} is active", run_id, active, build.counts(), metrics)
+    return CycleResult("activated", f"{record.name} is active", run_id, active, counts, metrics)
+
+
+def _settings(config: RuntimeConfig, method: str) -> dict[str, Any]:
+    """The method's settings as plain data, validated (unknown keys are `ConfigError`s)."""
+    if method == "auto":
+        from learners.auto import auto_settings
+
+        return dataclasses.asdict(auto_settings(config))
+    if method == "seal":
+        from learners.seal import seal_settings_from_dict
+
+        return seal_settings_from_dict({"lora": config.learning.lora, **config.learning.seal}).to_dict()
+    return method_settings(config, method)

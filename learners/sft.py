@@ -1,4 +1,8 @@
-"""SFT baseline: LoRA fine-tuning on the demonstrations, loss on the answer only, on TRL's ``SFTTrainer``."""
+"""SFT baseline: LoRA fine-tuning on the demonstrations, loss on the answer only, on TRL's ``SFTTrainer``.
+
+A plain-text mode (:func:`train_sft_texts`) trains the same way on raw text sequences (language modelling,
+loss on every token); SEAL uses it to learn a passage and its self-edit lines.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from .common import BaseTrainSettings, TrainResult
 from .examples import DemoExample
 from .lora import LoraSettings, build_peft_model, load_base_model, load_tokenizer, save_adapter
 
-__all__ = ["SFTSettings", "build_sft_trainer", "train_sft"]
+__all__ = ["SFTSettings", "build_sft_text_trainer", "build_sft_trainer", "train_sft", "train_sft_texts"]
 
 
 @dataclass
@@ -39,14 +43,14 @@ class SFTSettings(BaseTrainSettings):
     completion_only_loss: bool = True
     shuffle: bool = True
 
-    def to_sft_config(self, output_dir: str | Path) -> SFTConfig:
-        """Build TRL's ``SFTConfig``."""
+    def to_sft_config(self, output_dir: str | Path, *, plain_text: bool = False) -> SFTConfig:
+        """Build TRL's ``SFTConfig`` (``plain_text``: a ``text`` dataset, loss on every token)."""
         return SFTConfig(
             **self.training_args_kwargs(output_dir),
             per_device_train_batch_size=self.batch_size,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
             max_length=self.max_length,
-            completion_only_loss=self.completion_only_loss,
+            completion_only_loss=False if plain_text else self.completion_only_loss,
             assistant_only_loss=False,
             packing=False,
             shuffle_dataset=self.shuffle,
@@ -77,17 +81,49 @@ def build_sft_trainer(
     callbacks: Sequence[TrainerCallback] = (),
 ) -> SFTTrainer:
     """Build (but do not run) the TRL ``SFTTrainer`` that ``train_sft`` runs."""
-    settings = settings or SFTSettings()
-    settings.apply_process_settings()
     if not examples:
         raise ValueError("train_sft needs at least one example")
+    return _build_trainer(
+        base_model_dir, _to_dataset(examples), output_dir, settings, lora, parent_adapter_dir, callbacks, False
+    )
+
+
+def build_sft_text_trainer(
+    base_model_dir: str | Path,
+    texts: Sequence[str],
+    output_dir: str | Path,
+    settings: SFTSettings | None = None,
+    lora: LoraSettings | None = None,
+    parent_adapter_dir: str | Path | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> SFTTrainer:
+    """Build (but do not run) the plain-text ``SFTTrainer`` that ``train_sft_texts`` runs."""
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError("train_sft_texts needs at least one non-empty text")
+    dataset = Dataset.from_list([{"text": t} for t in texts])
+    return _build_trainer(base_model_dir, dataset, output_dir, settings, lora, parent_adapter_dir, callbacks, True)
+
+
+def _build_trainer(
+    base_model_dir: str | Path,
+    dataset: Dataset,
+    output_dir: str | Path,
+    settings: SFTSettings | None,
+    lora: LoraSettings | None,
+    parent_adapter_dir: str | Path | None,
+    callbacks: Sequence[TrainerCallback],
+    plain_text: bool,
+) -> SFTTrainer:
+    settings = settings or SFTSettings()
+    settings.apply_process_settings()
     set_seed(settings.seed)  # LoRA initialisation
     tokenizer = load_tokenizer(base_model_dir)
     model = build_peft_model(load_base_model(base_model_dir), lora, parent_adapter_dir)
     trainer = SFTTrainer(
         model=model,
-        args=settings.to_sft_config(output_dir),
-        train_dataset=_to_dataset(examples),
+        args=settings.to_sft_config(output_dir, plain_text=plain_text),
+        train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
@@ -114,6 +150,32 @@ def train_sft(
     trainer = build_sft_trainer(
         base_model_dir, examples, output_dir, settings, lora, parent_adapter_dir, [progress, *callbacks]
     )
+    return _run(trainer, progress, output_dir, len(examples))
+
+
+def train_sft_texts(
+    base_model_dir: str | Path,
+    texts: Sequence[str],
+    output_dir: str | Path,
+    settings: SFTSettings | None = None,
+    lora: LoraSettings | None = None,
+    parent_adapter_dir: str | Path | None = None,
+    progress_callback: ProgressFn | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainResult:
+    """Train a LoRA adapter on plain text sequences (language modelling) and save it to ``output_dir``.
+
+    Same settings as :func:`train_sft` (``completion_only_loss`` does not apply: every token is a target;
+    the tokenizer's EOS is appended to each text). Empty texts are skipped.
+    """
+    progress = ProgressCallback(progress_callback)
+    trainer = build_sft_text_trainer(
+        base_model_dir, texts, output_dir, settings, lora, parent_adapter_dir, [progress, *callbacks]
+    )
+    return _run(trainer, progress, output_dir, len(trainer.train_dataset))
+
+
+def _run(trainer: SFTTrainer, progress: ProgressCallback, output_dir: str | Path, num_examples: int) -> TrainResult:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -122,7 +184,7 @@ def train_sft(
         adapter_dir=adapter_dir,
         metrics=progress.history,
         train_seconds=seconds,
-        num_examples=len(examples),
+        num_examples=num_examples,
         num_steps=int(trainer.state.global_step),
         summary=progress.summary,
         method="sft",

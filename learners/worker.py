@@ -4,6 +4,9 @@ The parent sends a :class:`TrainJob`; a fresh ``spawn`` child lowers its priorit
 pins the chosen GPU, trains, and writes the adapter into the job's staging directory. Progress comes back
 over a queue. If the child crashes or is killed, the parent raises :class:`TrainingFailed` with what is
 known; the staging directory is never published (that is the caller's step, after verification).
+
+A SEAL update (self-edit search, generator rounds and the serving candidate) runs the same way from a
+:class:`SealJob` with :func:`run_seal_process`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,28 @@ class TrainJob:
     device: str = "cpu"
     num_threads: int | None = None
     niceness: int = 10
+
+
+@dataclass
+class SealJob:
+    """A SEAL update for the child (see :func:`learners.seal.run_seal_update`), as plain data.
+
+    ``documents`` are ``SealDocument.to_dict()`` rows; ``settings`` is ``SEALSettings.to_dict()`` or the YAML
+    ``learning.seal`` mapping; ``replay_examples`` holds plain texts or ``DemoExample`` dicts.
+    """
+
+    base_model_dir: str
+    documents: list[dict[str, Any]]
+    output_dir: str
+    generator_output_dir: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    parent_adapter_dir: str | None = None
+    generator_adapter_dir: str | None = None
+    replay_examples: list[Any] = field(default_factory=list)
+    device: str = "cpu"
+    num_threads: int | None = None
+    niceness: int = 10
+    method: str = "seal"
 
 
 def default_cpu_threads() -> int:
@@ -84,9 +109,25 @@ def run_training_process(
     """Run `job` in a child process and return its result (metrics, timings); raises `TrainingFailed`."""
     if job.method not in METHODS:
         raise ValueError(f"unknown method {job.method!r}; expected one of {METHODS}")
+    return _run_child(job, progress, timeout_s)
+
+
+def run_seal_process(
+    job: SealJob, progress: ProgressFn | None = None, *, timeout_s: float | None = None
+) -> dict[str, Any]:
+    """Run a SEAL update in a child process; returns ``SealResult.to_dict()``. Raises `TrainingFailed`.
+
+    ``timeout_s`` kills the child (nothing is kept); ``settings["time_budget_s"]`` instead ends the self-edit
+    search gracefully and still trains the candidate.
+    """
+    return _run_child(job, progress, timeout_s)
+
+
+def _run_child(job: TrainJob | SealJob, progress: ProgressFn | None, timeout_s: float | None) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     messages: mp.Queue = ctx.Queue()
-    child = ctx.Process(target=_child_main, args=(asdict(job), messages), name=f"learner-{job.method}")
+    kind = "seal" if isinstance(job, SealJob) else "train"
+    child = ctx.Process(target=_child_main, args=(kind, asdict(job), messages), name=f"learner-{job.method}")
     child.start()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     result: dict[str, Any] | None = None
@@ -123,8 +164,8 @@ def run_training_process(
     return result
 
 
-def _child_main(job_dict: dict[str, Any], messages: mp.Queue) -> None:
-    job = TrainJob(**job_dict)
+def _child_main(kind: str, job_dict: dict[str, Any], messages: mp.Queue) -> None:
+    job: TrainJob | SealJob = SealJob(**job_dict) if kind == "seal" else TrainJob(**job_dict)
     try:
         _lower_priority(job.niceness)
         if job.device == "cpu":
@@ -134,7 +175,8 @@ def _child_main(job_dict: dict[str, Any], messages: mp.Queue) -> None:
         import torch
 
         torch.set_num_threads(job.num_threads or default_cpu_threads())
-        result = _train(job, lambda step, total, logs: messages.put(("progress", (step, total, logs))))
+        run = _seal if isinstance(job, SealJob) else _train
+        result = run(job, lambda step, total, logs: messages.put(("progress", (step, total, logs))))
         messages.put(("done", result))
     except BaseException:
         messages.put(("error", traceback.format_exc(limit=8)))
@@ -176,3 +218,21 @@ def _train(job: TrainJob, progress: ProgressFn) -> dict[str, Any]:
         "summary": out.summary,
         "history": out.metrics,
     }
+
+
+def _seal(job: SealJob, progress: ProgressFn) -> dict[str, Any]:
+    from learners.seal import SealDocument, run_seal_update
+
+    result = run_seal_update(
+        job.base_model_dir,
+        [SealDocument(**d) for d in job.documents],
+        job.settings,
+        output_dir=job.output_dir,
+        generator_output_dir=job.generator_output_dir,
+        parent_adapter_dir=job.parent_adapter_dir,
+        generator_adapter_dir=job.generator_adapter_dir,
+        replay_examples=job.replay_examples,
+        progress=progress,
+        device="cpu" if job.device == "cpu" else "cuda",  # the chosen GPU is the only one visible here
+    )
+    return result.to_dict()

@@ -125,7 +125,7 @@ def _open_store(cfg: RuntimeConfig, *, read_only: bool):
 def learn_cmd(
     config: ConfigOption = None,
     method: Annotated[
-        str | None, typer.Option("--method", "-m", help="sdft, sft or auto (default: config)")
+        str | None, typer.Option("--method", "-m", help="sdft, sft, auto or seal (default: config)")
     ] = None,
 ) -> None:
     """Run one learning cycle on the current log and activate the resulting adapter."""
@@ -158,6 +158,74 @@ def learn_cmd(
         raise typer.Exit(2) from None
     finally:
         store.close()
+
+
+@app.command("ingest")
+def ingest_cmd(
+    file: Annotated[Path, typer.Argument(help="A text/markdown document, or a JSONL of {title, context, questions}")],
+    config: ConfigOption = None,
+    title: Annotated[str | None, typer.Option(help="Title of a text document (default: file name)")] = None,
+    questions: Annotated[
+        Path | None, typer.Option(help="JSONL of {question, answer}: the document's evaluation set")
+    ] = None,
+) -> None:
+    """Store new documents for knowledge learning (`runtime learn --method seal`).
+
+    Without questions, the model writes question/answer pairs from the document; only pairs whose answer
+    appears in the document are kept.
+    """
+    docs = _read_documents(file, title, questions)
+    cfg = _load(config)
+    engine = None
+    if any(not d["questions"] for d in docs):
+        from runtime.factory import create_engine
+
+        with console.status("Loading the model to write evaluation questions..."):
+            engine = create_engine(cfg)
+    from learners.seal_questions import prepare_tau
+
+    store = _open_store(cfg, read_only=False)
+    try:
+        for doc in docs:
+            tau = prepare_tau(doc["text"], doc["questions"], engine, title=doc["title"])
+            doc_id = store.add_document(
+                doc["text"], title=doc["title"], questions=[p.to_dict() for p in tau.pairs],
+                metadata={"source": str(file), "tau": tau.source, "tau_dropped": tau.dropped},
+            )
+            console.print(
+                f"stored [bold]{doc['title'] or doc_id[:8]}[/bold]: {len(tau.pairs)} {tau.source} questions kept, "
+                f"{tau.dropped} dropped (answer not in the document, or no answer)"
+            )
+    finally:
+        store.close()
+        if engine is not None:
+            engine.close()
+
+
+def _read_documents(file: Path, title: str | None, questions: Path | None) -> list[dict]:
+    if not file.is_file():
+        err_console.print(f"[red]error:[/red] {file}: no such file")
+        raise typer.Exit(2)
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                docs.append({"text": row["context"], "title": row.get("title"), "questions": row.get("questions", [])})
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                err_console.print(f"[red]error:[/red] {file}:{n}: expected {{title, context, questions}} ({exc})")
+                raise typer.Exit(2) from None
+        return docs
+    if not text.strip():
+        err_console.print(f"[red]error:[/red] {file}: the document is empty")
+        raise typer.Exit(2)
+    qs: list = []
+    if questions is not None:
+        qs = [json.loads(line) for line in questions.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{"text": text, "title": title or file.stem, "questions": qs}]
 
 
 @adapters_app.command("list")

@@ -69,7 +69,7 @@ class StoreConfig(_Section):
 class LearningConfig(_Section):
     """The background learner. Method sections are filled in by the learners."""
 
-    method: Literal["sdft", "sft", "auto"] = "sdft"
+    method: Literal["sdft", "sft", "auto", "seal"] = "sdft"
     adapters_dir: Path | None = Field(None, description="Adapter registry (default: <data_dir>/adapters).")
     promote_positive_ratings: bool = Field(
         False, description="Treat a positively rated answer as a demonstration for SDFT."
@@ -81,6 +81,9 @@ class LearningConfig(_Section):
     sdft: dict[str, Any] = Field(default_factory=dict, description="SDFT settings (see learners.sdft).")
     sft: dict[str, Any] = Field(default_factory=dict, description="SFT baseline settings (see learners.sft).")
     lora: dict[str, Any] = Field(default_factory=dict, description="LoRA settings (see learners.lora).")
+    seal: dict[str, Any] = Field(
+        default_factory=dict, description="SEAL settings: self-edit format, k, rounds... (see learners.seal)."
+    )
     auto: dict[str, Any] = Field(
         default_factory=dict, description="Method `auto`: candidates and retention budget (see learners.auto)."
     )

@@ -76,3 +76,51 @@ def test_log_learn_and_adapters(tmp_path: Path, tiny_model_dir: Path) -> None:
 
     again = runner.invoke(app, ["learn", "--config", str(path)])
     assert again.exit_code == 0 and "nothing_to_learn" in again.output
+
+
+def test_ingest_and_learn_seal(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`runtime ingest` + `runtime learn --method seal` publish a serving adapter and keep the generator
+    apart. The tiny random model writes unusable self-edits and questions, so tau is supplied and the
+    knowledge update falls back to the passage (the configured `fallback`)."""
+    path = tmp_path / "runtime.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": "data",
+                "model": {"name": str(tiny_model_dir)},
+                "engine": {"device": "cpu", "num_threads": 1},
+                "learning": {
+                    "lora": {"r": 4},
+                    "seal": {
+                        "num_self_edits": 1, "rounds": 1, "max_self_edit_tokens": 8, "eval_max_new_tokens": 4,
+                        "inner_training": {"num_epochs": 1}, "update_training": {"num_epochs": 1},
+                    },
+                },
+            }
+        )
+    )
+    doc = tmp_path / "policy.md"
+    doc.write_text("The refund window is now 45 days for all orders placed online.")
+    qs = tmp_path / "q.jsonl"
+    qs.write_text(json.dumps({"question": "How long is the refund window?", "answer": "45 days"}) + "\n")
+    stored = runner.invoke(app, ["ingest", str(doc), "--questions", str(qs), "--config", str(path)])
+    assert stored.exit_code == 0, stored.output
+    assert "1 supplied questions kept, 0 dropped" in stored.output
+
+    learned = runner.invoke(app, ["learn", "--config", str(path), "--method", "seal"])
+    assert learned.exit_code == 0, learned.output
+    assert "activated" in learned.output
+    with Store(tmp_path / "data" / "runtime.duckdb", read_only=True) as store:
+        serving = store.adapters(status="active")
+        assert len(serving) == 1 and serving[0].method == "seal"
+        assert all(d.consumed_by_run for d in store.documents())
+        assert all(a.method in ("seal", "seal-generator") for a in store.adapters())
+        generators = [a for a in store.adapters() if a.method == "seal-generator"]
+        assert all(g.status != "active" for g in generators)
+    again = runner.invoke(app, ["learn", "--config", str(path), "--method", "seal"])
+    assert "nothing_to_learn" in again.output
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    refused = runner.invoke(app, ["ingest", str(bad), "--config", str(path)])
+    assert refused.exit_code == 2 and "bad.jsonl:1" in refused.output

@@ -1,0 +1,72 @@
+"""The SEAL step of a learning cycle: run the self-edit search and knowledge update in the worker, and
+keep the self-edit generator as its own adapter, apart from the serving one."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from learners.datasets import DatasetBuild
+from learners.seal import replay_passages
+from learners.seal_settings import SealDocument
+from learners.worker import ProgressFn, SealJob, TrainingFailed, TrainJob, run_seal_process
+from runtime.adapters import AdapterRegistry, Lineage
+from runtime.store import AdapterRecord
+
+GENERATOR_METHOD = "seal-generator"
+"""Registry method of self-edit generator adapters; they are never activated for serving."""
+
+
+def latest_generator(registry: AdapterRegistry) -> AdapterRecord | None:
+    """The newest self-edit generator adapter, if any round has produced one."""
+    generators = [a for a in registry.store.adapters() if a.method == GENERATOR_METHOD]
+    return generators[-1] if generators else None
+
+
+def train_seal(
+    registry: AdapterRegistry,
+    run_id: str,
+    job: TrainJob,
+    documents: list[SealDocument],
+    build: DatasetBuild,
+    settings: dict[str, Any],
+    progress: ProgressFn,
+    *,
+    timeout_s: float | None = None,
+) -> tuple[str, dict[str, Any], list[str]]:
+    """Run SEAL on `documents`; publish the new generator; return (serving adapter dir, metrics, used ids)."""
+    staging = Path(job.output_dir).parent
+    generator = latest_generator(registry)
+    replay = replay_passages(registry.store, len(build.replay)) + [dataclasses.asdict(e) for e in build.replay]
+    seal_job = SealJob(
+        base_model_dir=job.base_model_dir,
+        documents=[d.to_dict() for d in documents],
+        output_dir=job.output_dir,
+        generator_output_dir=str(staging / "generator"),
+        settings=settings,
+        parent_adapter_dir=job.parent_adapter_dir,
+        generator_adapter_dir=generator.path if generator else None,
+        replay_examples=replay,
+        device=job.device,
+        num_threads=job.num_threads,
+    )
+    result = run_seal_process(seal_job, progress, timeout_s=timeout_s)
+    metrics = {
+        **result["metrics"],
+        "skipped_documents": result["skipped_documents"],
+        "rounds": result["rounds"],
+        "documents": result["documents"],
+    }
+    if result["generator_adapter_dir"]:
+        record = registry.publish(
+            result["generator_adapter_dir"],
+            registry.new_name(GENERATOR_METHOD),
+            Lineage(generator.name if generator else None, GENERATOR_METHOD, run_id, {"documents": len(documents)},
+                    {"rounds": len(result["rounds"])}),
+        )
+        metrics["generator"] = record.name
+    if not result["adapter_dir"]:
+        raise TrainingFailed("SEAL used no document: " + "; ".join(f"{k}: {v}" for k, v in
+                                                                    result["skipped_documents"].items()))
+    return result["adapter_dir"], metrics, list(result["used_document_ids"])
