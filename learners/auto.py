@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from learners.datasets import DatasetBuild
-from learners.worker import ProgressFn, TrainingFailed, TrainJob, run_training_process
+from learners.worker import CallJob, ProgressFn, TrainingFailed, TrainJob, run_call_process, run_training_process
 from runtime.config import ConfigError, RuntimeConfig
 
 BUILTIN_RETENTION_PROBE = Path(__file__).parent / "data" / "retention_probe.jsonl"
@@ -125,7 +125,29 @@ def select_candidate(
         )
     if not trained:
         raise NoAcceptableCandidate("no candidate finished training: " + "; ".join(skipped))
-    reference = _evaluate(config, settings, build, job, trained)
+    evaluation = run_call_process(
+        CallJob(
+            "auto-eval",
+            "learners.auto:evaluate_candidates",
+            {
+                "base_model_dir": job.base_model_dir,
+                "parent_adapter_dir": job.parent_adapter_dir,
+                "candidate_dirs": [c.adapter_dir for c in trained],
+                "prompts": [e.prompt for e in build.new],
+                "demonstrations": [e.demonstration for e in build.new],
+                "retention_file": settings.retention_file,
+                "retention_questions": settings.retention_questions,
+                "target_f1": settings.target_f1,
+                "device": job.device,
+            },
+            device=job.device,
+            num_threads=job.num_threads,
+        ),
+        timeout_s=timeout_s,
+    )
+    reference = evaluation["reference_retention"]
+    for cand, figures in zip(trained, evaluation["candidates"], strict=True):
+        cand.metrics.update(figures)
     eligible = [
         c
         for c in trained
@@ -168,36 +190,45 @@ def select_candidate(
     return best
 
 
-def _evaluate(
-    config: RuntimeConfig, settings: AutoSettings, build: DatasetBuild, job: TrainJob, trained: list[Candidate]
-) -> float:
-    """Fill each candidate's target and retention metrics; return the reference retention accuracy."""
+def evaluate_candidates(
+    base_model_dir: str,
+    parent_adapter_dir: str | None,
+    candidate_dirs: list[str],
+    prompts: list[list[dict[str, str]]],
+    demonstrations: list[str],
+    retention_file: str,
+    retention_questions: int,
+    target_f1: float,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Target and retention figures of each candidate beside the current adapter (runs in the worker)."""
     from learners.evaluation import ask, load_passages_qa, retention_accuracy
     from runtime.engines import TransformersEngine
     from runtime.textmatch import token_f1
 
-    items = load_passages_qa(settings.retention_file, limit=settings.retention_questions)  # type: ignore[arg-type]
-    engine = TransformersEngine(job.base_model_dir, device=job.device, num_threads=job.num_threads)
+    items = load_passages_qa(retention_file, limit=retention_questions)
+    engine = TransformersEngine(base_model_dir, device="cpu" if device == "cpu" else "cuda")
     try:
         reference_adapter = None
-        if job.parent_adapter_dir:
-            engine.load_adapter("reference", job.parent_adapter_dir)
+        if parent_adapter_dir:
+            engine.load_adapter("reference", parent_adapter_dir)
             reference_adapter = "reference"
         reference = retention_accuracy(engine, items, reference_adapter).accuracy
-        prompts = [e.prompt for e in build.new]
-        demos = [e.demonstration for e in build.new]
-        for cand in trained:
-            name = f"candidate-{cand.index}"
-            engine.load_adapter(name, cand.adapter_dir)
-            answers = ask(engine, prompts, demos, name, max_new_tokens=64)
-            target = sum(token_f1(r, d) >= settings.target_f1 for r, d in zip(answers.responses, demos, strict=True))
+        figures = []
+        for i, adapter_dir in enumerate(candidate_dirs):
+            name = f"candidate-{i}"
+            engine.load_adapter(name, adapter_dir)
+            answers = ask(engine, prompts, demonstrations, name, max_new_tokens=64)
+            hits = sum(token_f1(r, d) >= target_f1 for r, d in zip(answers.responses, demonstrations, strict=True))
             retention = retention_accuracy(engine, items, name).accuracy
-            cand.metrics.update(
-                target_acc=target / len(demos),
-                retention_acc=retention,
-                retention_drop=100.0 * (reference - retention),
+            figures.append(
+                {
+                    "target_acc": hits / len(demonstrations),
+                    "retention_acc": retention,
+                    "retention_drop": 100.0 * (reference - retention),
+                }
             )
             engine.unload_adapter(name)
     finally:
         engine.close()
-    return reference
+    return {"reference_retention": reference, "candidates": figures}

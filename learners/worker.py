@@ -123,14 +123,36 @@ def run_seal_process(
     return _run_child(job, progress, timeout_s)
 
 
-def _run_child(job: TrainJob | SealJob, progress: ProgressFn | None, timeout_s: float | None) -> dict[str, Any]:
+@dataclass
+class CallJob:
+    """Call ``target`` (``"module:function"``, taking ``**kwargs``) in a worker process: evaluation work
+    that must not load models or set torch threads in the serving process."""
+
+    method: str
+    target: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    num_threads: int | None = None
+    niceness: int = 10
+
+
+def run_call_process(job: CallJob, *, timeout_s: float | None = None) -> Any:
+    """Run `job` in a child process and return the function's (picklable) result; raises `TrainingFailed`."""
+    return _run_child(job, None, timeout_s)
+
+
+_JOB_KINDS: dict[str, type] = {"train": TrainJob, "seal": SealJob, "call": CallJob}
+
+
+def _run_child(job: TrainJob | SealJob | CallJob, progress: ProgressFn | None, timeout_s: float | None) -> Any:
     ctx = mp.get_context("spawn")
     messages: mp.Queue = ctx.Queue()
-    kind = "seal" if isinstance(job, SealJob) else "train"
+    kind = next(k for k, cls in _JOB_KINDS.items() if isinstance(job, cls))
     child = ctx.Process(target=_child_main, args=(kind, asdict(job), messages), name=f"learner-{job.method}")
     child.start()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    result: dict[str, Any] | None = None
+    result: Any = None
+    finished = False
     error: str | None = None
     try:
         while True:
@@ -146,7 +168,7 @@ def _run_child(job: TrainJob | SealJob, progress: ProgressFn | None, timeout_s: 
             if kind == "progress" and progress is not None:
                 progress(*payload)
             elif kind == "done":
-                result = payload
+                result, finished = payload, True
             elif kind == "error":
                 error = payload
     finally:
@@ -156,7 +178,7 @@ def _run_child(job: TrainJob | SealJob, progress: ProgressFn | None, timeout_s: 
             child.join()
     if error is not None:
         raise TrainingFailed(f"{job.method} training failed:\n{error}")
-    if result is None or child.exitcode != 0:
+    if not finished or child.exitcode != 0:
         raise TrainingFailed(
             f"{job.method} training process exited with code {child.exitcode} before finishing "
             "(killed, out of memory, or crashed); nothing was published"
@@ -165,7 +187,7 @@ def _run_child(job: TrainJob | SealJob, progress: ProgressFn | None, timeout_s: 
 
 
 def _child_main(kind: str, job_dict: dict[str, Any], messages: mp.Queue) -> None:
-    job: TrainJob | SealJob = SealJob(**job_dict) if kind == "seal" else TrainJob(**job_dict)
+    job = _JOB_KINDS[kind](**job_dict)
     try:
         _lower_priority(job.niceness)
         if job.device == "cpu":
@@ -175,7 +197,7 @@ def _child_main(kind: str, job_dict: dict[str, Any], messages: mp.Queue) -> None
         import torch
 
         torch.set_num_threads(job.num_threads or default_cpu_threads())
-        run = _seal if isinstance(job, SealJob) else _train
+        run = {"train": _train, "seal": _seal, "call": _call}[kind]
         result = run(job, lambda step, total, logs: messages.put(("progress", (step, total, logs))))
         messages.put(("done", result))
     except BaseException:
@@ -218,6 +240,13 @@ def _train(job: TrainJob, progress: ProgressFn) -> dict[str, Any]:
         "summary": out.summary,
         "history": out.metrics,
     }
+
+
+def _call(job: CallJob, progress: ProgressFn) -> Any:
+    import importlib
+
+    module, _, name = job.target.partition(":")
+    return getattr(importlib.import_module(module), name)(**job.kwargs)
 
 
 def _seal(job: SealJob, progress: ProgressFn) -> dict[str, Any]:
