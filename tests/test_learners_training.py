@@ -87,11 +87,16 @@ def test_demo_example_requires_a_final_user_turn() -> None:
 
 
 def test_sdft_settings_map_onto_trl(tmp_path: Path) -> None:
-    config = SDFTSettings().to_sdft_config(tmp_path, num_examples=10)
+    defaults = SDFTSettings()
+    assert defaults.variant == "rewrite" and defaults.learning_rate == 1e-3  # measured best (sdft_front.md)
+    config = defaults.to_sdft_config(tmp_path, num_examples=10)
     assert config.distillation_mode == "full_logits" and config.distillation_alpha == 0.0
-    assert config.teacher_model_kind == "ema" and config.teacher_update_rate == 0.01
-    assert config.num_loss_tokens_to_skip == 3 and config.num_generations == 1
-    assert config.teacher_prompt_template == OFFICIAL_TEACHER_PROMPT_TEMPLATE
+    assert config.teacher_model_kind == "base" and config.generate_from_teacher is True
+    assert config.num_loss_tokens_to_skip == 0 and config.num_generations == 1
+    official = SDFTSettings.official().to_sdft_config(tmp_path, num_examples=10)
+    assert official.teacher_model_kind == "ema" and official.teacher_update_rate == 0.01
+    assert official.num_loss_tokens_to_skip == 3 and official.generate_from_teacher is False
+    assert official.teacher_prompt_template == OFFICIAL_TEACHER_PROMPT_TEMPLATE
     assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 4
     assert config.report_to == [] or config.report_to in ("none", ["none"])
     assert config.save_strategy == "no" and config.logging_steps == 1
@@ -165,6 +170,7 @@ def test_sft_loss_is_on_the_completion_only(base_dir: Path, tmp_path: Path) -> N
 
 def test_sdft_loss_falls(base_dir: Path, tmp_path: Path) -> None:
     settings = SDFTSettings(
+        variant="on_policy",
         learning_rate=1e-2,
         num_epochs=20,
         num_rollouts=4,
@@ -192,7 +198,7 @@ def test_adapter_is_saved_loads_and_changes_outputs(method: str, base_dir: Path,
     if method == "sft":
         result = train_sft(base_dir, EXAMPLES, out, SFTSettings(learning_rate=1e-2, max_steps=3), LORA)
     else:  # the EMA teacher is a second adapter: it must not be saved with the trained one
-        settings = SDFTSettings(learning_rate=1e-2, max_steps=3, max_completion_length=8)
+        settings = SDFTSettings.official(learning_rate=1e-2, max_steps=3, max_completion_length=8)
         result = train_sdft(base_dir, EXAMPLES, out, settings, LORA)
     assert result.adapter_dir == out
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
