@@ -59,7 +59,9 @@ METHODS = ("sft", "sdft")
 
 GOALS = {
     "sdft_paraphrase_at_least_sft": "SDFT paraphrase_acc >= SFT paraphrase_acc",
-    "sdft_retention_drop_small_sft_larger": "SDFT retention_drop <= 1 point and SFT retention_drop > SDFT's",
+    "sdft_retention_drop_small_sft_larger": (
+        "SDFT retention_drop <= 1 point while SFT's is larger than that (SFT retention_drop > 1 point)"
+    ),
     "sdft_over_sft_time": "sdft_over_sft_time <= 2.5",
 }
 
@@ -99,7 +101,7 @@ def apply_overrides(settings: Any, overrides: dict[str, Any], what: str) -> Any:
 
 
 def _settings_dict(settings: Any) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(settings).items()}
+    return dataclasses.asdict(settings)
 
 
 # --- measurement ------------------------------------------------------------------------------------
@@ -131,6 +133,11 @@ def measure_facts(
         "paraphrases": len(para_q),
         "responses": responses,
     }
+
+
+def _bits(correct: list[bool]) -> str:
+    """Per-question correctness as a string of 0/1, in file order (for paired comparisons)."""
+    return "".join("1" if c else "0" for c in correct)
 
 
 def _log(msg: str) -> None:
@@ -182,11 +189,16 @@ def evaluate_goals(results: dict[str, dict[str, Any]], time_ratio: float | None)
     met = {
         "sdft_paraphrase_at_least_sft": (sdft["paraphrase_acc"] >= sft["paraphrase_acc"]) if both else None,
         "sdft_retention_drop_small_sft_larger": (
-            sdft["retention_drop"] <= 1.0 and sft["retention_drop"] > sdft["retention_drop"] if both else None
+            sdft["retention_drop"] <= 1.0 and sft["retention_drop"] > 1.0 if both else None
         ),
         "sdft_over_sft_time": (time_ratio <= 2.5) if time_ratio is not None else None,
     }
-    return {key: {"rule": GOALS[key], "met": met[key]} for key in GOALS}
+    values = {
+        "sdft_paraphrase_at_least_sft": {m: r["paraphrase_acc"] for m, r in results.items()},
+        "sdft_retention_drop_small_sft_larger": {m: r["retention_drop"] for m, r in results.items()},
+        "sdft_over_sft_time": time_ratio,
+    }
+    return {key: {"rule": GOALS[key], "met": met[key], "values": values[key]} for key in GOALS}
 
 
 def render_table(result: dict[str, Any]) -> str:
@@ -208,7 +220,7 @@ def render_table(result: dict[str, Any]) -> str:
             continue
         lines.append(
             f"| {method.upper()} | {r['new_acc']:.1f} | {r['paraphrase_acc']:.1f} | {r['retention_before']:.1f} "
-            f"| {r['retention_after']:.1f} | {r['retention_drop']:+.1f} | {r['kl_to_base']:.4f} "
+            f"| {r['retention_after']:.1f} | {r['retention_drop']:.1f} | {r['kl_to_base']:.4f} "
             f"| {r['sec_per_example']:.2f} | {r['train_seconds']:.0f} |"
         )
     ratio = result.get("sdft_over_sft_time")
@@ -267,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"{args.retention}: no retention questions")
 
     wall = time.perf_counter()
+    source = _source_state()  # before training: the code that runs
     _log(f"{len(facts)} facts, {len(retention)} retention questions, methods {methods}, {args.threads} thread(s)")
     engine = TransformersEngine(args.model, num_threads=args.threads)
     ev = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
@@ -280,9 +293,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "paraphrase_acc": base_facts["paraphrase_acc"],
             "retention": _pct(base_ret.accuracy),
             "retention_f1": _pct(base_ret.mean_f1),
+            "retention_correct": _bits(base_ret.correct),
             "eval_seconds": round(time.perf_counter() - t, 1),
+            "responses": base_facts["responses"],
         }
-        _log(f"base: {base}")
+        _log("base: " + ", ".join(f"{k} {base[k]}" for k in ("new_acc", "paraphrase_acc", "retention")))
         with tempfile.TemporaryDirectory(prefix="forgetting-") as tmp:
             for method in methods:
                 _log(f"{method}: training on {len(facts)} examples")
@@ -304,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "retention_after": _pct(after.accuracy),
                     "retention_drop": round(base["retention"] - _pct(after.accuracy), 2),
                     "retention_f1_after": _pct(after.mean_f1),
+                    "retention_correct": _bits(after.correct),
                     "retention_answers_changed": sum(
                         a != b for a, b in zip(base_ret.responses, after.responses, strict=True)
                     ),
@@ -347,10 +363,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "threads": args.threads,
             "max_new_tokens": args.max_new_tokens,
             "overrides": {"sft": sft_over, "sdft": sdft_over, "lora": parse_overrides(args.lora_set, "lora")},
-            "units": "accuracies in percent; retention_drop in percentage points; kl_to_base in nats per token",
+            "units": "accuracies in percent; retention_drop in percentage points (positive = forgot); "
+            "kl_to_base in nats per token",
             "machine": f"{platform.machine()} {platform.system()}, torch {torch.__version__}, "
             f"device {engine.device}",
-            "source": _source_state(),
+            "source": source,
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -194,6 +194,7 @@ def _child_main(kind: str, job_dict: dict[str, Any], messages: mp.Queue) -> None
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         elif job.device.startswith("cuda:"):
             os.environ["CUDA_VISIBLE_DEVICES"] = job.device.split(":", 1)[1]
+        _quiet_libraries()
         import torch
 
         torch.set_num_threads(job.num_threads or default_cpu_threads())
@@ -203,6 +204,18 @@ def _child_main(kind: str, job_dict: dict[str, Any], messages: mp.Queue) -> None
     except BaseException:
         messages.put(("error", traceback.format_exc(limit=8)))
         raise SystemExit(1) from None
+
+
+def _quiet_libraries() -> None:
+    """Progress goes back over the queue: keep the libraries' own bars and notices off the parent's terminal."""
+    import warnings
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def _lower_priority(niceness: int) -> None:

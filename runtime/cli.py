@@ -285,6 +285,12 @@ def demo_cmd(
 
 def main() -> None:
     """Console-script entry point."""
+    import os
+
+    # The CLI draws its own progress; keep the libraries' loading bars off the terminal.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()
 
 

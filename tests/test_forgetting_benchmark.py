@@ -55,6 +55,10 @@ def test_goals() -> None:
     goals = evaluate_goals({"sft": sft, "sdft": {"paraphrase_acc": 40.0, "retention_drop": 2.0}}, 3.0)
     assert all(g["met"] is False for g in goals.values())
     assert all(g["met"] is None for g in evaluate_goals({"sft": sft}, None).values())
+    # Neither forgot: SDFT's small drop does not count as forgetting less than SFT.
+    goals = evaluate_goals({"sft": {**sft, "retention_drop": -1.0}, "sdft": {**sdft, "retention_drop": -2.0}}, 2.0)
+    assert goals["sdft_retention_drop_small_sft_larger"]["met"] is False
+    assert goals["sdft_retention_drop_small_sft_larger"]["values"] == {"sft": -1.0, "sdft": -2.0}
 
 
 def _run(model: Path, facts: Path, retention: Path, out: Path) -> dict:
@@ -90,15 +94,17 @@ def test_forgetting_benchmark_on_tiny_model(tmp_path: Path) -> None:
         assert -100.0 <= r["retention_drop"] <= 100.0
         assert r["retention_drop"] == pytest.approx(r["retention_before"] - r["retention_after"])
         assert r["kl_to_base"] >= 0.0
-        assert r["train_seconds"] > 0 and r["sec_per_example"] == pytest.approx(r["train_seconds"] / 2, rel=1e-2)
+        assert r["train_seconds"] > 0 and r["sec_per_example"] == pytest.approx(r["train_seconds"] / 2, abs=0.01)
         assert r["settings"]["num_epochs"] == 1 and r["settings"]["torch_threads"] == 1
         assert r["lora"]["r"] == 4
         assert len(r["responses"]) == 2 + 3
+        assert len(r["retention_correct"]) == 3 and set(r["retention_correct"]) <= {"0", "1"}
     assert saved["sdft"]["settings"]["max_completion_length"] == 4
     assert saved["sdft_over_sft_time"] > 0
     assert set(saved["goals"]) == {
         "sdft_paraphrase_at_least_sft", "sdft_retention_drop_small_sft_larger", "sdft_over_sft_time"
     }
     assert all(isinstance(g["met"], bool) for g in saved["goals"].values())
+    assert len(saved["base"]["responses"]) == 5 and len(saved["base"]["retention_correct"]) == 3
     cfg = saved["config"]
     assert cfg["facts"] == 2 and cfg["retention_questions"] == 3 and cfg["threads"] == 1 and cfg["seed"] == 0
