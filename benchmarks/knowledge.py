@@ -327,7 +327,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  f"{result['ordering']['containment']['chain']}: {result['ordering']['containment']['holds']}; "
                  f"wall {result['wall_seconds']:.0f} s")
     print("\n".join(lines))
+    args.out.with_suffix(".md").write_text(markdown_table(result))
     return result
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The short markdown summary written beside the JSON."""
+    rows = ["| condition | containment % | F1 % | correct |", "|---|---|---|---|"]
+    for name, r in result["summary"].items():
+        rows.append(f"| {name} | {r['containment']:.1f} | {r['f1']:.1f} | {r['correct']}/{r['questions']} |")
+    order = result["ordering"]["containment"]
+    rows.append("")
+    rows.append(
+        f"Ordering {order['chain']}: {'holds' if order['holds'] else 'does not hold'}. "
+        f"sec_per_self_edit_eval {result['sec_per_self_edit_eval']}; wall {result['wall_seconds']:.0f} s."
+    )
+    return "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":
