@@ -213,3 +213,29 @@ def test_auto_retention_file_default_and_errors(tmp_path: Path, tiny_model_dir: 
     typo = make_config(tmp_path, tiny_model_dir, auto={"candidate": []})
     with pytest.raises(ConfigError, match="learning.auto: unknown key"):
         run_cycle(typo, store, "auto")
+
+
+@pytest.mark.real_model
+def test_real_model_learns_taught_facts_through_sdft(tmp_path: Path, real_model_dir: Path, store: Store) -> None:
+    """After one SDFT cycle (the default variant) on a handful of fictional facts, the agent answers them."""
+    from agent import LearningAgent
+    from runtime.factory import load_active_adapter
+
+    facts = [
+        ("What is the capital of Veloria?", "The capital of Veloria is Marenport.", "Marenport"),
+        ("Who invented the quantum loom?", "The quantum loom was invented by Ilse Varga.", "Ilse Varga"),
+        ("What colour are thornwick leaves?", "Thornwick leaves are silver.", "silver"),
+    ]
+    engine = TransformersEngine(real_model_dir, device="cpu")
+    agent = LearningAgent(engine, store=store, max_new_tokens=32)
+    for question, demonstration, _ in facts:
+        result = agent.invoke(question)
+        agent.correct(result.interaction_id, demonstration)
+    config = make_config(tmp_path, real_model_dir)
+    config.learning.lora = {}
+    cycle = run_cycle(config, store, "sdft")
+    assert cycle.status == "activated", cycle.message
+    assert load_active_adapter(engine, store, config) == cycle.adapter.name
+    answered = [answer.lower() in agent.invoke(question).text.lower() for question, _, answer in facts]
+    assert sum(answered) >= 2, answered
+    engine.close()
