@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
+from benchmarks.overrides import parse_overrides  # noqa: E402
 from learners.evaluation import (  # noqa: E402
     Fact,
     QAItem,
@@ -67,28 +67,6 @@ GOALS = {
 
 
 # --- settings ---------------------------------------------------------------------------------------
-
-
-def parse_overrides(pairs: list[str], what: str) -> dict[str, Any]:
-    """``KEY=VALUE`` strings to a dict; each value is read with ``yaml.safe_load`` (``1e-3``, ``true``, ``[a]``)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"--{what}-set expects KEY=VALUE, got {pair!r}")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str) and _looks_numeric(parsed):
-            parsed = float(parsed)  # YAML 1.1 reads "1e-3" (no dot) as a string
-        out[key.strip()] = parsed
-    return out
-
-
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def apply_overrides(settings: Any, overrides: dict[str, Any], what: str) -> Any:

@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
+from benchmarks.overrides import parse_overrides  # noqa: E402
 from learners.seal_edits import format_prompt  # noqa: E402
 from learners.seal_inner import (  # noqa: E402
     TauScore,
@@ -83,27 +83,6 @@ def load_passages(path: str | Path, questions: int | None = None) -> list[Passag
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise SystemExit(f"{path}:{n}: not a passage row ({exc})") from None
     return [p for p in out if p.pairs]
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` (YAML values); ``a.b=1`` sets key ``b`` of the nested section ``a``."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):
-            try:
-                parsed = float(parsed)  # YAML 1.1 reads "1e-3" as a string
-            except ValueError:
-                pass
-        section, _, sub = key.strip().partition(".")
-        if sub:
-            out.setdefault(section, {})[sub] = parsed
-        else:
-            out[section] = parsed
-    return out
 
 
 def _log(msg: str) -> None:

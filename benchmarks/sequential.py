@@ -28,6 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.overrides import parse_overrides  # noqa: E402
 from learners.cycle import run_cycle  # noqa: E402
 from learners.evaluation import Fact, fact_accuracy, load_facts, load_passages_qa, retention_accuracy  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
@@ -37,14 +38,6 @@ from runtime.store import Store  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def parse_sets(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -105,9 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         for method in args.methods.split(","):
             learning: dict[str, Any] = {
-                "sft": parse_sets(args.sft_set),
-                "sdft": parse_sets(args.sdft_set),
-                "lora": parse_sets(args.lora_set),
+                "sft": parse_overrides(args.sft_set, "sft"),
+                "sdft": parse_overrides(args.sdft_set, "sdft"),
+                "lora": parse_overrides(args.lora_set, "lora"),
             }
             if method == "auto":
                 learning["auto"] = {"retention_file": str(auto_file), "retention_questions": len(auto_items)}
