@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from runtime.config import ConfigError, RuntimeConfig, config_schema, dump_config, load_config
+
+if TYPE_CHECKING:
+    from runtime.store import Store
 
 app = typer.Typer(
     help="An agent that keeps learning from its own use. See README.md.",
@@ -70,9 +75,9 @@ def log_cmd(
         store.close()
 
 
-def print_log(store: object, out: Console, *, limit: int = 20) -> None:
+def print_log(store: Store, out: Console, *, limit: int = 20) -> None:
     """Render the recent interactions and signals of `store` as two tables."""
-    interactions = store.recent_interactions(limit=limit)  # type: ignore[attr-defined]
+    interactions = store.recent_interactions(limit=limit)
     table = Table(title=f"Recent interactions ({len(interactions)})", show_lines=False)
     table.add_column("id / thread", no_wrap=True)
     table.add_column("adapter", overflow="fold")
@@ -90,7 +95,7 @@ def print_log(store: object, out: Console, *, limit: int = 20) -> None:
             f"{row.latency_ms or 0:.0f}\n[dim]{row.prompt_tokens}+{row.completion_tokens}[/dim]",
         )
     out.print(table)
-    signals = store.signals()  # type: ignore[attr-defined]
+    signals = store.signals()
     sig_table = Table(title=f"Learning signals ({len(signals)})")
     for col in ("kind", "interaction", "rating", "text", "consumed by"):
         sig_table.add_column(col, overflow="fold")
@@ -103,6 +108,24 @@ def print_log(store: object, out: Console, *, limit: int = 20) -> None:
             (sig.consumed_by_run or "")[:8],
         )
     out.print(sig_table)
+
+
+@contextmanager
+def training_progress(out: Console, label: str) -> Iterator[Callable[[int, int, dict[str, float]], None]]:
+    """A rich progress bar for a learning cycle; yields the ``progress(step, total, logs)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(), console=out,
+    ) as bar:
+        task = bar.add_task(label, total=None, loss="")
+
+        def update(step: int, total: int, logs: dict[str, float]) -> None:
+            loss = f"loss {logs['loss']:.4f}" if "loss" in logs else ""
+            bar.update(task, completed=step, total=total or None, loss=loss)
+
+        yield update
 
 
 def _clip(text: str, width: int) -> str:
@@ -129,23 +152,12 @@ def learn_cmd(
     ] = None,
 ) -> None:
     """Run one learning cycle on the current log and activate the resulting adapter."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from learners.cycle import run_cycle
 
     cfg = _load(config)
     store = _open_store(cfg, read_only=False)
     try:
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console,
-        ) as bar:
-            task = bar.add_task(f"{method or cfg.learning.method} training", total=None, loss="")
-
-            def progress(step: int, total: int, logs: dict[str, float]) -> None:
-                loss = f"loss {logs['loss']:.4f}" if "loss" in logs else ""
-                bar.update(task, completed=step, total=total or None, loss=loss)
-
+        with training_progress(console, f"{method or cfg.learning.method} training") as progress:
             result = run_cycle(cfg, store, method, progress=progress)
         style = {"activated": "green", "nothing_to_learn": "yellow"}.get(result.status, "red")
         console.print(f"[{style}]{result.status}[/{style}]: {result.message}")

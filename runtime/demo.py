@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from rich.console import Console
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from runtime.config import RuntimeConfig
 from runtime.textmatch import contains_answer
@@ -66,7 +63,7 @@ def run_demo(config: RuntimeConfig, console: Console, *, method: str | None = No
     """Run the demo in a fresh ``<data_dir>/demo`` (its own store and adapters)."""
     from agent import LearningAgent
     from learners.cycle import run_cycle
-    from runtime.cli import print_log
+    from runtime.cli import print_log, training_progress
     from runtime.factory import load_active_adapter
 
     demo_dir = config.data_dir / "demo"
@@ -99,7 +96,7 @@ def run_demo(config: RuntimeConfig, console: Console, *, method: str | None = No
             console.print(f"  corrected [dim]{interaction_id[:8]}[/dim] -> {fact.correction}")
 
         console.rule(f"3. A learning cycle ({method}) in a low-priority worker process")
-        with _progress(console, method) as progress:
+        with training_progress(console, f"  {method}") as progress:
             cycle = run_cycle(config, agent.store, method, progress=progress)
         console.print(f"  {cycle.status}: {cycle.message}  [dim]{cycle.counts}[/dim]")
         if cycle.status != "activated":
@@ -131,21 +128,6 @@ def run_demo(config: RuntimeConfig, console: Console, *, method: str | None = No
 
 def _passage_prompt() -> str:
     return f"Read the passage and answer the question.\n\nPassage: {PASSAGE}\n\nQuestion: {PASSAGE_QUESTION}"
-
-
-@contextmanager
-def _progress(console: Console, method: str) -> Iterator[Callable[[int, int, dict[str, float]], None]]:
-    with Progress(
-        TextColumn(f"  {method}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-        TimeElapsedColumn(), console=console,
-    ) as bar:
-        task = bar.add_task(method, total=None, loss="")
-
-        def update(step: int, total: int, logs: dict[str, float]) -> None:
-            loss = f"loss {logs['loss']:.3f}" if "loss" in logs else ""
-            bar.update(task, completed=step, total=total or None, loss=loss)
-
-        yield update
 
 
 def _show(console: Console, question: str, answer: str, expected: str, adapter: str | None) -> bool:
