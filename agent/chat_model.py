@@ -132,6 +132,8 @@ class EngineChatModel(BaseChatModel):
             active adapter at the moment each request starts.
         max_new_tokens, temperature, top_p, seed: sampling defaults; per-call ``stop`` is honoured.
         interaction_kind: ``"live"`` or ``"shadow"``, recorded with each interaction.
+        shadow: an object with ``offer(conversation, interaction_id, params)`` (a
+            :class:`policies.shadow.ShadowSwitch`) told about every logged live call, for shadow mode.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -144,6 +146,7 @@ class EngineChatModel(BaseChatModel):
     top_p: float = 1.0
     seed: int | None = None
     interaction_kind: str = "live"
+    shadow: Any = Field(default=None, exclude=True)
 
     @property
     def _llm_type(self) -> str:
@@ -179,6 +182,7 @@ class EngineChatModel(BaseChatModel):
         generation = self.engine.chat([conversation], params, adapter=self.adapter)[0]
         latency_ms = (time.perf_counter() - start) * 1000.0
         message = self._to_message(generation, conversation, latency_ms, run_manager, bool(kwargs.get("tools")))
+        self._mirror(conversation, message, params)
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(
@@ -201,6 +205,7 @@ class EngineChatModel(BaseChatModel):
             yield chunk
         latency_ms = (time.perf_counter() - start) * 1000.0
         final = self._to_message(stream.generation, conversation, latency_ms, run_manager, False)
+        self._mirror(conversation, final, params)
         yield ChatGenerationChunk(
             message=AIMessageChunk(content="", response_metadata=final.response_metadata)
         )
@@ -228,6 +233,12 @@ class EngineChatModel(BaseChatModel):
             "total_tokens": generation.prompt_tokens + generation.completion_tokens,
         }
         return AIMessage(content=text, tool_calls=tool_calls, response_metadata=metadata, usage_metadata=usage)
+
+    def _mirror(self, conversation: list[dict], message: AIMessage, params: SamplingParams) -> None:
+        """Offer a logged live call to shadow mode (never blocks; a shadow answer is logged separately)."""
+        interaction_id = message.response_metadata.get(INTERACTION_ID_KEY)
+        if self.shadow is not None and interaction_id is not None and self.interaction_kind == "live":
+            self.shadow.offer(conversation, interaction_id, params)
 
     def _log(
         self,

@@ -4,10 +4,13 @@ Typical use::
 
     from agent import LearningAgent
 
-    agent = LearningAgent.from_config("runtime.yaml")   # or LearningAgent.from_config() for defaults
+    agent = LearningAgent.from_config("runtime.yaml", background_learning=True)
     result = agent.invoke("What is the refund window?", thread_id="user-42")
     agent.correct(result.interaction_id, "The refund window is 45 days.")
     agent.close()
+
+With ``background_learning=True`` the runtime's learning loop runs in this process on the policy's
+schedule (see :mod:`policies.loop`); ``agent.service`` promotes, rolls back and reports on shadow mode.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.messages.utils import convert_to_messages
@@ -33,10 +36,12 @@ from agent.chat_model import (
     messages_to_dicts,
 )
 from agent.graph import build_default_graph
-from runtime.config import RuntimeConfig, load_config
+from runtime.config import RuntimeConfig
 from runtime.engines import Engine
-from runtime.factory import create_engine, load_active_adapter, open_store
 from runtime.store import Store
+
+if TYPE_CHECKING:
+    from runtime.service import RuntimeService
 
 AgentInput = str | Sequence[BaseMessage | dict[str, Any] | tuple[str, str]] | dict[str, Any]
 GraphFactory = Callable[[EngineChatModel], CompiledStateGraph]
@@ -81,6 +86,8 @@ class LearningAgent:
         tools: tools for the default graph.
         system_prompt: system message for the default graph.
         max_new_tokens, temperature: sampling defaults of the chat model.
+        service: the :class:`~runtime.service.RuntimeService` around `engine` and `store` (learning,
+            promotion, shadow mode); :meth:`from_config` creates one.
     """
 
     def __init__(
@@ -93,11 +100,14 @@ class LearningAgent:
         system_prompt: str | None = None,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
+        service: RuntimeService | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
+        self.service = service
         self.chat_model = EngineChatModel(
-            engine=engine, store=store, max_new_tokens=max_new_tokens, temperature=temperature
+            engine=engine, store=store, max_new_tokens=max_new_tokens, temperature=temperature,
+            shadow=service.shadow if service is not None else None,
         )
         if graph is None:
             self.graph = build_default_graph(
@@ -115,22 +125,32 @@ class LearningAgent:
 
     @classmethod
     def from_config(
-        cls, config: RuntimeConfig | str | Path | None = None, **kwargs: Any
+        cls,
+        config: RuntimeConfig | str | Path | None = None,
+        *,
+        background_learning: bool = False,
+        **kwargs: Any,
     ) -> LearningAgent:
-        """Build the engine and store from a config (a `RuntimeConfig`, a YAML path, or defaults).
+        """Build the runtime (engine, store, policy, active adapter) from a config: a `RuntimeConfig`, a
+        YAML path, or the defaults. With `background_learning`, the learning loop starts in this process.
 
-        The agent owns both and closes them in :meth:`close`.
+        The agent owns the runtime and closes it in :meth:`close`.
         """
-        if not isinstance(config, RuntimeConfig):
-            config = load_config(config)
-        engine = create_engine(config)
-        store = open_store(config)
-        load_active_adapter(engine, store, config)
+        from runtime.service import RuntimeService
+
+        service = RuntimeService.from_config(config)
+        config = service.config
         kwargs.setdefault("system_prompt", config.engine.system_prompt)
         kwargs.setdefault("max_new_tokens", config.engine.max_new_tokens)
         kwargs.setdefault("temperature", config.engine.temperature)
-        agent = cls(engine, store=store, **kwargs)
-        agent._owns = [store, engine]
+        try:
+            agent = cls(service.engine, store=service.store, service=service, **kwargs)
+        except BaseException:
+            service.close()
+            raise
+        agent._owns = [service]
+        if background_learning:
+            service.start_background()
         return agent
 
     # --- running -------------------------------------------------------------------------------------
@@ -214,7 +234,7 @@ class LearningAgent:
 
     def close(self) -> None:
         """Flush the log and release what `from_config` created."""
-        if self.store is not None:
+        if self.store is not None and not self.store.closed:
             self.store.flush()
         for owned in self._owns:
             owned.close()

@@ -1,8 +1,10 @@
-"""One learning cycle: log -> dataset -> worker process -> verified adapter -> gate -> activation.
+"""One learning cycle: log -> dataset -> worker process -> verified adapter -> gate -> promotion.
 
-The policy gate arrives in a later version; :data:`Gate` is the seam. Today the default gate approves
-every verified candidate, and an approved candidate becomes the active adapter in the registry (an
-engine is told by :func:`runtime.factory.load_active_adapter`).
+:data:`Gate` judges the published candidate (:class:`policies.gate.PolicyGate` with a policy; without one,
+:func:`approve_all`). An approved candidate is then, by ``promotion``: made the active adapter in the
+registry (``direct``), put in shadow mode (``shadow``), or left waiting for ``runtime adapters promote``
+(``manual``). The registry only records states; an engine is told by the caller
+(:class:`runtime.service.RuntimeService`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from learners.datasets import DatasetBuild, build_dataset, mark_used
 from learners.worker import (
@@ -33,13 +35,26 @@ class NoAcceptableCandidate(RuntimeError):
     """No candidate of an ``auto`` cycle passed the target and retention checks; nothing was published."""
 
 
-Gate = Callable[[AdapterRecord, DatasetBuild], tuple[bool, list[str]]]
-"""Decides on a candidate: ``(approved, reasons)``."""
+PromotionMode = Literal["direct", "shadow", "manual"]
 
 
-def approve_all(candidate: AdapterRecord, build: DatasetBuild) -> tuple[bool, list[str]]:
-    """The default gate until policies land: every verified candidate is approved."""
-    return True, ["no policy configured: verified candidates are approved"]
+@dataclass
+class GateDecision:
+    """A gate's verdict on a candidate."""
+
+    approved: bool
+    reasons: list[str]
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    """Per-check results (stored with the decision)."""
+
+
+Gate = Callable[[AdapterRecord, DatasetBuild], GateDecision]
+"""Decides on a published candidate."""
+
+
+def approve_all(candidate: AdapterRecord, build: DatasetBuild) -> GateDecision:
+    """The gate without a policy: every verified candidate is approved."""
+    return GateDecision(True, ["no policy configured: verified candidates are approved"])
 
 
 @dataclass
@@ -47,7 +62,8 @@ class CycleResult:
     """What one cycle did."""
 
     status: str
-    """``nothing_to_learn``, ``failed``, ``vetoed`` or ``activated``."""
+    """``nothing_to_learn``, ``skipped`` (no spare device), ``failed``, ``vetoed``, ``activated``, ``shadow``
+    or ``awaiting_promotion``."""
     message: str
     run_id: str | None = None
     adapter: AdapterRecord | None = None
@@ -80,8 +96,11 @@ def run_cycle(
     method: str | None = None,
     *,
     gate: Gate = approve_all,
+    promotion: PromotionMode = "direct",
     progress: ProgressFn | None = None,
     serving_device: str | None = None,
+    device: str | None = None,
+    num_threads: int | None = None,
     timeout_s: float | None = None,
 ) -> CycleResult:
     """Run one learning cycle with `method` (default: the config's).
@@ -89,6 +108,10 @@ def run_cycle(
     ``sdft``, ``sft`` and ``auto`` learn from unconsumed corrections and taught answers; ``auto`` trains
     the configured candidates and keeps the one that learns with the smallest retention drop (see
     :mod:`learners.auto`). ``seal`` learns unconsumed documents through self-edits (see :mod:`learners.seal`).
+    The published candidate goes to `gate`, and an approved one is promoted by `promotion`.
+
+    Training runs on `device` (default: a spare GPU that is not `serving_device`, else the CPU) with
+    `num_threads` CPU threads (default: the engine's setting, else half the cores).
     """
     method = method or config.learning.method
     if method not in LEARNING_METHODS:
@@ -115,7 +138,7 @@ def run_cycle(
             return CycleResult("nothing_to_learn", "no new corrections or demonstrations", counts=counts)
 
     parent = registry.active()
-    device = pick_training_device(serving_device or config.engine.device)
+    device = device or pick_training_device(serving_device or config.engine.device)
     run_id = store.create_run(
         method,
         config={"settings": settings, "lora": config.learning.lora, "device": device},
@@ -140,7 +163,7 @@ def run_cycle(
         lora=dict(config.learning.lora),
         parent_adapter_dir=parent.path if parent else None,
         device=device,
-        num_threads=config.engine.num_threads or default_cpu_threads(),
+        num_threads=num_threads or config.engine.num_threads or default_cpu_threads(),
     )
     used_documents: list[str] = []
     try:
@@ -179,13 +202,27 @@ def run_cycle(
     store.update_run(
         run_id, status="succeeded", output_adapter=record.name, metrics={**metrics, "history": history}
     )
-    approved, reasons = gate(record, build)
-    store.record_decision(record.name, "approve" if approved else "veto", reasons=reasons, run_id=run_id)
-    if not approved:
+    verdict = gate(record, build)
+    store.record_decision(
+        record.name, "approve" if verdict.approved else "veto", reasons=verdict.reasons, checks=verdict.checks,
+        run_id=run_id,
+    )
+    metrics = {**metrics, "gate": {"approved": verdict.approved, "reasons": verdict.reasons}}
+    if not verdict.approved:
         store.set_adapter_status(record.name, "rejected")
-        return CycleResult("vetoed", "; ".join(reasons), run_id, store.get_adapter(record.name), counts)
-    active = registry.activate(record.name)
-    return CycleResult("activated", f"{record.name} is active", run_id, active, counts, metrics)
+        message = "vetoed: " + "; ".join(verdict.reasons)
+        return CycleResult("vetoed", message, run_id, store.get_adapter(record.name), counts, metrics)
+    if promotion == "direct":
+        active = registry.activate(record.name, reason="approved by the gate", run_id=run_id)
+        return CycleResult("activated", f"{record.name} is active", run_id, active, counts, metrics)
+    if promotion == "shadow":
+        shadow = registry.shadow(record.name, run_id=run_id)
+        return CycleResult("shadow", f"{record.name} answers mirrored traffic in shadow mode", run_id, shadow,
+                           counts, metrics)
+    return CycleResult(
+        "awaiting_promotion", f"{record.name} was approved; promote it with `runtime adapters promote {record.name}`",
+        run_id, store.get_adapter(record.name), counts, metrics,
+    )
 
 
 def _settings(config: RuntimeConfig, method: str) -> dict[str, Any]:

@@ -77,15 +77,25 @@ def load_facts(path: str | Path, limit: int | None = None) -> list[Fact]:
 
 def load_passages_qa(path: str | Path, limit: int | None = None) -> list[QAItem]:
     """Questions of a passages JSONL file (``context`` and ``questions: [{question, answer}]``), flattened."""
-    items = []
+    return load_questions(path, limit)
+
+
+def load_questions(path: str | Path, limit: int | None = None) -> list[QAItem]:
+    """Questions from a JSONL file of passages (``context``, ``questions``) or of ``{question, answer}`` rows."""
+    items: list[QAItem] = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            items.extend(QAItem(q["question"], q["answer"], row["context"]) for q in row["questions"])
+            if "questions" in row:
+                items.extend(QAItem(q["question"], q["answer"], row.get("context")) for q in row["questions"])
+            else:
+                items.append(QAItem(row["question"], row["answer"], row.get("context")))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{n}: not a passage row ({exc})") from None
+            raise ValueError(
+                f"{path}:{n}: not a question row; expected {{question, answer}} or {{context, questions}} ({exc})"
+            ) from None
     return items[:limit]
 
 

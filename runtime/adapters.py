@@ -154,18 +154,91 @@ class AdapterRegistry:
         actives = self.store.adapters(status="active")
         return actives[-1] if actives else None
 
-    def activate(self, name: str) -> AdapterRecord:
-        """Mark `name` active and the previously active one retired (the engine is told separately)."""
-        record = self.store.get_adapter(name)
-        if record is None:
-            raise KeyError(f"no adapter named {name!r}; see `runtime adapters list`")
-        if adapter_checksum(record.path) != record.checksum:
-            raise AdapterVerificationError(
-                f"adapter {name!r} at {record.path} does not match its recorded checksum; it was changed "
-                "on disk after publishing. Re-train it or restore the directory."
-            )
+    def activate(self, name: str, *, reason: str = "promoted", run_id: str | None = None) -> AdapterRecord:
+        """Make `name` the active adapter; the previously active one is retired (the engine is told separately).
+
+        The switch is recorded as a ``promote`` decision naming the previous active adapter, which is what
+        :meth:`rollback` restores. The adapter's files must still match the checksum taken at publishing.
+        """
+        record = self._require(name)
+        self._verify_unchanged(record)
+        previous = self.active()
         for old in self.store.adapters(status="active"):
             if old.name != name:
                 self.store.set_adapter_status(old.name, "retired")
         self.store.set_adapter_status(name, "active")
-        return self.store.get_adapter(name)  # type: ignore[return-value]
+        self.store.record_decision(
+            name, "promote", reasons=[reason],
+            checks={"previous_active": previous.name if previous else None}, run_id=run_id,
+        )
+        return self._require(name)
+
+    def shadow(
+        self, name: str, *, reason: str = "approved for shadow mode", run_id: str | None = None
+    ) -> AdapterRecord:
+        """Put `name` in shadow mode (it answers mirrored traffic only); an earlier shadow is retired."""
+        record = self._require(name)
+        self._verify_unchanged(record)
+        for old in self.store.adapters(status="shadow"):
+            if old.name != name:
+                self.retire(old.name, reason=f"replaced in shadow mode by {name}")
+        self.store.set_adapter_status(name, "shadow")
+        self.store.record_decision(name, "shadow", reasons=[reason], run_id=run_id)
+        return self._require(name)
+
+    def current_shadow(self) -> AdapterRecord | None:
+        """The adapter in shadow mode, if any."""
+        shadows = self.store.adapters(status="shadow")
+        return shadows[-1] if shadows else None
+
+    def retire(self, name: str, *, reason: str, checks: Any = None) -> AdapterRecord:
+        """Take `name` out of service (a shadow or a candidate that will not be promoted)."""
+        record = self._require(name)
+        if record.status == "active":
+            raise ValueError(f"{name!r} is the active adapter; roll back or promote another instead of retiring it")
+        self.store.set_adapter_status(name, "retired")
+        self.store.record_decision(name, "retire", reasons=[reason], checks=checks)
+        return self._require(name)
+
+    def previous_active(self) -> tuple[AdapterRecord | None, str | None]:
+        """``(current active, the adapter it replaced)``: what :meth:`rollback` would swap (``None`` = base)."""
+        current = self.active()
+        if current is None:
+            return None, None
+        promotions = self.store.decisions(1, adapter=current.name, decision="promote")
+        previous = (promotions[0].checks or {}).get("previous_active") if promotions else None
+        return current, previous
+
+    def rollback(self, *, reason: str = "rolled back by operator") -> AdapterRecord | None:
+        """Restore the adapter that was active before the current one; returns it (``None``: the base model).
+
+        The current active adapter is marked ``rolled_back``. Raises ``LookupError`` when the base model is
+        already serving (nothing to roll back).
+        """
+        current, previous = self.previous_active()
+        if current is None:
+            raise LookupError("the base model is serving: there is nothing to roll back")
+        restored = None
+        if previous is not None:
+            restored = self._require(previous)
+            self._verify_unchanged(restored)
+        self.store.set_adapter_status(current.name, "rolled_back")
+        if restored is not None:
+            self.store.set_adapter_status(restored.name, "active")
+        self.store.record_decision(
+            current.name, "rollback", reasons=[reason], checks={"restored": previous},
+        )
+        return self._require(previous) if previous is not None else None
+
+    def _require(self, name: str) -> AdapterRecord:
+        record = self.store.get_adapter(name)
+        if record is None:
+            raise KeyError(f"no adapter named {name!r}; see `runtime adapters list`")
+        return record
+
+    def _verify_unchanged(self, record: AdapterRecord) -> None:
+        if not Path(record.path).is_dir() or adapter_checksum(record.path) != record.checksum:
+            raise AdapterVerificationError(
+                f"adapter {record.name!r} at {record.path} is missing or does not match its recorded checksum; "
+                "it was changed on disk after publishing. Re-train it or restore the directory."
+            )

@@ -16,6 +16,7 @@ from rich.table import Table
 from runtime.config import ConfigError, RuntimeConfig, config_schema, dump_config, load_config
 
 if TYPE_CHECKING:
+    from runtime.service import RuntimeService
     from runtime.store import Store
 
 app = typer.Typer(
@@ -26,8 +27,14 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show the effective configuration or its JSON schema.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-adapters_app = typer.Typer(help="The adapter registry: list adapters, show one's lineage.", no_args_is_help=True)
+adapters_app = typer.Typer(
+    help="The adapter registry: list, show lineage, promote, roll back.", no_args_is_help=True
+)
 app.add_typer(adapters_app, name="adapters")
+policy_app = typer.Typer(help="Learning policies: validate a file, print the JSON schema.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+shadow_app = typer.Typer(help="Shadow mode: compare the shadow adapter with live serving.", no_args_is_help=True)
+app.add_typer(shadow_app, name="shadow")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -144,32 +151,81 @@ def _open_store(cfg: RuntimeConfig, *, read_only: bool):
         raise typer.Exit(2) from None
 
 
+PolicyOption = Annotated[
+    Path | None, typer.Option("--policy", "-p", help="Policy YAML (default: the config's `policy`).")
+]
+
+
+def _service(cfg: RuntimeConfig, policy: Path | None) -> RuntimeService:
+    """The runtime service for a one-shot command; clear errors for a bad policy, store or model."""
+    from policies import PolicyError
+    from runtime.service import RuntimeService
+    from runtime.store import StoreError
+
+    try:
+        return RuntimeService.from_config(cfg, policy=policy)
+    except (PolicyError, ConfigError, StoreError, FileNotFoundError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
 @app.command("learn")
 def learn_cmd(
     config: ConfigOption = None,
     method: Annotated[
-        str | None, typer.Option("--method", "-m", help="sdft, sft, auto or seal (default: config)")
+        str | None, typer.Option("--method", "-m", help="sdft, sft, auto or seal (default: policy, then config)")
     ] = None,
+    policy: PolicyOption = None,
+    once: Annotated[
+        bool,
+        typer.Option("--once/--loop", help="One cycle now, or the background loop on the policy's schedule."),
+    ] = True,
 ) -> None:
-    """Run one learning cycle on the current log and activate the resulting adapter."""
-    from learners.cycle import run_cycle
-
+    """Learn from the log: one cycle through the policy gate and promotion, or the scheduled loop."""
     cfg = _load(config)
-    store = _open_store(cfg, read_only=False)
+    service = _service(cfg, policy)
     try:
-        with training_progress(console, f"{method or cfg.learning.method} training") as progress:
-            result = run_cycle(cfg, store, method, progress=progress)
-        style = {"activated": "green", "nothing_to_learn": "yellow"}.get(result.status, "red")
-        console.print(f"[{style}]{result.status}[/{style}]: {result.message}")
-        if result.counts:
-            console.print(f"examples: {result.counts}")
-        if result.status == "failed":
-            raise typer.Exit(1)
+        if once:
+            _learn_once(service, method)
+        else:
+            _learn_loop(service)
     except ConfigError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     finally:
-        store.close()
+        service.close()
+
+
+def _learn_once(service: RuntimeService, method: str | None) -> None:
+    label = method or service.policy.schedule.method or service.config.learning.method
+    with training_progress(console, f"{label} training") as progress:
+        result = service.learn_now(method, progress=progress)
+    style = {"activated": "green", "shadow": "green", "awaiting_promotion": "green", "nothing_to_learn": "yellow",
+             "skipped": "yellow"}.get(result.status, "red")
+    console.print(f"[{style}]{result.status}[/{style}]: {result.message}")
+    if result.counts:
+        console.print(f"examples: {result.counts}")
+    if result.status == "failed":
+        raise typer.Exit(1)
+
+
+def _learn_loop(service: RuntimeService) -> None:
+    import time
+
+    loop = service.start_background()
+    schedule = service.policy.schedule
+    every = f"cron '{schedule.cron}'" if schedule.cron else f"every {schedule.interval_s:g} s"
+    console.print(f"learning loop running ({every}, at least {schedule.min_new_signals} new signals); Ctrl-C stops")
+    seen = 0
+    try:
+        while True:
+            time.sleep(1.0)
+            history = list(loop.history)
+            for outcome in history[seen:]:
+                console.print(f"{outcome.at:%H:%M:%S} {outcome.action}: {outcome.status or ''} {outcome.reason}")
+            seen = len(history)
+    except KeyboardInterrupt:
+        console.print("stopping the learning loop")
 
 
 @app.command("ingest")
@@ -284,6 +340,142 @@ def adapters_show(name: str, config: ConfigOption = None) -> None:
         store.close()
 
 
+@adapters_app.command("promote")
+def adapters_promote(
+    name: str,
+    config: ConfigOption = None,
+    policy: PolicyOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Promote even a candidate the gate vetoed.")] = False,
+) -> None:
+    """Make NAME the serving adapter (a candidate waiting for manual promotion, a shadow, or an older one)."""
+    cfg = _load(config)
+    service = _service(cfg, policy)
+    try:
+        record = service.promote(name, force=force)
+        console.print(f"[green]{record.name} is active[/green] (lineage: {' -> '.join(['base', *record.lineage])})")
+    except (KeyError, ValueError) as exc:
+        err_console.print(f"[red]error:[/red] {exc.args[0] if exc.args else exc}")
+        raise typer.Exit(1) from None
+    finally:
+        service.close()
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(config: ConfigOption = None, policy: PolicyOption = None) -> None:
+    """Serve the adapter that was active before the current one again (or the base model)."""
+    cfg = _load(config)
+    service = _service(cfg, policy)
+    try:
+        before = service.engine.active_adapter
+        restored = service.rollback()
+        console.print(f"[green]rolled back[/green] {before} -> {restored.name if restored else 'base model'}")
+    except LookupError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        service.close()
+
+
+@app.command("decisions")
+def decisions_cmd(
+    config: ConfigOption = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", "-a", help="Only this adapter.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON with every check's result.")] = False,
+) -> None:
+    """The gate's decisions and promotion events, newest first, with their reasons."""
+    cfg = _load(config)
+    store = _open_store(cfg, read_only=True)
+    try:
+        decisions = store.decisions(limit, adapter=adapter)
+        if as_json:
+            rows = [{**d.__dict__, "created_at": d.created_at.isoformat()} for d in decisions]
+            sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+            return
+        table = Table(title="Decisions")
+        for col in ("time", "adapter", "decision", "reasons", "checks"):
+            table.add_column(col)
+        styles = {"veto": "red", "approve": "green", "promote": "green", "rollback": "yellow", "retire": "yellow"}
+        for d in decisions:
+            style = styles.get(d.decision, "")
+            checks = d.checks if isinstance(d.checks, list) else []
+            passed = sum(bool(c.get("passed")) for c in checks)
+            table.add_row(
+                d.created_at.strftime("%Y-%m-%d %H:%M:%S"), d.adapter, f"[{style}]{d.decision}[/{style}]" if style
+                else d.decision, "; ".join(d.reasons), f"{passed}/{len(checks)} passed" if checks else "",
+            )
+        console.print(table)
+    finally:
+        store.close()
+
+
+@shadow_app.command("report")
+def shadow_report_cmd(
+    config: ConfigOption = None,
+    policy: PolicyOption = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", "-a", help="Default: the current shadow.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Live and shadow answers compared: agreement, rule violations, feedback, and the policy's verdict."""
+    from policies import Policy, PolicyError, load_policy
+    from policies.shadow import shadow_report
+
+    cfg = _load(config)
+    try:
+        loaded = load_policy(policy or cfg.policy) if (policy or cfg.policy) else Policy()
+    except PolicyError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    store = _open_store(cfg, read_only=True)
+    try:
+        report = shadow_report(store, loaded, adapter)
+    finally:
+        store.close()
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+        return
+    console.print(f"[bold]shadow adapter:[/bold] {report.adapter or '(none)'}   pairs: {report.pairs}")
+    console.print(
+        f"agreement (mean F1 with live): {report.agreement:.2f}   rule violations: shadow {report.shadow_violations}"
+        f" / live {report.live_violations}   regressions on positively rated: {report.regressions}/"
+        f"{report.rated_positive}   corrections already fixed: {report.fixes}/{report.corrected}"
+    )
+    console.print(f"[bold]verdict:[/bold] {report.verdict}: {'; '.join(report.reasons)}")
+    if report.examples:
+        table = Table(title="Recent pairs")
+        for col in ("prompt", "live", "shadow", "F1"):
+            table.add_column(col)
+        for ex in report.examples:
+            table.add_row(
+                _clip(ex["prompt"], 40), _clip(ex["live"], 50), _clip(ex["shadow"], 50), f"{ex['agreement']:.2f}"
+            )
+        console.print(table)
+
+
+@policy_app.command("validate")
+def policy_validate(file: Path) -> None:
+    """Check a policy file; every error names its line."""
+    from policies import PolicyError, load_policy
+
+    try:
+        loaded = load_policy(file)
+    except PolicyError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(
+        f"[green]valid[/green]: policy '{loaded.name}': {len(loaded.protected)} protected behaviours, "
+        f"{len(loaded.retention)} retention suites, promotion {loaded.promotion.mode}"
+    )
+
+
+@policy_app.command("schema")
+def policy_schema_cmd() -> None:
+    """Print the JSON schema of a policy file."""
+    from policies import policy_schema
+
+    sys.stdout.write(json.dumps(policy_schema(), indent=2) + "\n")
+
+
 @app.command("demo")
 def demo_cmd(
     config: ConfigOption = None,
@@ -293,6 +485,56 @@ def demo_cmd(
     from runtime.demo import run_demo
 
     run_demo(_load(config), console, method=method)
+
+
+@app.command("serve")
+def serve_cmd(
+    config: ConfigOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(help="Bearer token of the /admin routes (default: $RUNTIME_ADMIN_TOKEN; none: admin off)."),
+    ] = None,
+    dashboard_token: Annotated[
+        bool | None,
+        typer.Option("--dashboard-token/--no-dashboard-token",
+                     help="Make the dashboard ask for the admin token (default: only when not on loopback)."),
+    ] = None,
+    background_learning: Annotated[
+        bool, typer.Option(help="Run the scheduled learning loop in the server process.")
+    ] = True,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1 << 20,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the OpenAI-compatible API, feedback and admin routes, and the dashboard (see docs/server.md)."""
+    import os
+
+    import uvicorn
+
+    from runtime.store import StoreError
+    from server import ServerLimits, create_app
+
+    cfg = _load(config)
+    loopback = host in ("127.0.0.1", "::1", "localhost")
+    token = admin_token or os.environ.get("RUNTIME_ADMIN_TOKEN") or None
+    try:
+        with console.status(f"Loading {cfg.model.name}..."):
+            server_app = create_app(
+                cfg, admin_token=token, limits=ServerLimits(max_body_bytes=max_body_bytes),
+                dashboard_requires_token=(not loopback) if dashboard_token is None else dashboard_token,
+                background_learning=background_learning,
+            )
+    except (ConfigError, StoreError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    from rich.markup import escape
+
+    shown = escape(f"[{host}]" if ":" in host else host)
+    console.print(f"OpenAI API at [bold]http://{shown}:{port}/v1[/bold], dashboard at http://{shown}:{port}/dashboard")
+    if token is None:
+        console.print("[yellow]admin routes are off:[/yellow] set RUNTIME_ADMIN_TOKEN or pass --admin-token")
+    uvicorn.run(server_app, host=host, port=port, log_level=log_level)
 
 
 def main() -> None:

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from runtime.yamlfile import describe_validation_error, read_yaml_mapping
+
 ENV_PREFIX = "RUNTIME_"
 DEFAULT_CONFIG_FILE = "runtime.yaml"
 
@@ -129,49 +131,22 @@ def load_config(
     if path is not None:
         path = Path(path)
         source = str(path)
-        data, lines = _read_yaml(path)
+        data, lines = read_yaml_mapping(
+            path, error=ConfigError, what="config file", hint="sections (model, engine, ...)",
+            if_missing=" (create it, or omit --config to use defaults)",
+        )
     env_keys = _apply_env(data, environ)
     try:
         config = RuntimeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source, lines, env_keys)) from None
+        raise ConfigError(
+            describe_validation_error(
+                exc, source, lines, RuntimeConfig, title="invalid configuration", env_keys=env_keys
+            )
+        ) from None
     if path is not None:
         _resolve_relative_paths(config, Path(path).resolve().parent)
     return config
-
-
-def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found (create it, or omit --config to use defaults)")
-    text = path.read_text(encoding="utf-8")
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
-    if data is None:
-        return {}, {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}:1: the top level must be a mapping of sections (model, engine, ...)")
-    lines: dict[tuple[str, ...], int] = {}
-    _collect_lines(node, (), lines)
-    return data, lines
-
-
-def _collect_lines(node: yaml.Node | None, prefix: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = prefix + (str(key_node.value),)
-            out[key] = key_node.start_mark.line + 1
-            _collect_lines(value_node, key, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            key = prefix + (str(i),)
-            out[key] = item.start_mark.line + 1
-            _collect_lines(item, key, out)
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
@@ -198,51 +173,6 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[s
         target[keys[-1]] = value
         applied[keys] = var
     return applied
-
-
-def _describe(
-    exc: ValidationError,
-    source: str,
-    lines: dict[tuple[str, ...], int],
-    env_keys: dict[tuple[str, ...], str],
-) -> str:
-    problems = []
-    for err in exc.errors():
-        loc = tuple(str(part) for part in err["loc"])
-        key = ".".join(loc) or "<root>"
-        if loc in env_keys:
-            where = f"environment variable {env_keys[loc]}"
-        else:
-            line = _nearest_line(loc, lines)
-            where = f"{source}:{line}" if line else source
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown key '{key}'"
-            parent = _model_at(loc[:-1])
-            if parent is not None:
-                msg += f" (allowed here: {', '.join(sorted(parent.model_fields))})"
-        else:
-            msg = f"{key}: {err['msg']}"
-            if "input" in err and err["type"] != "missing":
-                msg += f" (got {err['input']!r})"
-        problems.append(f"{where}: {msg}")
-    return "invalid configuration:\n  " + "\n  ".join(problems)
-
-
-def _nearest_line(loc: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> int | None:
-    for end in range(len(loc), 0, -1):
-        if loc[:end] in lines:
-            return lines[loc[:end]]
-    return None
-
-
-def _model_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] = RuntimeConfig
-    for part in loc:
-        field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return None
-        model = field.annotation
-    return model
 
 
 def _resolve_relative_paths(config: RuntimeConfig, base: Path) -> None:

@@ -62,9 +62,7 @@ PASSAGE_ANSWER = "Agnes Mowbray"
 def run_demo(config: RuntimeConfig, console: Console, *, method: str | None = None) -> None:
     """Run the demo in a fresh ``<data_dir>/demo`` (its own store and adapters)."""
     from agent import LearningAgent
-    from learners.cycle import run_cycle
     from runtime.cli import print_log, training_progress
-    from runtime.factory import load_active_adapter
 
     demo_dir = config.data_dir / "demo"
     shutil.rmtree(demo_dir, ignore_errors=True)
@@ -97,11 +95,11 @@ def run_demo(config: RuntimeConfig, console: Console, *, method: str | None = No
 
         console.rule(f"3. A learning cycle ({method}) in a low-priority worker process")
         with training_progress(console, f"  {method}") as progress:
-            cycle = run_cycle(config, agent.store, method, progress=progress)
+            assert agent.service is not None
+            cycle = agent.service.learn_now(method, progress=progress)
         console.print(f"  {cycle.status}: {cycle.message}  [dim]{cycle.counts}[/dim]")
         if cycle.status != "activated":
             return
-        load_active_adapter(agent.engine, agent.store, config)
         console.print(f"  serving adapter: [bold]{agent.engine.active_adapter}[/bold]")
 
         console.rule("4. The same questions, paraphrases, and reading comprehension, on the new adapter")

@@ -60,7 +60,7 @@ def test_sft_cycle_publishes_activates_and_continues(tmp_path: Path, tiny_model_
     assert run.status == "succeeded" and run.output_adapter == rec.name and run.metrics["history"]
     assert all(s.consumed_by_run == first.run_id for s in store.signals())
     assert not any((Path(config.adapters_dir) / "staging").iterdir())
-    assert store.decisions()[0].decision == "approve"
+    assert [d.decision for d in store.decisions(adapter=rec.name)] == ["promote", "approve"]  # newest first
 
     # The adapter changes the model's outputs when loaded into an engine.
     engine = TransformersEngine(tiny_model_dir, device="cpu")
@@ -219,7 +219,7 @@ def test_auto_retention_file_default_and_errors(tmp_path: Path, tiny_model_dir: 
 def test_real_model_learns_taught_facts_through_sdft(tmp_path: Path, real_model_dir: Path, store: Store) -> None:
     """After one SDFT cycle (the default variant) on a handful of fictional facts, the agent answers them."""
     from agent import LearningAgent
-    from runtime.factory import load_active_adapter
+    from runtime.service import RuntimeService
 
     facts = [
         ("What is the capital of Veloria?", "The capital of Veloria is Marenport.", "Marenport"),
@@ -227,15 +227,16 @@ def test_real_model_learns_taught_facts_through_sdft(tmp_path: Path, real_model_
         ("What colour are thornwick leaves?", "Thornwick leaves are silver.", "silver"),
     ]
     engine = TransformersEngine(real_model_dir, device="cpu")
-    agent = LearningAgent(engine, store=store, max_new_tokens=32)
+    config = make_config(tmp_path, real_model_dir)
+    config.learning.lora = {}
+    service = RuntimeService(config, engine, store)
+    agent = LearningAgent(engine, store=store, max_new_tokens=32, service=service)
     for question, demonstration, _ in facts:
         result = agent.invoke(question)
         agent.correct(result.interaction_id, demonstration)
-    config = make_config(tmp_path, real_model_dir)
-    config.learning.lora = {}
-    cycle = run_cycle(config, store, "sdft")
+    cycle = service.learn_now("sdft")
     assert cycle.status == "activated", cycle.message
-    assert load_active_adapter(engine, store, config) == cycle.adapter.name
+    assert engine.active_adapter == cycle.adapter.name
     answered = [answer.lower() in agent.invoke(question).text.lower() for question, _, answer in facts]
     assert sum(answered) >= 2, answered
     engine.close()

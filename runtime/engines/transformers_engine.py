@@ -73,6 +73,10 @@ class TransformersEngine(Engine):
         self._device = _pick_device(device)
         self._dtype = _pick_dtype(dtype, self._device)
         self._lock = threading.RLock()
+        # Guards `_active` and the adapter table's membership so that switching the active adapter never
+        # waits for a generation in flight (those hold `_lock`): a request resolves its adapter once, when
+        # it starts, and finishes on it. Lock order: `_lock` before `_switch_lock`, never the reverse.
+        self._switch_lock = threading.Lock()
         self._closed = False
         self._active: str | None = None
 
@@ -242,19 +246,24 @@ class TransformersEngine(Engine):
             self._check_open()
             self._adapters.load(name, path, replace=replace)
             if activate:
-                self._active = name
+                with self._switch_lock:
+                    self._active = name
 
     def unload_adapter(self, name: str) -> None:
         """Unload ``name``; if it was active, the base model becomes active."""
-        with self._lock:
+        with self._lock, self._switch_lock:
             self._check_open()
             self._adapters.unload(name)
             if self._active == name:
                 self._active = None
 
     def set_active_adapter(self, name: str | None) -> None:
-        """Make ``name`` (or the base model, for ``None``) the default for requests."""
-        with self._lock:
+        """Make ``name`` (or the base model, for ``None``) the default for requests.
+
+        Takes effect at once for requests that start afterwards, without waiting for those in flight,
+        which finish on the adapter they started with.
+        """
+        with self._switch_lock:
             self._check_open()
             if name is not None:
                 self._adapters.check(name)
@@ -281,8 +290,9 @@ class TransformersEngine(Engine):
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
-            self._active = None
+            with self._switch_lock:
+                self._closed = True
+                self._active = None
             del self._adapters
             gc.collect()
             if self._device.type == "cuda":

@@ -15,7 +15,8 @@ InteractionKind = Literal["live", "shadow"]
 SignalKind = Literal["rating", "correction", "demonstration"]
 RunStatus = Literal["pending", "running", "succeeded", "failed"]
 AdapterStatus = Literal["candidate", "active", "shadow", "retired", "rolled_back", "rejected"]
-DecisionKind = Literal["approve", "veto"]
+DecisionKind = Literal["approve", "veto", "promote", "shadow", "retire", "rollback"]
+"""Gate outcomes (approve, veto) and promotion events (promote, shadow, retire, rollback)."""
 
 INTERACTION_KINDS: frozenset[str] = frozenset(get_args(InteractionKind))
 SIGNAL_KINDS: frozenset[str] = frozenset(get_args(SignalKind))

@@ -419,9 +419,10 @@ class Store:
                            params)
         return [AdapterRecord.from_row(r) for r in rows]
 
-    def decisions(self, limit: int | None = None, *, adapter: str | None = None) -> list[PolicyDecision]:
-        """Policy decisions, newest first, optionally about one adapter."""
-        where, params = _where(adapter=adapter)
+    def decisions(self, limit: int | None = None, *, adapter: str | None = None,
+                  decision: DecisionKind | None = None) -> list[PolicyDecision]:
+        """Policy decisions, newest first, optionally about one adapter or of one kind."""
+        where, params = _where(adapter=adapter, decision=decision)
         rows = self._query(f"SELECT {_cols(PolicyDecision)} FROM policy_decisions{where} "
                            "ORDER BY created_at DESC, id DESC" + _limit(limit), params)
         return [PolicyDecision.from_row(r) for r in rows]

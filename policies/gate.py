@@ -1,0 +1,189 @@
+"""The policy gate: a candidate adapter is evaluated beside the active one and vetoed if it breaks anything.
+
+The candidate is loaded into the engine under its own name but not made active, so nothing is served by
+it while it is judged. Then, on the same engine, with greedy decoding:
+
+- **protected behaviours**: each prompt is answered by the active adapter and by the candidate; a
+  behaviour that passes on the active adapter and fails on the candidate is a veto (one that already
+  fails on the active adapter is recorded, not held against the candidate);
+- **retention suites**: the candidate may lose at most ``max_drop`` points against the active adapter;
+- **target checks**: the candidate must now give the taught answers (``min_pass_rate`` of the new examples).
+
+Every check's result goes into the decision's ``checks`` (stored in ``policy_decisions``). A vetoed
+candidate is unloaded again; an approved one stays loaded, ready to be activated at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from learners.cycle import GateDecision
+from learners.datasets import DatasetBuild
+from learners.evaluation import ask, load_questions
+from policies.checks import check_answer
+from policies.schema import Policy, ProtectedBehaviour, RetentionSuite
+from runtime.engines import Engine, SamplingParams
+from runtime.store import AdapterRecord
+from runtime.textmatch import contains_answer, token_f1
+
+
+@dataclass
+class CheckResult:
+    """One check of the gate, on the active adapter and on the candidate."""
+
+    kind: str
+    """``protected``, ``retention`` or ``target``."""
+    name: str
+    passed: bool
+    """Whether the candidate passed."""
+    veto: bool
+    """Whether this check vetoes the candidate."""
+    detail: str
+    active: dict[str, Any] = field(default_factory=dict)
+    candidate: dict[str, Any] = field(default_factory=dict)
+
+
+class PolicyGate:
+    """Judges candidates by `policy` on `engine` (usually the serving engine, where it is loaded beside the
+    active adapter). Call it with ``(candidate, build)``; it returns a :class:`~learners.cycle.GateDecision`.
+    """
+
+    def __init__(self, policy: Policy, engine: Engine) -> None:
+        self.policy = policy
+        self.engine = engine
+        if any(b.expect.max_kl_to_base is not None for b in policy.protected) and not hasattr(
+            engine, "kl_divergence"
+        ):
+            raise ValueError(
+                f"the policy uses max_kl_to_base, which needs token distributions that {type(engine).__name__} "
+                "cannot give; remove it or use the transformers engine"
+            )
+        self._retention_cache: dict[tuple[str, str | None, str | None], float] = {}
+
+    def __call__(self, candidate: AdapterRecord, build: DatasetBuild) -> GateDecision:
+        loaded_here = not self.engine.has_adapter(candidate.name)
+        if loaded_here:
+            self.engine.load_adapter(candidate.name, candidate.path)
+        active = self.engine.active_adapter
+        try:
+            results = self.evaluate(candidate.name, active, build)
+        except Exception as exc:
+            if loaded_here:
+                self.engine.unload_adapter(candidate.name)
+            reason = f"the gate could not evaluate the candidate: {type(exc).__name__}: {exc}"
+            return GateDecision(False, [reason], [])
+        vetoes = [r for r in results if r.veto]
+        checks = [asdict(r) for r in results]
+        if vetoes:
+            if loaded_here:
+                self.engine.unload_adapter(candidate.name)
+            return GateDecision(False, [f"{r.kind} '{r.name}': {r.detail}" for r in vetoes], checks)
+        passed = sum(r.passed for r in results)
+        summary = f"all vetoing checks passed ({passed}/{len(results)} checks passed against {active or 'base'})"
+        return GateDecision(True, [summary], checks)
+
+    def evaluate(self, candidate: str, active: str | None, build: DatasetBuild) -> list[CheckResult]:
+        """Every check of the policy on `candidate` against `active` (``None`` = the base model)."""
+        results = [self._protected(b, candidate, active) for b in self.policy.protected]
+        results += [self._retention(s, candidate, active) for s in self.policy.retention]
+        target = self._target(candidate, build)
+        if target is not None:
+            results.append(target)
+        return results
+
+    # --- checks ------------------------------------------------------------------------------------------
+
+    def _protected(self, behaviour: ProtectedBehaviour, candidate: str, active: str | None) -> CheckResult:
+        conversation = behaviour.conversation()
+        params = SamplingParams(max_new_tokens=behaviour.max_new_tokens, temperature=0.0)
+        active_gen, cand_gen = self.engine.chat([conversation, conversation], params, adapter=[active, candidate])
+        markers = self.policy.refusal_markers
+        on_active = check_answer(behaviour.expect, active_gen.text, refusal_markers=markers)
+        on_cand = check_answer(behaviour.expect, cand_gen.text, refusal_markers=markers)
+        active_failures, cand_failures = list(on_active.failures), list(on_cand.failures)
+        active_info: dict[str, Any] = {"answer": active_gen.text}
+        cand_info: dict[str, Any] = {"answer": cand_gen.text}
+        limit = behaviour.expect.max_kl_to_base
+        if limit is not None:
+            base_answer = self.engine.chat([conversation], params, adapter=None)[0].text
+            prompt = self.engine.render_chat(conversation)  # type: ignore[attr-defined]
+            kl_active, kl_cand = (
+                self.engine.kl_divergence([prompt], [base_answer], adapter=name)[0]  # type: ignore[attr-defined]
+                for name in (active, candidate)
+            )
+            active_info["kl_to_base"], cand_info["kl_to_base"] = kl_active, kl_cand
+            if kl_active > limit:
+                active_failures.append(f"KL to base {kl_active:.3f} > {limit}")
+            if kl_cand > limit:
+                cand_failures.append(f"KL to base {kl_cand:.3f} > {limit}")
+        active_info["passed"], cand_info["passed"] = not active_failures, not cand_failures
+        veto = not active_failures and bool(cand_failures)
+        if veto:
+            detail = f"passes on the active adapter but the candidate's answer {'; '.join(cand_failures)}"
+        elif active_failures and cand_failures:
+            detail = f"already fails on the active adapter ({'; '.join(active_failures)}); not held against it"
+        elif active_failures:
+            detail = "fixed by the candidate"
+        else:
+            detail = "passes on both"
+        return CheckResult("protected", behaviour.name, not cand_failures, veto, detail, active_info, cand_info)
+
+    def _retention(self, suite: RetentionSuite, candidate: str, active: str | None) -> CheckResult:
+        items = load_questions(suite.file, suite.questions)
+        if not items:
+            return CheckResult("retention", suite.name, False, True, f"{suite.file} holds no questions")
+        before = self._retention_cache.get((suite.name, suite.file, active))
+        if before is None:
+            before = self._score(suite, items, active)
+            self._retention_cache[(suite.name, suite.file, active)] = before
+        after = self._score(suite, items, candidate)
+        drop = before - after
+        veto = drop > suite.max_drop
+        detail = (
+            f"{suite.metric} {before:.1f} -> {after:.1f} ({-drop:+.1f} points, limit -{suite.max_drop:g}) "
+            f"on {len(items)} questions"
+        )
+        return CheckResult(
+            "retention", suite.name, not veto, veto, detail, {suite.metric: before}, {suite.metric: after}
+        )
+
+    def _score(self, suite: RetentionSuite, items: list[Any], adapter: str | None) -> float:
+        answers = ask(
+            self.engine,  # type: ignore[arg-type]
+            [it.messages(with_context=suite.with_context) for it in items],
+            [it.answer for it in items],
+            adapter,
+            max_new_tokens=suite.max_new_tokens,
+        )
+        return 100.0 * (answers.accuracy if suite.metric == "accuracy" else answers.mean_f1)
+
+    def _target(self, candidate: str, build: DatasetBuild) -> CheckResult | None:
+        settings = self.policy.targets
+        if not settings.enabled:
+            return None
+        examples = build.new[: settings.max_examples]
+        if not examples:
+            return None  # a SEAL cycle learns documents, not taught answers; its own evaluation applies
+        params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0)
+        answers = self.engine.chat([e.prompt for e in examples], params, adapter=candidate)
+        passes = []
+        for example, gen in zip(examples, answers, strict=True):
+            if settings.metric == "contains":
+                passes.append(contains_answer(gen.text, example.demonstration))
+            else:
+                passes.append(token_f1(gen.text, example.demonstration) >= settings.min_f1)
+        rate = sum(passes) / len(passes)
+        veto = rate < settings.min_pass_rate
+        detail = (
+            f"{sum(passes)}/{len(passes)} taught answers given ({100 * rate:.0f}%, "
+            f"needed {100 * settings.min_pass_rate:.0f}%)"
+        )
+        failing = [
+            {"prompt": e.prompt[-1]["content"], "expected": e.demonstration, "answer": g.text}
+            for e, g, ok in zip(examples, answers, passes, strict=True)
+            if not ok
+        ][:5]
+        return CheckResult(
+            "target", "taught answers", not veto, veto, detail, {}, {"pass_rate": rate, "failing": failing}
+        )

@@ -1,0 +1,332 @@
+"""`RuntimeService`: the runtime process's learning side, shared by the embedded agent and `runtime serve`.
+
+It owns (or is given) the serving engine and the store, the adapter registry, the learning policy, shadow
+mode and the background learning loop, and it keeps the engine in step with the registry: whatever it
+promotes, rolls back or puts in shadow is what the engine serves. Typical use::
+
+    service = RuntimeService.from_config("runtime.yaml")
+    service.start_background()          # APScheduler loop: learns when the policy's schedule says
+    model = service.chat_model()        # a LangChain chat model that logs and feeds shadow mode
+    ...
+    service.rollback()                  # the previous adapter serves again
+    service.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from agent.chat_model import EngineChatModel
+from learners.cycle import CycleResult, Gate, approve_all, run_cycle
+from learners.worker import ProgressFn
+from policies.loading import load_policy
+from policies.resources import training_device
+from policies.schema import Policy
+from policies.shadow import ShadowMirror, ShadowReport, ShadowSwitch, shadow_report
+from runtime.adapters import AdapterRegistry
+from runtime.config import RuntimeConfig, load_config
+from runtime.engines import Engine
+from runtime.factory import create_engine, open_store
+from runtime.store import AdapterRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+class CycleInProgress(RuntimeError):
+    """A learning cycle is already running in this process; one runs at a time."""
+
+
+class RuntimeService:
+    """Learning, promotion, rollback and shadow mode around one serving `engine` and `store`.
+
+    Args:
+        config: the runtime configuration.
+        engine, store: the serving engine and the interaction log.
+        policy: the learning policy; ``None`` approves every verified candidate and promotes directly.
+    """
+
+    def __init__(self, config: RuntimeConfig, engine: Engine, store: Store, policy: Policy | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.store = store
+        self.has_policy = policy is not None
+        self.policy = policy or Policy()
+        self.registry = AdapterRegistry(config.adapters_dir, store)
+        self.shadow = ShadowSwitch()
+        self._cycle_lock = threading.Lock()
+        self._swap_lock = threading.RLock()
+        self._loop: Any = None
+        self._owns: list[Any] = []
+        self.last_cycle: CycleResult | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        config: RuntimeConfig | str | Path | None = None,
+        *,
+        engine: Engine | None = None,
+        store: Store | None = None,
+        policy: Policy | str | Path | None = None,
+    ) -> RuntimeService:
+        """Build the service from a config (a `RuntimeConfig`, a YAML path, or the defaults).
+
+        The engine and store are created unless given (and then closed by :meth:`close`); the policy is
+        the given one, else the config's ``policy`` file. Runs left ``running`` by a stopped process are
+        marked failed, and the registry's active and shadow adapters are loaded into the engine.
+        """
+        if not isinstance(config, RuntimeConfig):
+            config = load_config(config)
+        if policy is None and config.policy is not None:
+            policy = config.policy
+        if policy is not None and not isinstance(policy, Policy):
+            policy = load_policy(policy)
+        owns: list[Any] = []
+        if store is None:
+            store = open_store(config)
+            owns.append(store)
+        if engine is None:
+            try:
+                engine = create_engine(config)
+            except BaseException:
+                for owned in owns:
+                    owned.close()
+                raise
+            owns.append(engine)
+        service = cls(config, engine, store, policy)
+        service._owns = owns
+        service.recover_interrupted_runs()
+        service.sync_engine()
+        return service
+
+    # --- serving --------------------------------------------------------------------------------------
+
+    def chat_model(self, **kwargs: Any) -> EngineChatModel:
+        """A LangChain chat model on the engine that logs every call and feeds shadow mode."""
+        return EngineChatModel(engine=self.engine, store=self.store, shadow=self.shadow, **kwargs)
+
+    def sync_engine(self) -> None:
+        """Make the engine serve the registry's active adapter and mirror to its shadow adapter."""
+        with self._swap_lock:
+            active = self.registry.active()
+            if active is not None:
+                self._ensure_loaded(active)
+            self.engine.set_active_adapter(active.name if active else None)
+            shadow = self.registry.current_shadow()
+            if shadow is not None:
+                self._start_shadow(shadow)
+            else:
+                self.shadow.attach(None)
+
+    # --- learning -------------------------------------------------------------------------------------
+
+    def gate(self) -> Gate:
+        """The policy gate on this engine (approve-all without a policy)."""
+        if not self.has_policy:
+            return approve_all
+        from policies.gate import PolicyGate
+
+        return PolicyGate(self.policy, self.engine)
+
+    def learn_now(
+        self, method: str | None = None, *, progress: ProgressFn | None = None, timeout_s: float | None = None
+    ) -> CycleResult:
+        """Run one learning cycle now (dataset -> worker -> gate -> promotion) and apply its outcome to the
+        engine. Raises :class:`CycleInProgress` if one is already running."""
+        if not self._cycle_lock.acquire(blocking=False):
+            raise CycleInProgress("a learning cycle is already running; wait for it to finish")
+        try:
+            device, why = training_device(self.policy.resources, self._serving_device())
+            if device is None:
+                return CycleResult("skipped", why)
+            result = run_cycle(
+                self.config,
+                self.store,
+                method or self.policy.schedule.method,
+                gate=self.gate(),
+                promotion=self.policy.promotion.mode,
+                progress=progress,
+                serving_device=self._serving_device(),
+                device=device,
+                num_threads=self.policy.resources.cpu_threads,
+                timeout_s=timeout_s if timeout_s is not None else self.policy.schedule.timeout_s,
+            )
+            self._apply(result)
+            self.last_cycle = result
+            return result
+        finally:
+            self._cycle_lock.release()
+
+    @property
+    def cycle_running(self) -> bool:
+        return self._cycle_lock.locked()
+
+    def recover_interrupted_runs(self) -> list[str]:
+        """Mark runs left ``pending``/``running`` by a process that stopped as failed; returns their ids.
+
+        Only one process writes a store, so a run in that state here was cut off by a restart. Its signals
+        were not consumed (that happens on success), so the next cycle learns them again.
+        """
+        ids = []
+        for status in ("pending", "running"):
+            for run in self.store.runs(status=status):  # type: ignore[arg-type]
+                self.store.update_run(
+                    run.id, status="failed",
+                    error="interrupted: the runtime stopped while this run was in progress; its signals will be "
+                    "learned by the next cycle",
+                )
+                self.registry.discard_staging(run.id)
+                ids.append(run.id)
+        return ids
+
+    # --- promotion ------------------------------------------------------------------------------------
+
+    def promote(self, name: str, *, reason: str = "promoted by operator", force: bool = False) -> AdapterRecord:
+        """Make `name` serve: loaded first (a broken adapter changes nothing), then recorded active, then
+        switched in the engine; requests in flight finish on the adapter they started with.
+
+        A candidate the gate rejected needs ``force=True``.
+        """
+        with self._swap_lock:
+            record = self.store.get_adapter(name)
+            if record is None:
+                raise KeyError(f"no adapter named {name!r}; see `runtime adapters list`")
+            if record.status == "rejected" and not force:
+                raise ValueError(
+                    f"{name!r} was vetoed by the gate (see `runtime decisions --adapter {name}`); pass force to "
+                    "promote it anyway"
+                )
+            if record.method == "seal-generator":
+                raise ValueError(f"{name!r} is a SEAL self-edit generator, not a serving adapter")
+            self._ensure_loaded(record)
+            active = self.registry.activate(name, reason=reason)
+            self.engine.set_active_adapter(name)
+            if self.shadow.mirror is not None and self.shadow.mirror.adapter == name:
+                self.shadow.attach(None)
+            self._prune()
+            return active
+
+    def rollback(self, *, reason: str = "rolled back by operator") -> AdapterRecord | None:
+        """Serve the adapter that was active before the current one again (``None``: the base model)."""
+        with self._swap_lock:
+            _current, previous = self.registry.previous_active()
+            if previous is not None:
+                record = self.store.get_adapter(previous)
+                if record is not None:
+                    self._ensure_loaded(record)
+            restored = self.registry.rollback(reason=reason)
+            self.engine.set_active_adapter(restored.name if restored else None)
+            self._prune()
+            return restored
+
+    def retire_shadow(self, *, reason: str, checks: Any = None) -> AdapterRecord | None:
+        """Stop shadow mode and retire the shadow adapter; returns it (``None`` if there was none)."""
+        with self._swap_lock:
+            shadow = self.registry.current_shadow()
+            self.shadow.attach(None)
+            if shadow is None:
+                return None
+            retired = self.registry.retire(shadow.name, reason=reason, checks=checks)
+            self._prune()
+            return retired
+
+    def shadow_report(self, adapter: str | None = None) -> ShadowReport:
+        """Live and shadow answers compared, with the policy's verdict."""
+        return shadow_report(self.store, self.policy, adapter)
+
+    def review_shadow(self) -> ShadowReport | None:
+        """Apply the policy's verdict on the current shadow: promote it, retire it, or keep waiting."""
+        if self.registry.current_shadow() is None:
+            return None
+        report = self.shadow_report()
+        if report.verdict == "promote" and report.adapter:
+            self.promote(report.adapter, reason="shadow mode: " + "; ".join(report.reasons))
+        elif report.verdict == "retire":
+            self.retire_shadow(reason="shadow mode: " + "; ".join(report.reasons), checks=_report_checks(report))
+        return report
+
+    # --- background loop ------------------------------------------------------------------------------
+
+    def start_background(self) -> Any:
+        """Start the APScheduler learning loop in this process (see :class:`policies.loop.LearningLoop`)."""
+        from policies.loop import LearningLoop
+
+        if self._loop is None:
+            self._loop = LearningLoop(self)
+            self._loop.start()
+        return self._loop
+
+    @property
+    def loop(self) -> Any:
+        """The background loop, once started."""
+        return self._loop
+
+    def close(self) -> None:
+        """Stop the loop and shadow mode, flush the store, and close what :meth:`from_config` created."""
+        if self._loop is not None:
+            self._loop.shutdown()
+            self._loop = None
+        self.shadow.attach(None)
+        if not self.store.closed:
+            self.store.flush()
+        for owned in reversed(self._owns):
+            owned.close()
+        self._owns = []
+
+    def __enter__(self) -> RuntimeService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals ------------------------------------------------------------------------------------
+
+    def _apply(self, result: CycleResult) -> None:
+        record = result.adapter
+        if record is None:
+            return
+        if result.status == "activated":
+            with self._swap_lock:
+                self._ensure_loaded(record)
+                self.engine.set_active_adapter(record.name)
+                self._prune()
+        elif result.status == "shadow":
+            with self._swap_lock:
+                self._start_shadow(record)
+                self._prune()
+        elif result.status == "awaiting_promotion":
+            with self._swap_lock:
+                self._prune()
+
+    def _start_shadow(self, record: AdapterRecord) -> None:
+        self._ensure_loaded(record)
+        mirror = self.shadow.mirror
+        if mirror is None or mirror.adapter != record.name:
+            self.shadow.attach(ShadowMirror(self.engine, self.store, record.name, self.policy.shadow))
+
+    def _ensure_loaded(self, record: AdapterRecord) -> None:
+        if not self.engine.has_adapter(record.name):
+            self.engine.load_adapter(record.name, record.path)
+
+    def _prune(self) -> None:
+        """Unload registry adapters that neither serve, shadow, nor would be restored by a rollback."""
+        _current, previous = self.registry.previous_active()
+        keep = {self.engine.active_adapter, previous}
+        shadow = self.registry.current_shadow()
+        if shadow is not None:
+            keep.add(shadow.name)
+        for name in self.engine.list_adapters():
+            if name not in keep and self.store.get_adapter(name) is not None:
+                self.engine.unload_adapter(name)
+
+    def _serving_device(self) -> str | None:
+        device = getattr(self.engine, "device", None)
+        return str(device) if device is not None else self.config.engine.device
+
+
+def _report_checks(report: ShadowReport) -> dict[str, Any]:
+    data = report.to_dict()
+    data.pop("examples", None)
+    return data
