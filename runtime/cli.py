@@ -511,6 +511,7 @@ def serve_cmd(
     import os
 
     import uvicorn
+    from rich.markup import escape
 
     from runtime.store import StoreError
     from server import ServerLimits, create_app
@@ -528,8 +529,6 @@ def serve_cmd(
     except (ConfigError, StoreError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    from rich.markup import escape
-
     shown = escape(f"[{host}]" if ":" in host else host)
     console.print(f"OpenAI API at [bold]http://{shown}:{port}/v1[/bold], dashboard at http://{shown}:{port}/dashboard")
     if token is None:

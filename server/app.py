@@ -1,0 +1,180 @@
+"""`create_app`: the runtime's HTTP server (OpenAI-compatible API, feedback, admin, dashboard, metrics).
+
+    from server import create_app
+    app = create_app(load_config("runtime.yaml"), admin_token="s3cret")
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+or ``runtime serve --config runtime.yaml``. See docs/server.md for the routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from agent.learning_agent import LearningAgent
+from runtime.config import RuntimeConfig
+from runtime.engines import Engine
+from runtime.store import Store
+from server import admin_routes, dashboard, feedback_routes, openai_routes, ops_routes
+from server.errors import install_error_handlers
+from server.learn_jobs import LearnJobs
+from server.limits import BodySizeLimitMiddleware, ServerLimits
+from server.metrics import MetricsMiddleware, ServerMetrics
+from server.serving import ChatService, ModelResolver
+from server.state import ADMIN_TOKEN_ENV, ServerState
+
+log = logging.getLogger(__name__)
+
+__all__ = ["create_app", "load_runtime_service"]
+
+
+def load_runtime_service() -> Any:
+    """The `RuntimeService` class (runtime/service.py), or ``None`` where this installation has none."""
+    try:
+        from runtime.service import RuntimeService  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return None
+    return RuntimeService
+
+
+def create_app(
+    config: RuntimeConfig,
+    *,
+    engine: Engine | None = None,
+    store: Store | None = None,
+    service: Any = None,
+    admin_token: str | None = None,
+    limits: ServerLimits | None = None,
+    dashboard_requires_token: bool = False,
+    background_learning: bool = True,
+    use_service: bool = True,
+) -> FastAPI:
+    """Build the server app.
+
+    Args:
+        config: the runtime configuration (model, engine, store, learning, policy).
+        engine: the serving engine; default: built from ``config`` (and closed at shutdown).
+        store: the interaction log; default: opened from ``config`` (and closed at shutdown).
+        service: a `RuntimeService` for promotion, rollback, learning and the shadow report; default: one is
+            built from ``config`` on the same engine and store when runtime/service.py is installed, and
+            those four admin routes answer 501 where it is not.
+        admin_token: bearer token of the ``/admin`` routes; default: ``$RUNTIME_ADMIN_TOKEN``. Without one
+            the admin routes answer 403 saying how to set it.
+        limits: request size limits (:class:`ServerLimits` defaults).
+        dashboard_requires_token: make the dashboard's data route require the admin token too.
+        background_learning: start the service's scheduled learning loop with the app (lifespan).
+        use_service: ``False`` never builds a service (the service-backed admin routes answer 501).
+    """
+    owned: list[Any] = []
+    if service is not None:
+        engine = engine or service.engine
+        store = store or service.store
+    if store is None:
+        from runtime.factory import open_store
+
+        store = open_store(config)
+        owned.append(store)
+    if engine is None:
+        from runtime.factory import create_engine
+
+        engine = create_engine(config)
+        owned.append(engine)
+    owns_service = False
+    if service is None and use_service:
+        service_cls = load_runtime_service()
+        if service_cls is not None:
+            # Loads the registry's active and shadow adapters into the engine.
+            service = service_cls.from_config(config, engine=engine, store=store)
+            owns_service = True
+    if service is None and owned:
+        _load_active_adapter(config, engine, store)
+    token = admin_token if admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV) or None
+
+    # The agent's chat model logs every call and, with a service, feeds shadow mode.
+    agent = LearningAgent(engine, store=store, system_prompt=config.engine.system_prompt, service=service,
+                          max_new_tokens=config.engine.max_new_tokens, temperature=config.engine.temperature)
+    learn_jobs = LearnJobs()
+    resolver = ModelResolver(engine, store)
+    holder: dict[str, ServerState] = {}
+    metrics = ServerMetrics(lambda: _snapshot(holder["state"]))
+    state = ServerState(
+        config=config, engine=engine, store=store, service=service, agent=agent, chat=ChatService(agent.chat_model),
+        resolver=resolver, limits=limits or ServerLimits(), metrics=metrics, learn_jobs=learn_jobs,
+        admin_token=token, dashboard_requires_token=dashboard_requires_token, owned=owned,
+    )
+    holder["state"] = state
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        started = False
+        if background_learning and service is not None and hasattr(service, "start_background"):
+            service.start_background()
+            started = True
+        try:
+            yield
+        finally:
+            _shutdown(state, service if owns_service else None, started)
+
+    app = FastAPI(
+        title="learning-runtime",
+        summary="OpenAI-compatible chat completions from an agent that keeps learning from its use.",
+        version="0.1",
+        lifespan=lifespan,
+    )
+    app.state.runtime = state
+    install_error_handlers(app)
+    for router in (openai_routes.router, feedback_routes.router, admin_routes.router, dashboard.router,
+                   ops_routes.router):
+        app.include_router(router)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=state.limits.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost: sees every status
+    return app
+
+
+def _load_active_adapter(config: RuntimeConfig, engine: Engine, store: Store) -> None:
+    """Without a service: serve the registry's active adapter, as the service would."""
+    from runtime.adapters import AdapterRegistry
+
+    active = AdapterRegistry(config.adapters_dir, store).active()
+    if active is not None:
+        if not engine.has_adapter(active.name):
+            engine.load_adapter(active.name, active.path)
+        engine.set_active_adapter(active.name)
+
+
+def _snapshot(state: ServerState) -> dict[str, Any]:
+    return {
+        "model": state.resolver.base_id,
+        "active_adapter": state.engine.active_adapter,
+        "loaded_adapters": len(state.engine.list_adapters()),
+        "store_counts": state.store.counts(),
+        "learning": state.learn_jobs.running() is not None,
+    }
+
+
+def _shutdown(state: ServerState, owned_service: Any, started_background: bool) -> None:
+    """Stop the learning loop, flush the log and close what the app created."""
+    service = state.service
+    try:
+        if owned_service is not None and hasattr(owned_service, "close"):
+            owned_service.close()
+        elif started_background and service is not None and hasattr(service, "stop_background"):
+            service.stop_background()
+    except Exception:  # noqa: BLE001 - shutdown goes on
+        log.exception("stopping the runtime service failed")
+    try:
+        if not state.store.closed:
+            state.store.flush()
+    except Exception:  # noqa: BLE001
+        log.exception("flushing the store at shutdown failed")
+    for resource in reversed(state.owned):  # the engine, then the store
+        try:
+            resource.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing %r failed", resource)

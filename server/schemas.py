@@ -1,0 +1,213 @@
+"""Request and response models of the server's JSON API (OpenAI's shapes, plus the runtime's own routes)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# --- OpenAI chat completions ---------------------------------------------------------------------------
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content list; only ``text`` parts are understood by a text model."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One input message, as OpenAI's API takes it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message's text; non-text content parts are refused (this is a text-only model)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"content part of type {part.type!r} is not supported: this model reads text only")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions``.
+
+    Unknown fields are ignored (as OpenAI-compatible servers do); fields that would change the answer in a
+    way this server cannot honour (``tools``, ``logprobs``, penalties, structured ``response_format``) are
+    refused with a clear error rather than silently dropped.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = Field(None, description="Base model id, adapter name, or omitted/'default' (active).")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Accepted only at their no-op values:
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else list(value)
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        return stops or None
+
+    def stop_list(self) -> list[str] | None:
+        """``stop`` as a list (``None`` when absent)."""
+        return self.stop if isinstance(self.stop, list) else None  # normalised by the validator
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: ResponseMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+    interaction_id: str | None = Field(None, description="The logged interaction this choice came from.")
+
+
+class ChatCompletion(BaseModel):
+    """The response of a non-streamed chat completion (OpenAI's ``chat.completion`` object)."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    interaction_id: str | None = Field(None, description="The first choice's logged interaction id.")
+    adapter: str | None = Field(None, description="The adapter that served it (null: the base model).")
+    system_fingerprint: str | None = None
+
+
+# --- models ------------------------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    """One entry of ``GET /v1/models``: the base model or an adapter."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "learning-runtime"
+    root: str
+    parent: str | None = None
+    status: str = Field(description="`base`, or the adapter's registry status (`active`, `shadow`, ...).")
+    loaded: bool = Field(description="Whether the engine has it in memory now.")
+    lineage: list[str] = Field(default_factory=list)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- feedback ------------------------------------------------------------------------------------------
+
+
+class RatingRequest(BaseModel):
+    """``POST /v1/interactions/{id}/rating``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: float = Field(description="E.g. 1 for good, -1 for bad.")
+    comment: str | None = None
+
+
+class CorrectionRequest(BaseModel):
+    """``POST /v1/interactions/{id}/correction``: the answer the agent should have given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+
+
+class TeachRequest(BaseModel):
+    """``POST /v1/teach``: a prompt (or a conversation) and the answer to learn for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    demonstration: str
+
+
+class DocumentRequest(BaseModel):
+    """``POST /v1/documents``: new knowledge; ``questions`` (strings or ``{question, answer}``) probe it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    title: str | None = None
+    questions: list[str | dict[str, Any]] | None = None
+
+
+class SignalCreated(BaseModel):
+    """What a feedback route returns."""
+
+    id: str
+    object: Literal["signal", "document"]
+    kind: str
+    interaction_id: str | None = None
+
+
+# --- admin ---------------------------------------------------------------------------------------------
+
+
+class LearnRequest(BaseModel):
+    """``POST /admin/learn``: start one learning cycle in the background."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str | None = Field(None, description="sdft, sft, auto or seal (default: the config's).")
