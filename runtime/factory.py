@@ -20,8 +20,24 @@ def create_engine(config: RuntimeConfig) -> Engine:
             num_threads=config.engine.num_threads,
             cache_dir=config.model.cache_dir,
         )
+    if kind in ("vllm", "sglang"):
+        import os
+
+        from runtime.config import ConfigError
+        from runtime.engines import SGLangEngine, VLLMEngine
+
+        if not config.engine.base_url:
+            port = 8000 if kind == "vllm" else 30000
+            raise ConfigError(
+                f"engine.kind: {kind} needs engine.base_url, the running server's address (e.g. "
+                f"http://localhost:{port}): set it in runtime.yaml or with RUNTIME_ENGINE__BASE_URL."
+            )
+        engine_class = VLLMEngine if kind == "vllm" else SGLangEngine
+        # The served model is discovered from the server; an API key (server started with --api-key) comes
+        # from the environment so that it stays out of runtime.yaml.
+        return engine_class(config.engine.base_url, api_key=os.environ.get("RUNTIME_ENGINE_API_KEY"))
     raise NotImplementedError(
-        f"engine.kind={kind!r} is not available in this version; use engine.kind: transformers"
+        f"engine.kind={kind!r} is not available in this version; use transformers, vllm or sglang"
     )
 
 

@@ -1,6 +1,7 @@
 """Engines: one interface to generate, chat, stream and score with hot-swappable LoRA adapters.
 
 ``TransformersEngine`` is the embedded default (in-process, PEFT multi-adapter, CPU or GPU).
+``VLLMEngine`` and ``SGLangEngine`` drive a running vLLM or SGLang server over HTTP.
 """
 
 from runtime.engines.base import (
@@ -20,7 +21,16 @@ from runtime.engines.errors import (
     EngineError,
     UnknownAdapterError,
 )
+from runtime.engines.openai_http import (
+    ServerConnectionError,
+    ServerContextLengthError,
+    ServerError,
+    ServerTimeoutError,
+    UnsupportedOperationError,
+)
+from runtime.engines.sglang_engine import SGLangEngine
 from runtime.engines.transformers_engine import TransformersEngine
+from runtime.engines.vllm_engine import VLLMEngine
 from runtime.models import ModelNotFoundError
 
 __all__ = [
@@ -35,8 +45,15 @@ __all__ = [
     "EngineError",
     "Generation",
     "ModelNotFoundError",
+    "SGLangEngine",
     "SamplingParams",
+    "ServerConnectionError",
+    "ServerContextLengthError",
+    "ServerError",
+    "ServerTimeoutError",
     "StreamResult",
     "TransformersEngine",
     "UnknownAdapterError",
+    "UnsupportedOperationError",
+    "VLLMEngine",
 ]
