@@ -67,7 +67,7 @@ class PolicyGate:
             self.engine.load_adapter(candidate.name, candidate.path)
         active = self.engine.active_adapter
         try:
-            results = self.evaluate(candidate.name, active, build)
+            results = self.evaluate(candidate.name, active, build if candidate.method != "seal" else None)
         except Exception as exc:
             if loaded_here:
                 self.engine.unload_adapter(candidate.name)
@@ -83,11 +83,15 @@ class PolicyGate:
         summary = f"all vetoing checks passed ({passed}/{len(results)} checks passed against {active or 'base'})"
         return GateDecision(True, [summary], checks)
 
-    def evaluate(self, candidate: str, active: str | None, build: DatasetBuild) -> list[CheckResult]:
-        """Every check of the policy on `candidate` against `active` (``None`` = the base model)."""
+    def evaluate(self, candidate: str, active: str | None, build: DatasetBuild | None) -> list[CheckResult]:
+        """Every check of the policy on `candidate` against `active` (``None`` = the base model).
+
+        Target checks need the cycle's taught examples (`build`); a SEAL cycle learns documents and is
+        judged on them by its own evaluation, so it passes ``None``.
+        """
         results = [self._protected(b, candidate, active) for b in self.policy.protected]
         results += [self._retention(s, candidate, active) for s in self.policy.retention]
-        target = self._target(candidate, build)
+        target = self._target(candidate, build) if build is not None else None
         if target is not None:
             results.append(target)
         return results
@@ -164,7 +168,7 @@ class PolicyGate:
             return None
         examples = build.new[: settings.max_examples]
         if not examples:
-            return None  # a SEAL cycle learns documents, not taught answers; its own evaluation applies
+            return None
         params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0)
         answers = self.engine.chat([e.prompt for e in examples], params, adapter=candidate)
         passes = []

@@ -389,7 +389,9 @@ def decisions_cmd(
     try:
         decisions = store.decisions(limit, adapter=adapter)
         if as_json:
-            rows = [{**d.__dict__, "created_at": d.created_at.isoformat()} for d in decisions]
+            from dataclasses import asdict
+
+            rows = [{**asdict(d), "created_at": d.created_at.isoformat()} for d in decisions]
             sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
             return
         table = Table(title="Decisions")

@@ -50,16 +50,3 @@ def open_store(config: RuntimeConfig, *, read_only: bool = False) -> Store:
         flush_interval_s=config.store.flush_interval_s,
         read_only=read_only,
     )
-
-
-def load_active_adapter(engine: Engine, store: Store, config: RuntimeConfig) -> str | None:
-    """Load the registry's active adapter (if any) into `engine` as its default; returns its name."""
-    from runtime.adapters import AdapterRegistry
-
-    active = AdapterRegistry(config.adapters_dir, store).active()
-    if active is None:
-        return None
-    if not engine.has_adapter(active.name):
-        engine.load_adapter(active.name, active.path)
-    engine.set_active_adapter(active.name)
-    return active.name
