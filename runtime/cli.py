@@ -515,6 +515,7 @@ def serve_cmd(
     import uvicorn
     from rich.markup import escape
 
+    from runtime.models import ModelNotFoundError
     from runtime.store import StoreError
     from server import ServerLimits, create_app
 
@@ -528,7 +529,7 @@ def serve_cmd(
                 dashboard_requires_token=(not loopback) if dashboard_token is None else dashboard_token,
                 background_learning=background_learning,
             )
-    except (ConfigError, StoreError) as exc:
+    except (ConfigError, StoreError, ModelNotFoundError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     shown = escape(f"[{host}]" if ":" in host else host)

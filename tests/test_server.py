@@ -552,3 +552,27 @@ def test_generation_does_not_block_other_requests(tiny_engine, tiny_model_dir: P
                 engine.gate.set()
                 thread.join()
             assert results[0].status_code == 200
+
+
+def test_stream_that_cannot_start_is_an_http_error(client: openai.OpenAI) -> None:
+    long_prompt = [{"role": "user", "content": " ".join(f"word{i}" for i in range(1500))}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="default", messages=long_prompt, stream=True)
+    assert info.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}], stream=True)
+
+
+def test_learning_loop_runs_with_the_app(tiny_engine, tiny_model_dir: Path, tmp_path: Path) -> None:
+    if load_runtime_service() is None:
+        pytest.skip("runtime/service.py (RuntimeService) is not installed")
+    config = tiny_config(tmp_path, tiny_model_dir)
+    with Store(config.store_path) as store:
+        app = create_app(config, engine=tiny_engine, store=store, background_learning=True)
+        service = app.state.runtime.service
+        assert service.loop is None
+        with TestClient(app) as http:
+            assert service.loop is not None  # started by the lifespan
+            assert http.get("/healthz").json()["service"] is True
+        assert service.loop is None  # stopped at shutdown; the engine and store were the caller's
+        assert not store.closed
