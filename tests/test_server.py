@@ -230,6 +230,10 @@ def test_models_list_and_registry_adapter_loaded_on_use(server: RunningServer, c
     assert extra(before[tiny_model_name(tiny_engine)], "status") == "base"
     assert extra(before["reg-a"], "status") == "candidate" and extra(before["reg-a"], "loaded") is False
     assert extra(before["tiny-a"], "loaded") is True
+    server.store.upsert_adapter("seal-generator-1", "/nonexistent", method="seal-generator")
+    assert "seal-generator-1" not in {m.id for m in client.models.list().data}  # a learner's tool, never served
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="seal-generator-1", messages=[{"role": "user", "content": "hi"}])
     answer = client.chat.completions.create(model="reg-a", messages=[{"role": "user", "content": "hi"}])
     assert extra(answer, "adapter") == "reg-a"
     after = {m.id: m for m in client.models.list().data}
