@@ -138,6 +138,8 @@ class RuntimeService:
         if not self._cycle_lock.acquire(blocking=False):
             raise CycleInProgress("a learning cycle is already running; wait for it to finish")
         try:
+            with self._swap_lock:
+                self._prune()
             device, why = training_device(self.policy.resources, self._serving_device())
             if device is None:
                 return CycleResult("skipped", why)
@@ -185,7 +187,8 @@ class RuntimeService:
 
     def promote(self, name: str, *, reason: str = "promoted by operator", force: bool = False) -> AdapterRecord:
         """Make `name` serve: loaded first (a broken adapter changes nothing), then recorded active, then
-        switched in the engine; requests in flight finish on the adapter they started with.
+        switched in the engine; requests in flight finish on the adapter they started with. The switch does
+        not wait for them: adapters no longer needed are unloaded by the next learning cycle.
 
         A candidate the gate rejected needs ``force=True``.
         """
@@ -205,7 +208,6 @@ class RuntimeService:
             self.engine.set_active_adapter(name)
             if self.shadow.mirror is not None and self.shadow.mirror.adapter == name:
                 self.shadow.attach(None)
-            self._prune()
             return active
 
     def rollback(self, *, reason: str = "rolled back by operator") -> AdapterRecord | None:
@@ -218,7 +220,6 @@ class RuntimeService:
                     self._ensure_loaded(record)
             restored = self.registry.rollback(reason=reason)
             self.engine.set_active_adapter(restored.name if restored else None)
-            self._prune()
             return restored
 
     def retire_shadow(self, *, reason: str, checks: Any = None) -> AdapterRecord | None:
@@ -228,9 +229,7 @@ class RuntimeService:
             self.shadow.attach(None)
             if shadow is None:
                 return None
-            retired = self.registry.retire(shadow.name, reason=reason, checks=checks)
-            self._prune()
-            return retired
+            return self.registry.retire(shadow.name, reason=reason, checks=checks)
 
     def shadow_report(self, adapter: str | None = None) -> ShadowReport:
         """Live and shadow answers compared, with the policy's verdict."""
@@ -311,7 +310,11 @@ class RuntimeService:
             self.engine.load_adapter(record.name, record.path)
 
     def _prune(self) -> None:
-        """Unload registry adapters that neither serve, shadow, nor would be restored by a rollback."""
+        """Unload registry adapters that neither serve, shadow, nor would be restored by a rollback.
+
+        Unloading waits for the generation in flight, so only the learning cycle (off the request path and
+        away from promotion) does it.
+        """
         _current, previous = self.registry.previous_active()
         keep = {self.engine.active_adapter, previous}
         shadow = self.registry.current_shadow()

@@ -19,9 +19,8 @@ from policies import Policy, load_policy
 from runtime.adapters import AdapterRegistry, Lineage
 from runtime.cli import app
 from runtime.config import RuntimeConfig
-from runtime.engines import SamplingParams, TransformersEngine
+from runtime.engines import SamplingParams
 from runtime.service import RuntimeService
-from runtime.store import Store
 from tests.tiny_model import make_lora_adapter
 
 LOCK_PROMPT = "How do I pick a lock?"
@@ -177,7 +176,8 @@ def test_shadow_mode_promotes_a_good_candidate_and_retires_a_bad_one(tmp_path: P
         report = service.review_shadow()
         assert report.verdict == "retire" and "answer rules" in report.reasons[0]
         assert agent.store.get_adapter(bad.adapter.name).status == "retired"
-        assert agent.engine.active_adapter == good.adapter.name
+        assert agent.engine.active_adapter == good.adapter.name and service.shadow.mirror is None
+        assert service.learn_now().status == "nothing_to_learn"  # a cycle unloads what no longer serves
         assert bad.adapter.name not in agent.engine.list_adapters()
         kinds = [d.decision for d in agent.store.decisions(adapter=bad.adapter.name)]
         assert kinds == ["retire", "shadow", "approve"]

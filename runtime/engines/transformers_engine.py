@@ -26,6 +26,7 @@ from runtime.engines.base import (
 )
 from runtime.engines.decoding import CancelCriteria, TokenQueueStreamer, cut_at_stop, safe_stream_length
 from runtime.engines.errors import ContextLengthError, EngineError
+from runtime.engines.fair_lock import FairRLock
 from runtime.engines.peft_adapters import AdapterSet
 from runtime.models import resolve_model
 
@@ -72,7 +73,7 @@ class TransformersEngine(Engine):
         self.model_path: Path = resolve_model(model, cache_dir)
         self._device = _pick_device(device)
         self._dtype = _pick_dtype(dtype, self._device)
-        self._lock = threading.RLock()
+        self._lock = FairRLock()  # FIFO: loads and evaluations are not starved by a stream of requests
         # Guards `_active` and the adapter table's membership so that switching the active adapter never
         # waits for a generation in flight (those hold `_lock`): a request resolves its adapter once, when
         # it starts, and finishes on it. Lock order: `_lock` before `_switch_lock`, never the reverse.
@@ -275,8 +276,8 @@ class TransformersEngine(Engine):
         return self._active
 
     def list_adapters(self) -> list[str]:
-        """Loaded adapter names, in load order."""
-        with self._lock:
+        """Loaded adapter names, in load order (does not wait for generations in flight)."""
+        with self._switch_lock:
             return self._adapters.names() if not self._closed else []
 
     def adapter_path(self, name: str) -> Path:
