@@ -41,6 +41,7 @@ from runtime.engines import Engine
 from runtime.store import Store
 
 if TYPE_CHECKING:
+    from policies import Policy
     from runtime.service import RuntimeService
 
 AgentInput = str | Sequence[BaseMessage | dict[str, Any] | tuple[str, str]] | dict[str, Any]
@@ -128,17 +129,19 @@ class LearningAgent:
         cls,
         config: RuntimeConfig | str | Path | None = None,
         *,
+        policy: Policy | str | Path | None = None,
         background_learning: bool = False,
         **kwargs: Any,
     ) -> LearningAgent:
         """Build the runtime (engine, store, policy, active adapter) from a config: a `RuntimeConfig`, a
-        YAML path, or the defaults. With `background_learning`, the learning loop starts in this process.
+        YAML path, or the defaults. `policy` (a `Policy` or a YAML path) replaces the config's ``policy``
+        file. With `background_learning`, the learning loop starts in this process.
 
         The agent owns the runtime and closes it in :meth:`close`.
         """
         from runtime.service import RuntimeService
 
-        service = RuntimeService.from_config(config)
+        service = RuntimeService.from_config(config, policy=policy)
         config = service.config
         kwargs.setdefault("system_prompt", config.engine.system_prompt)
         kwargs.setdefault("max_new_tokens", config.engine.max_new_tokens)

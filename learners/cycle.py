@@ -210,8 +210,8 @@ def run_cycle(
     metrics = {**metrics, "gate": {"approved": verdict.approved, "reasons": verdict.reasons}}
     if not verdict.approved:
         store.set_adapter_status(record.name, "rejected")
-        message = "vetoed: " + "; ".join(verdict.reasons)
-        return CycleResult("vetoed", message, run_id, store.get_adapter(record.name), counts, metrics)
+        rejected = store.get_adapter(record.name)
+        return CycleResult("vetoed", "; ".join(verdict.reasons), run_id, rejected, counts, metrics)
     if promotion == "direct":
         active = registry.activate(record.name, reason="approved by the gate", run_id=run_id)
         return CycleResult("activated", f"{record.name} is active", run_id, active, counts, metrics)

@@ -123,7 +123,7 @@ class LearningLoop:
         device, why = training_device(service.policy.resources, service._serving_device())
         if device is None:
             return TickOutcome(now, "skipped", why, shadow=shadow)
-        result = service.learn_now(self.schedule.method)
+        result = service.learn_now(self.schedule.method, spare_only=True)
         adapter = result.adapter.name if result.adapter else None
         return TickOutcome(now, "learned", result.message, result.status, result.run_id, adapter, shadow)
 

@@ -131,16 +131,25 @@ class RuntimeService:
         return PolicyGate(self.policy, self.engine)
 
     def learn_now(
-        self, method: str | None = None, *, progress: ProgressFn | None = None, timeout_s: float | None = None
+        self,
+        method: str | None = None,
+        *,
+        progress: ProgressFn | None = None,
+        timeout_s: float | None = None,
+        spare_only: bool = False,
     ) -> CycleResult:
         """Run one learning cycle now (dataset -> worker -> gate -> promotion) and apply its outcome to the
-        engine. Raises :class:`CycleInProgress` if one is already running."""
+        engine. Raises :class:`CycleInProgress` if one is already running.
+
+        The policy's spare-device thresholds apply only with `spare_only` (the background loop checks them
+        before it calls this); a cycle asked for by hand runs on the best device available.
+        """
         if not self._cycle_lock.acquire(blocking=False):
             raise CycleInProgress("a learning cycle is already running; wait for it to finish")
         try:
             with self._swap_lock:
                 self._prune()
-            device, why = training_device(self.policy.resources, self._serving_device())
+            device, why = training_device(self.policy.resources, self._serving_device(), spare_only=spare_only)
             if device is None:
                 return CycleResult("skipped", why)
             result = run_cycle(
