@@ -207,7 +207,9 @@ class EngineChatModel(BaseChatModel):
         final = self._to_message(stream.generation, conversation, latency_ms, run_manager, False)
         self._mirror(conversation, final, params)
         yield ChatGenerationChunk(
-            message=AIMessageChunk(content="", response_metadata=final.response_metadata)
+            message=AIMessageChunk(
+                content="", response_metadata=final.response_metadata, usage_metadata=final.usage_metadata
+            )
         )
 
     def _to_message(

@@ -134,8 +134,6 @@ async def _stream_response(state: ServerState, prepared: PreparedRequest, comple
         if result is None:
             yield "data: [DONE]\n\n"
             return
-        if include_usage and not result.completion_tokens:
-            await run_in_threadpool(_fill_usage, state, result)
         nonlocal label
         label = state.resolver.label(result.adapter)
         yield chunk({}, _finish(result), interaction_id=result.interaction_id, adapter=result.adapter)
@@ -151,21 +149,8 @@ async def _stream_response(state: ServerState, prepared: PreparedRequest, comple
         result = handle.result
         if result is None:
             return
-        if not result.completion_tokens:
-            _fill_usage(state, result)
         state.metrics.record_tokens(result.adapter, result.prompt_tokens, result.completion_tokens)
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                              background=BackgroundTask(count_tokens))
-
-
-def _fill_usage(state: ServerState, result: Completion) -> None:
-    """Token counts of a streamed answer, from its logged interaction (the stream's last chunk has none)."""
-    if result.interaction_id is None:
-        return
-    row = state.store.get_interaction(result.interaction_id)
-    if row is not None:
-        result.prompt_tokens = row.prompt_tokens or 0
-        result.completion_tokens = row.completion_tokens or 0
-
