@@ -159,12 +159,13 @@ PolicyOption = Annotated[
 def _service(cfg: RuntimeConfig, policy: Path | None) -> RuntimeService:
     """The runtime service for a one-shot command; clear errors for a bad policy, store or model."""
     from policies import PolicyError
+    from runtime.models import ModelNotFoundError
     from runtime.service import RuntimeService
     from runtime.store import StoreError
 
     try:
         return RuntimeService.from_config(cfg, policy=policy)
-    except (PolicyError, ConfigError, StoreError, FileNotFoundError) as exc:
+    except (PolicyError, ConfigError, StoreError, ModelNotFoundError, FileNotFoundError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
 
@@ -515,6 +516,7 @@ def serve_cmd(
     import uvicorn
     from rich.markup import escape
 
+    from policies import PolicyError
     from runtime.models import ModelNotFoundError
     from runtime.store import StoreError
     from server import ServerLimits, create_app
@@ -529,7 +531,7 @@ def serve_cmd(
                 dashboard_requires_token=(not loopback) if dashboard_token is None else dashboard_token,
                 background_learning=background_learning,
             )
-    except (ConfigError, StoreError, ModelNotFoundError) as exc:
+    except (ConfigError, PolicyError, StoreError, ModelNotFoundError) as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     shown = escape(f"[{host}]" if ":" in host else host)
