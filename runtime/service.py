@@ -266,6 +266,12 @@ class RuntimeService:
             self._loop.start()
         return self._loop
 
+    def stop_background(self) -> None:
+        """Stop the learning loop (a cycle in progress finishes first)."""
+        if self._loop is not None:
+            self._loop.shutdown()
+            self._loop = None
+
     @property
     def loop(self) -> Any:
         """The background loop, once started."""
@@ -273,9 +279,7 @@ class RuntimeService:
 
     def close(self) -> None:
         """Stop the loop and shadow mode, flush the store, and close what :meth:`from_config` created."""
-        if self._loop is not None:
-            self._loop.shutdown()
-            self._loop = None
+        self.stop_background()
         self.shadow.attach(None)
         if not self.store.closed:
             self.store.flush()

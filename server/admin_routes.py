@@ -74,7 +74,7 @@ async def adapter(name: str, state: ServerState = Depends(get_state)) -> dict[st
 @router.post("/adapters/{name}/promote")
 async def promote(name: str, state: ServerState = Depends(get_state)) -> dict[str, Any]:
     """Make ``name`` the active adapter (the engine serves it at once)."""
-    service = state.require_service("Promotion")
+    service = state.service
     record = await _service_call(service.promote, name)
     return {"active": adapter_dict(record, loaded=state.engine.has_adapter(record.name))}
 
@@ -82,7 +82,7 @@ async def promote(name: str, state: ServerState = Depends(get_state)) -> dict[st
 @router.post("/rollback")
 async def rollback(state: ServerState = Depends(get_state)) -> dict[str, Any]:
     """Restore the adapter that was active before the current one (or the base model)."""
-    service = state.require_service("Rollback")
+    service = state.service
     record = await _service_call(service.rollback)
     return {"active": None if record is None else adapter_dict(record, loaded=state.engine.has_adapter(record.name)),
             "serving": record.name if record is not None else "base"}
@@ -91,12 +91,12 @@ async def rollback(state: ServerState = Depends(get_state)) -> dict[str, Any]:
 @router.post("/learn", status_code=202)
 async def learn(body: LearnRequest | None = None, state: ServerState = Depends(get_state)) -> JSONResponse:
     """Start one learning cycle in the background; poll ``GET /admin/learn/{job}`` (or ``/admin/runs``)."""
-    service = state.require_service("Learning")
+    service = state.service
     method = body.method if body is not None else None
     if method is not None and method not in LEARN_METHODS:
         raise APIError(400, f"Unknown learning method {method!r}; use one of {', '.join(LEARN_METHODS)}.",
                        param="method")
-    if getattr(service, "cycle_running", False) and state.learn_jobs.running() is None:
+    if service.cycle_running and state.learn_jobs.running() is None:
         raise APIError(409, "A learning cycle started by the background loop is running; see GET /admin/runs.",
                        code="learning_in_progress")
     job, started = state.learn_jobs.start(service.learn_now, method)
@@ -152,6 +152,6 @@ async def run(run_id: str, state: ServerState = Depends(get_state)) -> dict[str,
 @router.get("/shadow-report")
 async def shadow_report(adapter: str | None = None, state: ServerState = Depends(get_state)) -> dict[str, Any]:
     """How the shadow adapter compares with the live one on mirrored traffic."""
-    service = state.require_service("The shadow report")
+    service = state.service
     report = await _service_call(service.shadow_report, adapter)
-    return jsonable(report.to_dict() if hasattr(report, "to_dict") else report)
+    return jsonable(report.to_dict())

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from agent.learning_agent import LearningAgent
 from runtime.config import RuntimeConfig
 from runtime.engines import Engine
+from runtime.service import RuntimeService
 from runtime.store import Store
 from server import admin_routes, dashboard, feedback_routes, openai_routes, ops_routes
 from server.errors import install_error_handlers
@@ -31,16 +32,7 @@ from server.state import ADMIN_TOKEN_ENV, ServerState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["create_app", "load_runtime_service"]
-
-
-def load_runtime_service() -> Any:
-    """The `RuntimeService` class (runtime/service.py), or ``None`` where this installation has none."""
-    try:
-        from runtime.service import RuntimeService  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        return None
-    return RuntimeService
+__all__ = ["create_app"]
 
 
 def create_app(
@@ -48,12 +40,11 @@ def create_app(
     *,
     engine: Engine | None = None,
     store: Store | None = None,
-    service: Any = None,
+    service: RuntimeService | None = None,
     admin_token: str | None = None,
     limits: ServerLimits | None = None,
     dashboard_requires_token: bool = False,
     background_learning: bool = True,
-    use_service: bool = True,
 ) -> FastAPI:
     """Build the server app.
 
@@ -61,15 +52,14 @@ def create_app(
         config: the runtime configuration (model, engine, store, learning, policy).
         engine: the serving engine; default: built from ``config`` (and closed at shutdown).
         store: the interaction log; default: opened from ``config`` (and closed at shutdown).
-        service: a `RuntimeService` for promotion, rollback, learning and the shadow report; default: one is
-            built from ``config`` on the same engine and store when runtime/service.py is installed, and
-            those four admin routes answer 501 where it is not.
+        service: the `RuntimeService` behind learning, promotion, rollback, shadow mode and the shadow
+            report; default: one built from ``config`` on the same engine and store (it loads the
+            registry's active and shadow adapters into the engine, and is closed at shutdown).
         admin_token: bearer token of the ``/admin`` routes; default: ``$RUNTIME_ADMIN_TOKEN``. Without one
             the admin routes answer 403 saying how to set it.
         limits: request size limits (:class:`ServerLimits` defaults).
         dashboard_requires_token: make the dashboard's data route require the admin token too.
         background_learning: start the service's scheduled learning loop with the app (lifespan).
-        use_service: ``False`` never builds a service (the service-backed admin routes answer 501).
     """
     owned: list[Any] = []
     if service is not None:
@@ -85,15 +75,9 @@ def create_app(
 
         engine = create_engine(config)
         owned.append(engine)
-    owns_service = False
-    if service is None and use_service:
-        service_cls = load_runtime_service()
-        if service_cls is not None:
-            # Loads the registry's active and shadow adapters into the engine.
-            service = service_cls.from_config(config, engine=engine, store=store)
-            owns_service = True
-    if service is None and owned:
-        _load_active_adapter(config, engine, store)
+    owns_service = service is None
+    if service is None:
+        service = RuntimeService.from_config(config, engine=engine, store=store)
     token = admin_token if admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV) or None
 
     # The agent's chat model logs every call and, with a service, feeds shadow mode.
@@ -113,7 +97,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         started = False
-        if background_learning and service is not None and hasattr(service, "start_background"):
+        if background_learning:
             service.start_background()
             started = True
         try:
@@ -137,17 +121,6 @@ def create_app(
     return app
 
 
-def _load_active_adapter(config: RuntimeConfig, engine: Engine, store: Store) -> None:
-    """Without a service: serve the registry's active adapter, as the service would."""
-    from runtime.adapters import AdapterRegistry
-
-    active = AdapterRegistry(config.adapters_dir, store).active()
-    if active is not None:
-        if not engine.has_adapter(active.name):
-            engine.load_adapter(active.name, active.path)
-        engine.set_active_adapter(active.name)
-
-
 def _snapshot(state: ServerState) -> dict[str, Any]:
     return {
         "model": state.resolver.base_id,
@@ -158,14 +131,13 @@ def _snapshot(state: ServerState) -> dict[str, Any]:
     }
 
 
-def _shutdown(state: ServerState, owned_service: Any, started_background: bool) -> None:
+def _shutdown(state: ServerState, owned_service: RuntimeService | None, started_background: bool) -> None:
     """Stop the learning loop, flush the log and close what the app created."""
-    service = state.service
     try:
-        if owned_service is not None and hasattr(owned_service, "close"):
+        if owned_service is not None:
             owned_service.close()
-        elif started_background and service is not None and hasattr(service, "stop_background"):
-            service.stop_background()
+        elif started_background:
+            state.service.stop_background()
     except Exception:  # noqa: BLE001 - shutdown goes on
         log.exception("stopping the runtime service failed")
     try:

@@ -1,4 +1,4 @@
-"""What the routes share: the engine, the store, the chat model, the optional `RuntimeService`, settings."""
+"""What the routes share: the engine, the store, the chat model, the `RuntimeService`, settings."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from agent.chat_model import EngineChatModel
 from agent.learning_agent import LearningAgent
 from runtime.config import RuntimeConfig
 from runtime.engines import Engine
+from runtime.service import RuntimeService
 from runtime.store import Store
 from server.errors import APIError
 from server.learn_jobs import LearnJobs
@@ -31,7 +32,7 @@ class ServerState:
         config: the runtime configuration.
         engine: the serving engine.
         store: the interaction log.
-        service: the `RuntimeService` (promotion, rollback, learning, shadow report), when available.
+        service: the `RuntimeService` (learning, promotion, rollback, shadow mode and its report).
         agent: a `LearningAgent` on the same engine and store; the feedback routes use its validation.
         chat: runs chat completions through the chat model (logged like agent calls).
         resolver: maps a request's ``model`` to the adapter that serves it.
@@ -46,7 +47,7 @@ class ServerState:
     config: RuntimeConfig
     engine: Engine
     store: Store
-    service: Any
+    service: RuntimeService
     agent: LearningAgent
     chat: ChatService
     resolver: ModelResolver
@@ -72,13 +73,6 @@ class ServerState:
         if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), self.admin_token.encode()):
             raise APIError(401, "Missing or wrong admin token: send `Authorization: Bearer <token>`.",
                            code="invalid_admin_token", headers={"WWW-Authenticate": "Bearer"})
-
-    def require_service(self, what: str) -> Any:
-        """The `RuntimeService`, or a 501 saying that this operation needs it."""
-        if self.service is None:
-            raise APIError(501, f"{what} needs the runtime service (runtime/service.py: RuntimeService), which is "
-                           "not available in this installation.", code="service_unavailable")
-        return self.service
 
 
 def get_state(request: Request) -> ServerState:

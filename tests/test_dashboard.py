@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from runtime.service import RuntimeService
 from runtime.store import Store
 from server import create_app
 from tests.test_server import serve_in_thread, tiny_config
@@ -65,7 +66,8 @@ def dashboard_server(tiny_engine, tiny_model_dir: Path, tiny_adapter_dir: Path,
     try:
         with Store(config.store_path) as store:
             ids = populate(store, tiny_adapter_dir)
-            app = create_app(config, engine=tiny_engine, store=store, use_service=False, admin_token=TOKEN)
+            service = RuntimeService(config, tiny_engine, store)
+            app = create_app(config, engine=tiny_engine, store=store, service=service, admin_token=TOKEN)
             with serve_in_thread(app) as url:
                 # One real chat completion, so the page shows an interaction logged by the server itself.
                 served = httpx.post(url + "/v1/chat/completions", json={
@@ -142,7 +144,8 @@ def test_dashboard_with_token_asks_for_it(tiny_engine, tiny_model_dir: Path, tmp
     config = tiny_config(tmp_path, tiny_model_dir)
     with Store(config.store_path) as store:
         store.log_interaction([{"role": "user", "content": "secret question"}], "secret answer")
-        app = create_app(config, engine=tiny_engine, store=store, use_service=False, admin_token=TOKEN,
+        service = RuntimeService(config, tiny_engine, store)
+        app = create_app(config, engine=tiny_engine, store=store, service=service, admin_token=TOKEN,
                          dashboard_requires_token=True)
         with serve_in_thread(app) as url:
             assert httpx.get(url + "/dashboard/api/summary").status_code == 401

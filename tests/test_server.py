@@ -27,9 +27,9 @@ from fastapi.testclient import TestClient
 from runtime.adapters import adapter_checksum
 from runtime.config import RuntimeConfig
 from runtime.engines import SamplingParams
+from runtime.service import RuntimeService
 from runtime.store import Store
 from server import ServerLimits, create_app
-from server.app import load_runtime_service
 
 TOKEN = "test-admin-token"
 MAX_TOKENS = 12
@@ -393,11 +393,6 @@ def test_admin_promote_rollback_and_shadow_report(server: RunningServer, tiny_en
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with httpx.Client(base_url=server.url, headers=auth) as http:
         promoted = http.post("/admin/adapters/reg-a/promote")
-        if load_runtime_service() is None:
-            assert promoted.status_code == 501 and "RuntimeService" in promoted.json()["error"]["message"]
-            assert http.post("/admin/rollback").status_code == 501
-            assert http.get("/admin/shadow-report").status_code == 501
-            return
         assert promoted.status_code == 200, promoted.text
         assert promoted.json()["active"]["name"] == "reg-a"
         assert tiny_engine.active_adapter == "reg-a"
@@ -419,9 +414,6 @@ def test_learn_now_runs_in_the_background(tiny_engine, tiny_model_dir: Path, tmp
         app = create_app(config, engine=tiny_engine, store=store, admin_token=TOKEN, background_learning=False)
         with TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
             started = http.post("/admin/learn", json={"method": "sft"})
-            if load_runtime_service() is None:
-                assert started.status_code == 501
-                return
             assert started.status_code == 202, started.text
             job = started.json()
             assert started.headers["location"] == f"/admin/learn/{job['id']}"
@@ -439,7 +431,7 @@ def test_admin_disabled_without_a_token(tiny_engine, tiny_model_dir: Path, tmp_p
     monkeypatch.delenv("RUNTIME_ADMIN_TOKEN", raising=False)
     config = tiny_config(tmp_path, tiny_model_dir)
     with Store(config.store_path) as store:
-        app = create_app(config, engine=tiny_engine, store=store, use_service=False)
+        app = create_app(config, engine=tiny_engine, store=store, service=RuntimeService(config, tiny_engine, store))
         with TestClient(app) as http:
             refused = http.get("/admin/adapters", headers={"Authorization": "Bearer anything"})
             assert refused.status_code == 403
@@ -453,12 +445,9 @@ def test_admin_token_from_environment(tiny_engine, tiny_model_dir: Path, tmp_pat
     monkeypatch.setenv("RUNTIME_ADMIN_TOKEN", "from-env")
     config = tiny_config(tmp_path, tiny_model_dir)
     with Store(config.store_path) as store:
-        app = create_app(config, engine=tiny_engine, store=store, use_service=False)
+        app = create_app(config, engine=tiny_engine, store=store, service=RuntimeService(config, tiny_engine, store))
         with TestClient(app) as http:
             assert http.get("/admin/runs", headers={"Authorization": "Bearer from-env"}).status_code == 200
-            # Without a service, the operations that need one say so.
-            promote = http.post("/admin/adapters/x/promote", headers={"Authorization": "Bearer from-env"})
-            assert promote.status_code == 501 and promote.json()["error"]["code"] == "service_unavailable"
 
 
 # --- health and metrics ------------------------------------------------------------------------------------
@@ -539,7 +528,8 @@ def test_generation_does_not_block_other_requests(tiny_engine, tiny_model_dir: P
     engine = _GatedEngine(tiny_engine)
     config = tiny_config(tmp_path, tiny_model_dir)
     with Store(config.store_path) as store:
-        app = create_app(config, engine=engine, store=store, use_service=False)  # type: ignore[arg-type]
+        app = create_app(config, engine=engine, store=store,  # type: ignore[arg-type]
+                         service=RuntimeService(config, engine, store))  # type: ignore[arg-type]
         with serve_in_thread(app) as url:
             results: list[httpx.Response] = []
             thread = threading.Thread(target=lambda: results.append(httpx.post(
@@ -568,8 +558,6 @@ def test_stream_that_cannot_start_is_an_http_error(client: openai.OpenAI) -> Non
 
 
 def test_learning_loop_runs_with_the_app(tiny_engine, tiny_model_dir: Path, tmp_path: Path) -> None:
-    if load_runtime_service() is None:
-        pytest.skip("runtime/service.py (RuntimeService) is not installed")
     config = tiny_config(tmp_path, tiny_model_dir)
     with Store(config.store_path) as store:
         app = create_app(config, engine=tiny_engine, store=store, background_learning=True)
