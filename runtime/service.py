@@ -59,6 +59,7 @@ class RuntimeService:
         self._cycle_lock = threading.Lock()
         self._swap_lock = threading.RLock()
         self._loop: Any = None
+        self._gate: Gate | None = None
         self._owns: list[Any] = []
         self.last_cycle: CycleResult | None = None
 
@@ -123,12 +124,15 @@ class RuntimeService:
     # --- learning -------------------------------------------------------------------------------------
 
     def gate(self) -> Gate:
-        """The policy gate on this engine (approve-all without a policy)."""
+        """The policy gate on this engine (approve-all without a policy). One gate serves every cycle, so the
+        active adapter's retention scores are computed once, not once per candidate."""
         if not self.has_policy:
             return approve_all
-        from policies.gate import PolicyGate
+        if self._gate is None:
+            from policies.gate import PolicyGate
 
-        return PolicyGate(self.policy, self.engine)
+            self._gate = PolicyGate(self.policy, self.engine)
+        return self._gate
 
     def learn_now(
         self,
