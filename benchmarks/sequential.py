@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--retention-questions", type=int, default=60, help="measured after each step")
     parser.add_argument("--auto-retention-questions", type=int, default=30, help="auto's own check (disjoint)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--replay-fraction", type=float, default=None,
+                        help="learning.replay_fraction (default: the config default)")
     parser.add_argument("--sft-set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--sdft-set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--lora-set", action="append", default=[], metavar="KEY=VALUE")
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "retention_questions": len(measured),
             "threads": args.threads,
+            "replay_fraction": (
+                args.replay_fraction if args.replay_fraction is not None else RuntimeConfig().learning.replay_fraction
+            ),
         },
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "sdft": parse_overrides(args.sdft_set, "sdft"),
                 "lora": parse_overrides(args.lora_set, "lora"),
             }
+            if args.replay_fraction is not None:
+                learning["replay_fraction"] = args.replay_fraction
             if method == "auto":
                 learning["auto"] = {"retention_file": str(auto_file), "retention_questions": len(auto_items)}
                 if args.auto_candidates:
