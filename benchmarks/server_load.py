@@ -24,10 +24,7 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from runtime.models import DEFAULT_MODEL  # noqa: E402
+from runtime.serve_process import ServerStartError, free_port, start_server, stop_server, wait_ready  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "facts_dev.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -139,47 +137,6 @@ def run_phase(url: str, prompts: list[str], *, clients: int, duration_s: float, 
     return result
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(config_path: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "RUNTIME_ADMIN_TOKEN": TOKEN, "TRANSFORMERS_VERBOSITY": "error"}
-    log = log_path.open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "serve", "--config", str(config_path), "--host", "127.0.0.1",
-         "--port", str(port), "--no-background-learning", "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"runtime serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            response = httpx.get(url + "/healthz", timeout=5)
-            if response.status_code == 200:
-                return response.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"runtime serve was not ready within {timeout_s}s:\n{log_path.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)  # uvicorn shuts down gracefully: lifespan closes the service
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSONL with question and demonstration")
@@ -215,9 +172,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log_path = tmp_path / "server.log"
-        proc = start_server(config_path, port, log_path)
+        proc = start_server(config_path, port, log_path, admin_token=TOKEN)
         try:
-            health = wait_ready(url, proc, log_path, args.ready_timeout)
+            try:
+                health = wait_ready(url, proc, log_path, args.ready_timeout)
+            except ServerStartError as exc:
+                raise SystemExit(str(exc)) from None
             _warm_up(url, prompts, args)
             print(f"idle phase: {args.clients} clients for {args.duration:.0f}s", flush=True)
             idle = run_phase(url, prompts, clients=args.clients, duration_s=args.duration, max_tokens=args.max_tokens)
