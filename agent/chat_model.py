@@ -28,7 +28,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
@@ -39,6 +39,9 @@ current_thread_id: ContextVar[str | None] = ContextVar("current_thread_id", defa
 
 #: Set by `LearningAgent` around a graph run: the interaction ids logged during the run are appended.
 current_run_interactions: ContextVar[list[str] | None] = ContextVar("current_run_interactions", default=None)
+
+#: The `stream` call's config metadata: LangChain does not hand `_stream` a run manager to read it from.
+_stream_metadata: ContextVar[dict[str, Any] | None] = ContextVar("_stream_metadata", default=None)
 
 INTERACTION_ID_KEY = "interaction_id"
 
@@ -169,6 +172,27 @@ class EngineChatModel(BaseChatModel):
             seed=kwargs.get("seed", self.seed),
         )
 
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        """As LangChain's `stream`; the config's metadata (e.g. ``thread_id``) is logged as with `invoke`."""
+        metadata = dict((config or {}).get("metadata") or {})
+        inner = super().stream(input, config, stop=stop, **kwargs)
+        while True:
+            token = _stream_metadata.set(metadata)  # set around each step only: never leaks to the caller
+            try:
+                chunk = next(inner)
+            except StopIteration:
+                return
+            finally:
+                _stream_metadata.reset(token)
+            yield chunk
+
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -251,7 +275,10 @@ class EngineChatModel(BaseChatModel):
     ) -> str | None:
         if self.store is None:
             return None
-        metadata = dict(run_manager.metadata) if run_manager is not None and run_manager.metadata else {}
+        if run_manager is not None and run_manager.metadata:
+            metadata = dict(run_manager.metadata)
+        else:
+            metadata = dict(_stream_metadata.get() or {})
         thread_id = metadata.get("thread_id") or current_thread_id.get()
         interaction_id = self.store.log_interaction(
             thread_id=str(thread_id) if thread_id is not None else None,

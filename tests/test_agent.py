@@ -176,3 +176,13 @@ def test_real_default_model_answers_and_is_logged(real_model_dir: Path, tmp_path
         row = store.get_interaction(result.interaction_id)
         assert row is not None and row.response == result.text and row.thread_id == "real"
     engine.close()
+
+
+def test_chat_model_stream_logs_the_config_metadata(tiny_engine, store: Store) -> None:
+    """LangChain gives `_stream` no run manager: the thread id and metadata still reach the log."""
+    model = EngineChatModel(engine=tiny_engine, store=store, max_new_tokens=4)
+    chunks = list(model.stream("hi", {"metadata": {"thread_id": "t-stream", "user": "u1"}}))
+    final = next(c for c in chunks if c.response_metadata.get("interaction_id"))
+    logged = store.get_interaction(final.response_metadata["interaction_id"])
+    assert logged.thread_id == "t-stream" and logged.metadata["user"] == "u1"
+    assert final.usage_metadata["output_tokens"] == logged.completion_tokens
