@@ -19,12 +19,12 @@ from learners.worker import (
     ProgressFn,
     TrainingFailed,
     TrainJob,
-    default_cpu_threads,
     pick_training_device,
     run_training_process,
 )
 from runtime.adapters import AdapterRegistry, AdapterVerificationError, Lineage
 from runtime.config import ConfigError, RuntimeConfig
+from runtime.cpu import learner_cpu_threads
 from runtime.models import resolve_model
 from runtime.store import AdapterRecord, Store
 
@@ -111,7 +111,7 @@ def run_cycle(
     The published candidate goes to `gate`, and an approved one is promoted by `promotion`.
 
     Training runs on `device` (default: a spare GPU that is not `serving_device`, else the CPU) with
-    `num_threads` CPU threads (default: the engine's setting, else half the cores).
+    `num_threads` CPU threads (default: half the cores, :func:`runtime.cpu.learner_cpu_threads`).
     """
     method = method or config.learning.method
     if method not in LEARNING_METHODS:
@@ -163,7 +163,7 @@ def run_cycle(
         lora=dict(config.learning.lora),
         parent_adapter_dir=parent.path if parent else None,
         device=device,
-        num_threads=num_threads or config.engine.num_threads or default_cpu_threads(),
+        num_threads=num_threads or learner_cpu_threads(),
     )
     used_documents: list[str] = []
     try:

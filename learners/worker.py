@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from runtime.cpu import learner_cpu_threads
+
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 
 METHODS = ("sdft", "sft")
@@ -65,11 +67,6 @@ class SealJob:
     num_threads: int | None = None
     niceness: int = 10
     method: str = "seal"
-
-
-def default_cpu_threads() -> int:
-    """Leave a core for serving: half the cores, at least one."""
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def pick_training_device(
@@ -197,7 +194,7 @@ def _child_main(kind: str, job_dict: dict[str, Any], messages: mp.Queue) -> None
         _quiet_libraries()
         import torch
 
-        torch.set_num_threads(job.num_threads or default_cpu_threads())
+        torch.set_num_threads(job.num_threads or learner_cpu_threads())
         run = {"train": _train, "seal": _seal, "call": _call}[kind]
         result = run(job, lambda step, total, logs: messages.put(("progress", (step, total, logs))))
         messages.put(("done", result))

@@ -52,7 +52,11 @@ class EngineConfig(_Section):
     )
     device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N` (transformers engine).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    num_threads: int | None = Field(None, ge=1, description="CPU threads for the embedded engine.")
+    num_threads: int | None = Field(
+        None, ge=1,
+        description="CPU threads for the embedded engine (default: the cores a learning worker leaves free, "
+        "half of them; more threads than free cores make a busy CPU much slower).",
+    )
     base_url: str | None = Field(None, description="Server URL for the vllm and sglang engines.")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Default completion length.")
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="Default sampling temperature (0 = greedy).")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from runtime.config import RuntimeConfig
+from runtime.cpu import serving_cpu_threads
 from runtime.engines import Engine
 from runtime.store import Store
 
@@ -17,7 +18,7 @@ def create_engine(config: RuntimeConfig) -> Engine:
             config.model.name,
             device=config.engine.device,
             dtype=config.engine.dtype,
-            num_threads=config.engine.num_threads,
+            num_threads=config.engine.num_threads or serving_cpu_threads(),
             cache_dir=config.model.cache_dir,
         )
     if kind in ("vllm", "sglang"):
