@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.serving_overhead import read_prompts  # noqa: E402
 from runtime.adapters import Lineage  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
+from runtime.cpu import serving_cpu_threads  # noqa: E402
 from runtime.engines import TransformersEngine  # noqa: E402
 from runtime.models import DEFAULT_MODEL, resolve_model  # noqa: E402
 from runtime.service import RuntimeService  # noqa: E402
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--swap-every", type=float, default=2.0)
     parser.add_argument("--adapters", type=int, default=4, help="distinct adapters cycled through")
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="engine CPU threads (default: the serving share)")
     parser.add_argument("--out", type=Path, default=RESULTS / "hot_swap.json")
     args = parser.parse_args(argv)
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config = RuntimeConfig.model_validate(
             {"data_dir": str(tmp_path / "data"), "model": {"name": str(model_dir)}, "engine": {"device": "cpu"}}
         )
-        engine = TransformersEngine(model_dir, device="cpu", num_threads=args.threads)
+        engine = TransformersEngine(model_dir, device="cpu", num_threads=args.threads or serving_cpu_threads())
         service = RuntimeService.from_config(config, engine=engine)
         names = []
         for i in range(args.adapters):
