@@ -86,6 +86,10 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "mix50_base": {**_SKIP0, "teacher_rollout_fraction": 0.5, "teacher_kind": "base"},
     "rewrite": {"variant": "rewrite"},
     "rewrite_nocheck": {"variant": "rewrite", "rewrite_check": "none"},
+    "rewrite_kl05": {"variant": "rewrite", "kl_anchor": 0.5},
+    "warmup3_gen_teacher_direct_base": {
+        **_SKIP0, **_DIRECT, "generate_from_teacher": True, "teacher_kind": "base", "sft_warmup_epochs": 3,
+    },
 }
 
 #: Fields kept out of a run's identity (they do not change what is trained).

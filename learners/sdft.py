@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -167,6 +168,10 @@ class SDFTSettings(BaseTrainSettings):
         rewrite_check: ``"answer"`` keeps a rewrite only if it holds the demonstration's answer
             (:func:`rewrite_keeps_answer`), else falls back to the demonstration; ``"none"`` keeps every
             non-empty rewrite.
+        kl_anchor: ``variant="rewrite"``: weight of a KL(adapter || base) penalty in the SFT loss on the rewrites
+            (``SFTSettings.kl_anchor``; 0: off). Not available on-policy, whose loss is TRL's distillation loss.
+        sft_warmup_epochs: ``variant="on_policy"``: epochs of SFT on the demonstrations before SDFT continues
+            from that adapter (0: off), so that the student's rollouts already carry the new facts.
     """
 
     learning_rate: float = 1e-3
@@ -202,6 +207,16 @@ class SDFTSettings(BaseTrainSettings):
     rewrite_max_new_tokens: int = 64
     rewrite_temperature: float = 0.0
     rewrite_check: Literal["answer", "none"] = "answer"
+    kl_anchor: float = 0.0
+    sft_warmup_epochs: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kl_anchor < 0 or self.sft_warmup_epochs < 0:
+            raise ValueError("kl_anchor and sft_warmup_epochs must be >= 0")
+        if self.kl_anchor > 0 and self.variant != "rewrite":
+            raise ValueError("kl_anchor applies to variant='rewrite' (an SFT loss); on-policy SDFT has TRL's loss")
+        if self.sft_warmup_epochs > 0 and self.variant != "on_policy":
+            raise ValueError("sft_warmup_epochs applies to variant='on_policy'; 'rewrite' is SFT already")
 
     @classmethod
     def official(cls, **overrides: Any) -> SDFTSettings:
@@ -220,7 +235,9 @@ class SDFTSettings(BaseTrainSettings):
     def to_sft_settings(self) -> SFTSettings:
         """The SFT settings of ``variant="rewrite"``: the shared optimisation knobs, ``prompts_per_step`` as batch."""
         common = {f.name: getattr(self, f.name) for f in fields(BaseTrainSettings)}
-        return SFTSettings(**common, batch_size=self.prompts_per_step, shuffle=self.shuffle)
+        return SFTSettings(
+            **common, batch_size=self.prompts_per_step, shuffle=self.shuffle, kl_anchor=self.kl_anchor
+        )
 
     def to_sdft_config(self, output_dir: str | Path, num_examples: int) -> SDFTConfig:
         """Build TRL's ``SDFTConfig`` for ``num_examples`` examples."""
@@ -430,6 +447,10 @@ def train_sdft(
         return _train_rewrite(
             base_model_dir, examples, output_dir, settings, lora, parent_adapter_dir, progress_callback, callbacks
         )
+    warmup = None
+    if settings.sft_warmup_epochs > 0:
+        warmup = _sft_warmup(base_model_dir, examples, output_dir, settings, lora, parent_adapter_dir)
+        parent_adapter_dir = warmup.adapter_dir
     progress = ProgressCallback(progress_callback)
     trainer = build_sdft_trainer(
         base_model_dir, examples, output_dir, settings, lora, parent_adapter_dir, [progress, *callbacks]
@@ -437,6 +458,11 @@ def train_sdft(
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    summary = dict(progress.summary)
+    if warmup is not None:
+        seconds += warmup.train_seconds
+        summary.update(sft_warmup_seconds=warmup.train_seconds, sft_warmup_steps=warmup.num_steps)
+        shutil.rmtree(warmup.adapter_dir, ignore_errors=True)
     adapter_dir = save_adapter(trainer.accelerator.unwrap_model(trainer.model), output_dir)
     return TrainResult(
         adapter_dir=adapter_dir,
@@ -444,9 +470,25 @@ def train_sdft(
         train_seconds=seconds,
         num_examples=len(examples),
         num_steps=int(trainer.state.global_step),
-        summary=progress.summary,
+        summary=summary,
         method="sdft",
     )
+
+
+def _sft_warmup(
+    base_model_dir: str | Path,
+    examples: Sequence[DemoExample],
+    output_dir: str | Path,
+    settings: SDFTSettings,
+    lora: LoraSettings | None,
+    parent_adapter_dir: str | Path | None,
+) -> TrainResult:
+    """``sft_warmup_epochs`` of SFT on the demonstrations (the shared optimisation knobs), into a scratch dir."""
+    sft = settings.to_sft_settings()
+    sft.num_epochs = settings.sft_warmup_epochs
+    sft.max_steps = None
+    scratch = Path(output_dir).parent / f"{Path(output_dir).name}.sft-warmup"
+    return train_sft(base_model_dir, examples, scratch, sft, lora, parent_adapter_dir)
 
 
 def build_teacher_prompt(

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
@@ -35,6 +36,8 @@ class SFTSettings(BaseTrainSettings):
         completion_only_loss: Loss on the answer tokens only (TRL ``completion_only_loss``); ``False`` also
             trains on the prompt.
         shuffle: Shuffle examples each epoch.
+        kl_anchor: Weight of a KL(adapter || base) penalty on the trained tokens, added to the loss (0: off).
+            It anchors the update to the base model's next-token distributions, to forget less.
     """
 
     batch_size: int = 4
@@ -42,6 +45,7 @@ class SFTSettings(BaseTrainSettings):
     max_length: int = 1024
     completion_only_loss: bool = True
     shuffle: bool = True
+    kl_anchor: float = 0.0
 
     def to_sft_config(self, output_dir: str | Path, *, plain_text: bool = False) -> SFTConfig:
         """Build TRL's ``SFTConfig`` (``plain_text``: a ``text`` dataset, loss on every token)."""
@@ -120,7 +124,8 @@ def _build_trainer(
     set_seed(settings.seed)  # LoRA initialisation
     tokenizer = load_tokenizer(base_model_dir)
     model = build_peft_model(load_base_model(base_model_dir), lora, parent_adapter_dir)
-    trainer = SFTTrainer(
+    trainer_cls = SFTTrainer if settings.kl_anchor <= 0 else _AnchoredSFTTrainer
+    trainer = trainer_cls(
         model=model,
         args=settings.to_sft_config(output_dir, plain_text=plain_text),
         train_dataset=dataset,
@@ -128,7 +133,40 @@ def _build_trainer(
         callbacks=list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)  # logs go to the progress callback, not stdout
+    if isinstance(trainer, _AnchoredSFTTrainer):
+        trainer.kl_anchor = settings.kl_anchor
     return trainer
+
+
+class _AnchoredSFTTrainer(SFTTrainer):
+    """SFT whose loss adds ``kl_anchor`` x mean KL(adapter || base) over the tokens that carry a label.
+
+    TRL computes the SFT loss from fused log-probs without full logits, so the penalty takes its own forward
+    pass (with the adapter, differentiable) and one without the adapter: about twice the cost of plain SFT.
+    """
+
+    kl_anchor: float = 0.0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        loss = result[0] if return_outputs else result
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError("kl_anchor needs the collated labels to know which tokens are trained")
+        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+        student_logits = model(**forward).logits
+        with torch.no_grad(), model.disable_adapter():  # the base model: the same weights, adapter off
+            base_logits = model(**forward).logits
+        log_p = torch.log_softmax(student_logits[:, :-1].float(), dim=-1)
+        log_q = torch.log_softmax(base_logits[:, :-1].float(), dim=-1)
+        per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+        mask = (labels[:, 1:] != -100).to(per_token.dtype)
+        kl = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        self._metrics["train" if model.training else "eval"]["kl_to_base"].append(float(kl.detach()))
+        loss = loss + self.kl_anchor * kl
+        return (loss, result[1]) if return_outputs else loss
 
 
 def train_sft(

@@ -127,3 +127,47 @@ def test_rewrite_variant_end_to_end(base_dir: Path, tmp_path: Path) -> None:
     result = train_sdft(base_dir, EXAMPLES, tmp_path / "rw", settings, LORA)
     assert (result.adapter_dir / "adapter_config.json").exists()
     assert "rewrite_seconds" in result.summary and result.train_seconds >= result.summary["rewrite_seconds"]
+
+
+def _kl_to_base(base_dir: Path, adapter_dir: Path) -> float:
+    from runtime.engines import TransformersEngine
+
+    engine = TransformersEngine(base_dir, device="cpu")
+    try:
+        engine.load_adapter("a", adapter_dir)
+        prompts = [engine.render_chat(e.prompt) for e in EXAMPLES]
+        values = engine.kl_divergence(prompts, [e.demonstration for e in EXAMPLES], adapter="a")
+        return sum(values) / len(values)
+    finally:
+        engine.close()
+
+
+def test_kl_anchor_keeps_the_adapter_closer_to_base(base_dir: Path, tmp_path: Path) -> None:
+    """The same SFT (seed, lr, steps) with a strong KL anchor moves the model's distributions less."""
+    from learners import SFTSettings, train_sft
+
+    common = {"learning_rate": 2e-2, "num_epochs": 8, "seed": 0}
+    free = train_sft(base_dir, EXAMPLES, tmp_path / "free", SFTSettings(**common), LORA)
+    anchored = train_sft(base_dir, EXAMPLES, tmp_path / "anchored", SFTSettings(**common, kl_anchor=5.0), LORA)
+    kl_free, kl_anchored = _kl_to_base(base_dir, free.adapter_dir), _kl_to_base(base_dir, anchored.adapter_dir)
+    assert kl_anchored < 0.7 * kl_free, (kl_anchored, kl_free)
+    assert any("kl_to_base" in step for step in anchored.metrics)
+
+
+def test_kl_anchor_reaches_the_rewrite_sft_and_is_refused_on_policy() -> None:
+    assert SDFTSettings(variant="rewrite", kl_anchor=0.5).to_sft_settings().kl_anchor == 0.5
+    with pytest.raises(ValueError, match="kl_anchor applies to variant='rewrite'"):
+        SDFTSettings(variant="on_policy", kl_anchor=0.5)
+    with pytest.raises(ValueError, match="sft_warmup_epochs applies to variant='on_policy'"):
+        SDFTSettings(variant="rewrite", sft_warmup_epochs=1)
+
+
+def test_sft_warmup_then_on_policy_sdft(base_dir: Path, tmp_path: Path) -> None:
+    settings = SDFTSettings.official(
+        learning_rate=1e-2, max_steps=1, max_completion_length=4, prompts_per_step=2, sft_warmup_epochs=2
+    )
+    result = train_sdft(base_dir, EXAMPLES, tmp_path / "out", settings, LORA)
+    assert (result.adapter_dir / "adapter_config.json").exists()
+    assert result.summary["sft_warmup_steps"] >= 1
+    assert result.train_seconds >= result.summary["sft_warmup_seconds"]
+    assert not (tmp_path / "out.sft-warmup").exists()  # the warm-up adapter was a scratch step
