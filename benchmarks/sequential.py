@@ -151,6 +151,8 @@ def run_method(
             cycle = run_cycle(config, store, method)
             seconds = time.perf_counter() - started
             entry: dict[str, Any] = {"step": step + 1, "status": cycle.status, "cycle_seconds": seconds}
+            if "auto" in cycle.metrics:  # which candidate auto kept, and why
+                entry["auto"] = cycle.metrics["auto"]
             if cycle.adapter is not None:
                 name = f"{method}-{step}"
                 engine.load_adapter(name, cycle.adapter.path)
