@@ -12,8 +12,9 @@ resumed or extended. At the end it writes all runs of this protocol and each met
     python benchmarks/sdft_front.py --facts 8 --retention-questions 100 --seeds 1 --lrs 5e-4 1e-3 \\
         --variants sft skip0 rewrite                                  # a reduced exploration
 
-The protocol is called ``"full"`` when it uses every fact, 300 retention questions (or all there are) and at
-least 2 seeds, and ``"reduced"`` otherwise; the JSON records which, with its parameters.
+The protocol is called ``"full"`` when it uses every fact, 300 retention questions (or all there are) and every
+configuration in the log was run with at least 2 seeds, and ``"reduced"`` otherwise; the JSON records which,
+with its parameters and the seeds each configuration has.
 """
 
 from __future__ import annotations
@@ -220,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = load_facts(args.data, args.facts)
     items = load_passages_qa(args.retention, args.retention_questions)
     all_facts = len(load_facts(args.data))
-    full = args.facts in (None, all_facts) and len(items) >= min(300, len(load_passages_qa(args.retention))) \
-        and args.seeds >= 2
+    full_data = args.facts in (None, all_facts) and len(items) >= min(300, len(load_passages_qa(args.retention)))
     params = {
         "data": str(args.data),
         "retention": str(args.retention),
@@ -322,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         cached = json.loads(base_cache.read_text()) if base_cache.exists() else {}
         base = cached["base"] if cached.get("data") == data_key else get_engine()[1]
     points = _aggregate(runs)
+    seeds_per_config: dict[tuple[str, float, float], set[int]] = {}
+    for r in runs:
+        seeds_per_config.setdefault((r["variant"], r["learning_rate"], r["num_epochs"]), set()).add(r["seed"])
+    # "full" only when every configuration in the log was actually run with at least 2 seeds
+    full = full_data and bool(runs) and all(len(s) >= 2 for s in seeds_per_config.values())
+    params["seeds_per_config"] = {f"{v} lr={lr:g} x{ep:g}": sorted(s) for (v, lr, ep), s in seeds_per_config.items()}
     params["lrs"] = sorted({r["learning_rate"] for r in runs})  # what the log holds, not only this invocation's
     params["epochs"] = sorted({r["num_epochs"] for r in runs})
     params["seeds_run"] = sorted({r["seed"] for r in runs})
@@ -338,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         "fronts": fronts,
     }
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+    seeds_run = sorted({r["seed"] for r in runs})
     title = (f"{report['protocol']} protocol: {len(facts)} facts, {len(items)} retention questions, "
-             f"{args.seeds} seed(s); base retention {100 * base['retention_acc']:.1f}%")
+             f"seeds {seeds_run}; base retention {100 * base['retention_acc']:.1f}%")
     _plot(fronts, points, args.out.with_suffix(".png"), title)
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')} ({len(runs)} runs)")
     if engine is not None:
