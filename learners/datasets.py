@@ -47,7 +47,7 @@ def build_dataset(
     *,
     promote_positive_ratings: bool = False,
     min_positive_score: float = 1.0,
-    replay_fraction: float = 0.5,
+    replay_fraction: float = 2.0,
     max_new: int | None = None,
     seed: int = 0,
 ) -> DatasetBuild:

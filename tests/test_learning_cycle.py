@@ -76,7 +76,7 @@ def test_sft_cycle_publishes_activates_and_continues(tmp_path: Path, tiny_model_
     second = run_cycle(config, store, "sft")
     assert second.status == "activated", second.message
     assert second.adapter.parent == rec.name and second.adapter.lineage == [rec.name]
-    assert second.counts == {"new": 2, "replay": 1, "skipped": 0}
+    assert second.counts == {"new": 2, "replay": 2, "skipped": 0}
     assert store.get_adapter(rec.name).status == "retired"
 
 
