@@ -24,8 +24,6 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from policies.resources import training_device
-
 if TYPE_CHECKING:
     from runtime.service import RuntimeService
 
@@ -120,10 +118,9 @@ class LearningLoop:
             return TickOutcome(
                 now, "skipped", f"{new} new signals, {self.schedule.min_new_signals} needed", shadow=shadow
             )
-        device, why = training_device(service.policy.resources, service._serving_device())
-        if device is None:
-            return TickOutcome(now, "skipped", why, shadow=shadow)
-        result = service.learn_now(self.schedule.method, spare_only=True)
+        result = service.learn_now(self.schedule.method, spare_only=True)  # skips when no device is spare
+        if result.status == "skipped":
+            return TickOutcome(now, "skipped", result.message, shadow=shadow)
         adapter = result.adapter.name if result.adapter else None
         return TickOutcome(now, "learned", result.message, result.status, result.run_id, adapter, shadow)
 

@@ -191,7 +191,7 @@ def shadow_report(store: Store, policy: Policy, adapter: str | None = None, *, e
     live_bad = shadow_bad = rated = regressions = corrected = fixes = 0
     samples: list[dict[str, Any]] = []
     live_ids = {live.id for live, _ in pairs}
-    feedback = [s for s in store.signals() if s.interaction_id in live_ids]
+    feedback = store.signals(interaction_ids=sorted(live_ids))
     ratings: dict[str, float] = {}
     corrections: dict[str, str] = {}
     for signal in feedback:

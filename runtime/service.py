@@ -151,11 +151,11 @@ class RuntimeService:
         if not self._cycle_lock.acquire(blocking=False):
             raise CycleInProgress("a learning cycle is already running; wait for it to finish")
         try:
-            with self._swap_lock:
-                self._prune()
             device, why = training_device(self.policy.resources, self._serving_device(), spare_only=spare_only)
             if device is None:
                 return CycleResult("skipped", why)
+            with self._swap_lock:
+                self._prune()
             result = run_cycle(
                 self.config,
                 self.store,
@@ -163,7 +163,6 @@ class RuntimeService:
                 gate=self.gate(),
                 promotion=self.policy.promotion.mode,
                 progress=progress,
-                serving_device=self._serving_device(),
                 device=device,
                 num_threads=self.policy.resources.cpu_threads,
                 timeout_s=timeout_s if timeout_s is not None else self.policy.schedule.timeout_s,

@@ -861,25 +861,27 @@ def _error_message(data: Any) -> str:
 
 
 def _context_in(message: str) -> int | None:
-    for pattern in (
+    return _first_int(message, (
         r"maximum context length (?:is|of) (\d+)",
         r"context length \((\d+) tokens?\)",
         r"maximum model length (?:is |of )?(\d+)",
         r"max_model_len[^\d]{0,5}(\d+)",
-    ):
-        if match := re.search(pattern, message, re.IGNORECASE):
-            return int(match.group(1))
-    return None
+    ))
 
 
 def _prompt_tokens_in(message: str) -> int | None:
-    for pattern in (
+    return _first_int(message, (
         r"(\d+) (?:tokens )?in the messages",
         r"(\d+) tokens from the input",
         r"(\d+) input tokens",
         r"input \((\d+) tokens?\)",
         r"prompt \(length (\d+)\)",
-    ):
+    ))
+
+
+def _first_int(message: str, patterns: Sequence[str]) -> int | None:
+    """The number captured by the first of `patterns` that matches `message` (case-insensitive)."""
+    for pattern in patterns:
         if match := re.search(pattern, message, re.IGNORECASE):
             return int(match.group(1))
     return None

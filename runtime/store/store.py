@@ -375,9 +375,16 @@ class Store:
         return Signal.from_row(rows[0]) if rows else None
 
     def signals(self, kind: SignalKind | None = None, *, unconsumed_only: bool = False,
-                interaction_id: str | None = None, limit: int | None = None) -> list[Signal]:
-        """Signals, oldest first, filtered by kind / interaction / not yet consumed by a run."""
+                interaction_id: str | None = None, interaction_ids: Sequence[str] | None = None,
+                limit: int | None = None) -> list[Signal]:
+        """Signals, oldest first, filtered by kind / interaction (one, or any of several) / not yet consumed."""
         where, params = _where(kind=kind, interaction_id=interaction_id, unconsumed=unconsumed_only)
+        if interaction_ids is not None:
+            if not interaction_ids:
+                return []
+            ids = list(interaction_ids)
+            where += (" AND " if where else " WHERE ") + f"interaction_id IN ({', '.join('?' * len(ids))})"
+            params += ids
         rows = self._query(f"SELECT {_cols(Signal)} FROM signals{where} ORDER BY created_at, id"
                            + _limit(limit), params)
         return [Signal.from_row(r) for r in rows]
