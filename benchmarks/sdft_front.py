@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,18 @@ def _run_key(variant: str, settings: SFTSettings | SDFTSettings, data_key: dict[
     fields = {k: v for k, v in asdict(settings).items() if k not in _IDENTITY_EXCLUDE}
     blob = json.dumps({"variant": variant, "settings": fields, "data": data_key}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _logged_key(record: dict[str, Any]) -> str:
+    """A logged run's key under today's settings classes.
+
+    A settings field added after the run was logged takes its default, which by this project's rule leaves
+    the method as it was (e.g. ``kl_anchor=0``), so the run still counts as done rather than being repeated.
+    """
+    cls = SFTSettings if record["method"] == "sft" else SDFTSettings
+    known = {f.name for f in dataclass_fields(cls)}
+    settings = cls(**{k: v for k, v in record["settings"].items() if k in known})
+    return _run_key(record["variant"], settings, record["data"])
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
@@ -262,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         return engine, base
 
     examples = [f.example() for f in facts]
-    done = {r["key"] for r in _read_log(log_path)}
+    done = {_logged_key(r) for r in _read_log(log_path)}
     if not args.report_only:
         for variant in args.variants:
             for epochs in args.epochs:
