@@ -6,7 +6,8 @@ without context: direct question and paraphrases; reading-comprehension retentio
 context; KL(base || adapter) on the retention prompts), and appends every run to a JSONL log as it goes.
 Runs already in the log (same variant settings, lr, epochs, seed and data) are skipped, so a sweep can be
 resumed or extended. At the end it writes all runs of this protocol and each method's Pareto front
-(paraphrase accuracy up, retention drop down; seeds averaged) to ``--out``.json and a plot to ``--out``.png.
+(paraphrase accuracy up, retention drop down; seeds averaged) to ``--out``.json, a table to ``--out``.md
+and a plot to ``--out``.png.
 
     python benchmarks/sdft_front.py                                   # the protocol: all facts, 300 questions, 2 seeds
     python benchmarks/sdft_front.py --facts 8 --retention-questions 100 --seeds 1 --lrs 5e-4 1e-3 \\
@@ -209,6 +210,43 @@ def _plot(fronts: dict[str, list[dict[str, Any]]], points: list[dict[str, Any]],
     plt.close(fig)
 
 
+def _markdown(report: dict[str, Any], title: str) -> str:
+    """The short table beside the JSON: seed means per configuration, every run, and each method's front."""
+    params, base = report["parameters"], report["base"]
+    lines = [
+        f"# SDFT variants vs SFT ({report['protocol']} protocol)",
+        "",
+        f"{title}. Seeds per configuration: "
+        + ", ".join(f"{k}: {v}" for k, v in params["seeds_per_config"].items()) + ".",
+        f"Base model: direct {100 * base['direct_acc']:.1f}%, paraphrase {100 * base['paraphrase_acc']:.1f}%, "
+        f"retention {100 * base['retention_acc']:.1f}%. Retention drop = base accuracy minus adapter accuracy, "
+        "in points (negative: the adapter answered more). Train seconds are wall-clock on the machine that ran "
+        "each run; compare ratios within one invocation only.",
+    ]
+    if report.get("note"):
+        lines += ["", report["note"]]
+    lines += ["", "## Seed means", "",
+              "| method | lr x ep | seeds | direct | paraphrase | retention drop (pts) | KL to base | train s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for p in sorted(report["points"], key=lambda x: (x["learning_rate"], x["num_epochs"], x["variant"])):
+        lines.append(f"| {p['variant']} | {p['learning_rate']:g} x {p['num_epochs']:g} | {p['seeds']} | "
+                     f"{100 * p['direct_acc']:.1f}% | {100 * p['paraphrase_acc']:.1f}% | "
+                     f"{100 * p['retention_drop']:+.1f} | {p['kl_to_base']:.3f} | {p['train_seconds']:.0f} |")
+    lines += ["", "## Every run", "",
+              "| method | lr x ep | seed | direct | paraphrase | retention drop (pts) | KL to base | train s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(report["runs"], key=lambda x: (x["learning_rate"], x["num_epochs"], x["variant"], x["seed"])):
+        lines.append(f"| {r['variant']} | {r['learning_rate']:g} x {r['num_epochs']:g} | {r['seed']} | "
+                     f"{100 * r['direct_acc']:.1f}% | {100 * r['paraphrase_acc']:.1f}% | "
+                     f"{100 * r['retention_drop']:+.1f} | {r['kl_to_base']:.3f} | {r['train_seconds']:.0f} |")
+    lines += ["", "## Fronts (seed means; paraphrase accuracy up, retention drop down)", ""]
+    for method, front in report["fronts"].items():
+        pts = "; ".join(f"lr {p['learning_rate']:g}: {100 * p['paraphrase_acc']:.1f}% at "
+                        f"{100 * p['retention_drop']:+.1f} pts" for p in front)
+        lines.append(f"- **{method}**: {pts}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -225,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "sdft_front", help="prefix of the .json/.png outputs")
     ap.add_argument("--log", type=Path, default=None, help="JSONL run log (default: <out>_runs.jsonl)")
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. why the protocol was reduced)")
-    ap.add_argument("--report-only", action="store_true", help="train nothing; rewrite the JSON and plot")
+    ap.add_argument("--report-only", action="store_true", help="train nothing; rewrite the JSON, table and plot")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -361,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"{report['protocol']} protocol: {len(facts)} facts, {len(items)} retention questions, "
              f"seeds {seeds_run}; base retention {100 * base['retention_acc']:.1f}%")
     _plot(fronts, points, args.out.with_suffix(".png"), title)
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')} ({len(runs)} runs)")
+    args.out.with_suffix(".md").write_text(_markdown(report, title), encoding="utf-8")
+    print(f"wrote {args.out.with_suffix('.json')}, .md and .png ({len(runs)} runs)")
     if engine is not None:
         engine.close()
     return 0
