@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.knowledge import load_passages, main, ordering, parse_overrides
+from benchmarks.knowledge import load_passages, main, ordering, parse_overrides, sign_test
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -55,5 +55,26 @@ def test_benchmark_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path) ->
         assert written[name]["questions"] == 1 and 0.0 <= written[name]["containment"] <= 100.0
     assert written["sec_per_self_edit_eval"] > 0
     assert [r["round"] for r in written["rest_em_rounds"]] == [1] and written["rest_em_rounds"][0]["candidates"] == 2
-    assert set(written["ordering"]) == {"containment", "f1"}
+    assert set(written["ordering"]) == {"containment", "f1", "paired_containment"}
+    assert set(written["ordering"]["paired_containment"]) == {
+        "seal_round_1 > base_self_edits", "base_self_edits > passage_only", "passage_only > base"}
     assert result["summary"] == written["summary"]
+    # --rescore rebuilds the orderings and the table from the stored answers alone
+    written["ordering"] = {}
+    out.write_text(json.dumps(written))
+    (out.with_suffix(".md")).unlink()
+    rescored = main(["--data", str(data), "--rescore", str(out)])
+    assert rescored["ordering"] == result["ordering"]
+    assert "Paired, per question" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="not in this file"):
+        other = tmp_path / "other.jsonl"
+        other.write_text(json.dumps(PASSAGES[1]) + "\n")
+        main(["--data", str(other), "--rescore", str(out)])
+
+
+def test_sign_test_counts_discordant_questions_only() -> None:
+    first = [True, True, True, False, True, False]
+    second = [False, False, False, True, True, False]
+    assert sign_test(first, second) == {"only_first": 3, "only_second": 1, "p_two_sided": 0.625}
+    assert sign_test([True] * 10, [False] * 10)["p_two_sided"] == 0.002
+    assert sign_test([True], [True]) == {"only_first": 0, "only_second": 0, "p_two_sided": 1.0}
