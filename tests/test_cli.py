@@ -124,3 +124,34 @@ def test_ingest_and_learn_seal(tmp_path: Path, tiny_model_dir: Path) -> None:
     bad.write_text("{not json\n")
     refused = runner.invoke(app, ["ingest", str(bad), "--config", str(path)])
     assert refused.exit_code == 2 and "bad.jsonl:1" in refused.output
+
+
+def test_learn_method_auto_keeps_the_candidate_that_learns(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`runtime learn --method auto`: two candidates trained, the one that learned is kept and activated."""
+    retention = tmp_path / "retention.jsonl"
+    retention.write_text(
+        json.dumps({"context": "The sky is blue.", "questions": [{"question": "Colour?", "answer": "blue"}]}) + "\n"
+    )
+    path = write_config(tmp_path, tiny_model_dir)
+    config = yaml.safe_load(path.read_text())
+    config["learning"]["auto"] = {
+        "candidates": [
+            {"method": "sft", "learning_rate": 1e-7, "num_epochs": 1},  # cannot learn anything
+            {"method": "sft", "learning_rate": 2e-2, "num_epochs": 8},
+        ],
+        "retention_file": str(retention),
+        "retention_questions": 1,
+        "max_retention_drop": 100.0,
+    }
+    path.write_text(yaml.safe_dump(config))
+    with Store(tmp_path / "data" / "runtime.duckdb") as store:
+        store.add_signal("demonstration", text="zebra zebra", messages=[{"role": "user", "content": "animal?"}])
+
+    learned = runner.invoke(app, ["learn", "--config", str(path), "--method", "auto"])
+    assert learned.exit_code == 0, learned.output
+    assert "activated" in learned.output
+    with Store(tmp_path / "data" / "runtime.duckdb", read_only=True) as store:
+        [adapter] = store.adapters()
+        report = store.get_run(adapter.run_id).metrics["auto"]
+    assert adapter.status == "active" and adapter.method == "sft"
+    assert report["chosen"] == 1 and "smallest retention drop" in report["reason"]
