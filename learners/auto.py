@@ -5,7 +5,9 @@ learning rates) in the worker process, within a compute budget. Each candidate i
 the current adapter:
 
 - **target**: the new examples' prompts, answered greedily without the demonstration in context; an
-  example passes when the answer's token F1 against the demonstration reaches ``target_f1``;
+  example passes when the answer says what the demonstration adds to the prompt (``target_metric``
+  ``new_content``, at least ``target_min_score`` of those tokens; token F1 against the whole demonstration
+  let an answer that echoes the question with a wrong fact pass, see ``runtime.textmatch``);
 - **retention**: a reading-comprehension suite (passages in context) whose accuracy must not drop more
   than ``max_retention_drop`` points below the current adapter's.
 
@@ -20,11 +22,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from learners.datasets import DatasetBuild
 from learners.worker import CallJob, ProgressFn, TrainingFailed, TrainJob, run_call_process, run_training_process
 from runtime.config import ConfigError, RuntimeConfig
+from runtime.textmatch import TargetMetric, target_score
 
 BUILTIN_RETENTION_PROBE = Path(__file__).parent / "data" / "retention_probe.jsonl"
 """Short original passages with two questions each; the base default model answers about two thirds."""
@@ -51,7 +54,12 @@ class AutoSettings:
     max_retention_drop: float = 5.0
     """Points of retention accuracy a candidate may lose against the current adapter."""
     min_target_acc: float = 0.5
-    target_f1: float = 0.6
+    """Share of the new examples that must pass."""
+    target_metric: TargetMetric = "new_content"
+    """How an answer is judged against its demonstration: ``new_content``, ``f1`` or ``contains``
+    (:func:`runtime.textmatch.target_score`)."""
+    target_min_score: float = 0.5
+    """An example passes at or above this score (``contains`` passes at 1)."""
 
 
 @dataclass
@@ -76,6 +84,10 @@ def auto_settings(config: RuntimeConfig) -> AutoSettings:
     for i, cand in enumerate(settings.candidates):
         if cand.get("method") not in ("sdft", "sft"):
             raise ConfigError(f"learning.auto.candidates[{i}]: method must be sdft or sft, got {cand.get('method')!r}")
+    if settings.target_metric not in get_args(TargetMetric):
+        raise ConfigError(
+            f"learning.auto.target_metric: {settings.target_metric!r} is not one of {', '.join(get_args(TargetMetric))}"
+        )
     if settings.retention_file is None:
         settings.retention_file = str(BUILTIN_RETENTION_PROBE)
     if not Path(settings.retention_file).is_file():
@@ -137,7 +149,8 @@ def select_candidate(
                 "demonstrations": [e.demonstration for e in build.new],
                 "retention_file": settings.retention_file,
                 "retention_questions": settings.retention_questions,
-                "target_f1": settings.target_f1,
+                "target_metric": settings.target_metric,
+                "target_min_score": settings.target_min_score,
                 "device": job.device,
             },
             device=job.device,
@@ -198,13 +211,13 @@ def evaluate_candidates(
     demonstrations: list[str],
     retention_file: str,
     retention_questions: int,
-    target_f1: float,
+    target_metric: TargetMetric,
+    target_min_score: float,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Target and retention figures of each candidate beside the current adapter (runs in the worker)."""
     from learners.evaluation import ask, load_passages_qa, retention_accuracy
     from runtime.engines import TransformersEngine
-    from runtime.textmatch import token_f1
 
     items = load_passages_qa(retention_file, limit=retention_questions)
     engine = TransformersEngine(base_model_dir, device="cpu" if device == "cpu" else "cuda")
@@ -219,7 +232,11 @@ def evaluate_candidates(
             name = f"candidate-{i}"
             engine.load_adapter(name, adapter_dir)
             answers = ask(engine, prompts, demonstrations, name, max_new_tokens=64)
-            hits = sum(token_f1(r, d) >= target_f1 for r, d in zip(answers.responses, demonstrations, strict=True))
+            threshold = 1.0 if target_metric == "contains" else target_min_score
+            hits = sum(
+                target_score(target_metric, r, d, " ".join(str(m.get("content") or "") for m in p)) >= threshold
+                for r, d, p in zip(answers.responses, demonstrations, prompts, strict=True)
+            )
             retention = retention_accuracy(engine, items, name).accuracy
             figures.append(
                 {

@@ -25,7 +25,7 @@ from policies.checks import check_answer
 from policies.schema import Policy, ProtectedBehaviour, RetentionSuite
 from runtime.engines import Engine, SamplingParams
 from runtime.store import AdapterRecord
-from runtime.textmatch import contains_answer, token_f1
+from runtime.textmatch import target_score
 
 
 @dataclass
@@ -172,11 +172,10 @@ class PolicyGate:
         params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0)
         answers = self.engine.chat([e.prompt for e in examples], params, adapter=candidate)
         passes = []
+        threshold = {"contains": 1.0, "f1": settings.min_f1, "new_content": settings.min_recall}[settings.metric]
         for example, gen in zip(examples, answers, strict=True):
-            if settings.metric == "contains":
-                passes.append(contains_answer(gen.text, example.demonstration))
-            else:
-                passes.append(token_f1(gen.text, example.demonstration) >= settings.min_f1)
+            prompt = " ".join(str(m.get("content") or "") for m in example.prompt)
+            passes.append(target_score(settings.metric, gen.text, example.demonstration, prompt) >= threshold)
         rate = sum(passes) / len(passes)
         veto = rate < settings.min_pass_rate
         detail = (

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from runtime.textmatch import TargetMetric
+
 DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
     "i can't",
     "i cannot",
@@ -145,8 +147,14 @@ class TargetChecks(_Section):
     """What was just taught must now pass: each new example's prompt, answered by the candidate."""
 
     enabled: bool = True
-    metric: Literal["f1", "contains"] = Field(
-        "f1", description="f1: token F1 of the answer against the taught answer; contains: the taught answer appears."
+    metric: TargetMetric = Field(
+        "new_content",
+        description="new_content: the answer says what the taught answer adds to the prompt (its tokens not in "
+        "the prompt), so echoing the question does not pass; f1: token F1 of the answer against the taught answer; "
+        "contains: the taught answer appears.",
+    )
+    min_recall: float = Field(
+        0.5, ge=0.0, le=1.0, description="An example passes when it says at least this share of the new content."
     )
     min_f1: float = Field(0.5, ge=0.0, le=1.0, description="An example passes at or above this F1 (metric f1).")
     min_pass_rate: float = Field(0.5, ge=0.0, le=1.0, description="Fraction of new examples that must pass.")

@@ -1,11 +1,14 @@
-"""Answer matching used by the demo, the gate and the benchmarks: normalised containment and token F1."""
+"""Answer matching used by the demo, the gate, ``auto`` and the benchmarks: containment, token F1, new content."""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from typing import Literal
 
 _ARTICLES = {"a", "an", "the"}
+
+TargetMetric = Literal["new_content", "f1", "contains"]
 
 
 def normalise(text: str) -> str:
@@ -28,3 +31,28 @@ def token_f1(response: str, answer: str) -> float:
         return 0.0
     precision, recall = common / len(pred), common / len(gold)
     return 2 * precision * recall / (precision + recall)
+
+
+def new_content_recall(response: str, reference: str, prompt: str) -> float:
+    """Share of what the reference adds to the prompt that the response says.
+
+    The reference's normalised tokens that do not occur in the prompt are what was taught: for the
+    demonstration "The capital of Draludeli is Halgri." to "What is the capital of Draludeli?" that is
+    "halgri". Echoing the question ("The capital of Draludeli is Zorvan.") scores 0 here, where its token F1
+    against the demonstration is 0.83. A reference that adds no token to the prompt falls back to token F1.
+    """
+    asked = set(normalise(prompt).split())
+    new = list(dict.fromkeys(w for w in normalise(reference).split() if w not in asked))
+    if not new:
+        return token_f1(response, reference)
+    said = set(normalise(response).split())
+    return sum(w in said for w in new) / len(new)
+
+
+def target_score(metric: TargetMetric, response: str, reference: str, prompt: str) -> float:
+    """How well ``response`` gives the taught ``reference`` to ``prompt``, in [0, 1], under ``metric``."""
+    if metric == "contains":
+        return float(contains_answer(response, reference))
+    if metric == "f1":
+        return token_f1(response, reference)
+    return new_content_recall(response, reference, prompt)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from learners.evaluation import QAItem, ask, fact_accuracy, kl_to_base, load_facts, load_passages_qa
-from runtime.textmatch import contains_answer, normalise, token_f1
+from runtime.textmatch import contains_answer, new_content_recall, normalise, target_score, token_f1
 
 
 def test_textmatch() -> None:
@@ -18,6 +18,19 @@ def test_textmatch() -> None:
     assert not contains_answer("anything", "")
     assert token_f1("the Denver Broncos", "Denver Broncos") == 1.0
     assert token_f1("Denver", "Denver Broncos") == pytest.approx(2 / 3)
+
+
+def test_new_content_recall_is_not_fooled_by_echoing_the_question() -> None:
+    demo, prompt = "The capital of Draludeli is Halgri.", "What is the capital of Draludeli?"
+    echo = "The capital of Draludeli is Zorvan."
+    assert token_f1(echo, demo) > 0.8  # what let a candidate that learned nothing pass the old target check
+    assert new_content_recall(echo, demo, prompt) == 0.0
+    assert new_content_recall("Halgri.", demo, prompt) == 1.0
+    assert new_content_recall("It was founded by Kasgri.", "Founded by Kasgri Renkasnor.", "Founded by whom?") == 0.5
+    assert new_content_recall("yes", "Paris", "Is it Paris?") == 0.0  # nothing new: token F1 against the answer
+    assert target_score("contains", "It is Halgri", "Halgri", prompt) == 1.0
+    assert target_score("f1", echo, demo, prompt) == token_f1(echo, demo)
+    assert target_score("new_content", echo, demo, prompt) == 0.0
 
 
 def test_loaders(tmp_path: Path) -> None:
