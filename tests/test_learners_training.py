@@ -88,7 +88,7 @@ def test_demo_example_requires_a_final_user_turn() -> None:
 
 def test_sdft_settings_map_onto_trl(tmp_path: Path) -> None:
     defaults = SDFTSettings()
-    assert defaults.variant == "rewrite" and defaults.learning_rate == 1e-3  # measured best (sdft_front.md)
+    assert defaults.variant == "rewrite" and defaults.learning_rate == 1e-3  # measured (sdft_front.md)
     config = defaults.to_sdft_config(tmp_path, num_examples=10)
     assert config.distillation_mode == "full_logits" and config.distillation_alpha == 0.0
     assert config.teacher_model_kind == "base" and config.generate_from_teacher is True
