@@ -216,8 +216,9 @@ def rescore(path: Path, data: Path) -> dict[str, Any]:
     rounds = sorted((k for k in result if k.startswith("seal_round_")), key=lambda k: int(k.rsplit("_", 1)[1]))
     add_orderings(result, passages, rounds[-1] if rounds else None)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown_table(result))
-    print(markdown_table(result))
+    table = markdown_table(result)
+    path.with_suffix(".md").write_text(table)
+    print(table)
     return result
 
 

@@ -210,6 +210,13 @@ def _plot(fronts: dict[str, list[dict[str, Any]]], points: list[dict[str, Any]],
     plt.close(fig)
 
 
+def _table_row(r: dict[str, Any], third: int) -> str:
+    """One row of a markdown table: a run (third column its seed) or a seed mean (the number of seeds)."""
+    return (f"| {r['variant']} | {r['learning_rate']:g} x {r['num_epochs']:g} | {third} | "
+            f"{100 * r['direct_acc']:.1f}% | {100 * r['paraphrase_acc']:.1f}% | "
+            f"{100 * r['retention_drop']:+.1f} | {r['kl_to_base']:.3f} | {r['train_seconds']:.0f} |")
+
+
 def _markdown(report: dict[str, Any], title: str) -> str:
     """The short table beside the JSON: seed means per configuration, every run, and each method's front."""
     params, base = report["parameters"], report["base"]
@@ -229,16 +236,12 @@ def _markdown(report: dict[str, Any], title: str) -> str:
               "| method | lr x ep | seeds | direct | paraphrase | retention drop (pts) | KL to base | train s |",
               "|---|---|---|---|---|---|---|---|"]
     for p in sorted(report["points"], key=lambda x: (x["learning_rate"], x["num_epochs"], x["variant"])):
-        lines.append(f"| {p['variant']} | {p['learning_rate']:g} x {p['num_epochs']:g} | {p['seeds']} | "
-                     f"{100 * p['direct_acc']:.1f}% | {100 * p['paraphrase_acc']:.1f}% | "
-                     f"{100 * p['retention_drop']:+.1f} | {p['kl_to_base']:.3f} | {p['train_seconds']:.0f} |")
+        lines.append(_table_row(p, p["seeds"]))
     lines += ["", "## Every run", "",
               "| method | lr x ep | seed | direct | paraphrase | retention drop (pts) | KL to base | train s |",
               "|---|---|---|---|---|---|---|---|"]
     for r in sorted(report["runs"], key=lambda x: (x["learning_rate"], x["num_epochs"], x["variant"], x["seed"])):
-        lines.append(f"| {r['variant']} | {r['learning_rate']:g} x {r['num_epochs']:g} | {r['seed']} | "
-                     f"{100 * r['direct_acc']:.1f}% | {100 * r['paraphrase_acc']:.1f}% | "
-                     f"{100 * r['retention_drop']:+.1f} | {r['kl_to_base']:.3f} | {r['train_seconds']:.0f} |")
+        lines.append(_table_row(r, r["seed"]))
     lines += ["", "## Fronts (seed means; paraphrase accuracy up, retention drop down)", ""]
     for method, front in report["fronts"].items():
         pts = "; ".join(f"lr {p['learning_rate']:g}: {100 * p['paraphrase_acc']:.1f}% at "

@@ -27,7 +27,7 @@ from typing import Any, get_args
 from learners.datasets import DatasetBuild
 from learners.worker import CallJob, ProgressFn, TrainingFailed, TrainJob, run_call_process, run_training_process
 from runtime.config import ConfigError, RuntimeConfig
-from runtime.textmatch import TargetMetric, target_score
+from runtime.textmatch import TargetMetric, gives_taught_answer
 
 BUILTIN_RETENTION_PROBE = Path(__file__).parent / "data" / "retention_probe.jsonl"
 """Short original passages with two questions each; the base default model answers about two thirds."""
@@ -57,7 +57,7 @@ class AutoSettings:
     """Share of the new examples that must pass."""
     target_metric: TargetMetric = "new_content"
     """How an answer is judged against its demonstration: ``new_content``, ``f1`` or ``contains``
-    (:func:`runtime.textmatch.target_score`)."""
+    (:func:`runtime.textmatch.gives_taught_answer`)."""
     target_min_score: float = 0.5
     """An example passes at or above this score (``contains`` passes at 1)."""
 
@@ -232,9 +232,8 @@ def evaluate_candidates(
             name = f"candidate-{i}"
             engine.load_adapter(name, adapter_dir)
             answers = ask(engine, prompts, demonstrations, name, max_new_tokens=64)
-            threshold = 1.0 if target_metric == "contains" else target_min_score
             hits = sum(
-                target_score(target_metric, r, d, " ".join(str(m.get("content") or "") for m in p)) >= threshold
+                gives_taught_answer(target_metric, r, d, p, target_min_score)
                 for r, d, p in zip(answers.responses, demonstrations, prompts, strict=True)
             )
             retention = retention_accuracy(engine, items, name).accuracy

@@ -25,7 +25,7 @@ from policies.checks import check_answer
 from policies.schema import Policy, ProtectedBehaviour, RetentionSuite
 from runtime.engines import Engine, SamplingParams
 from runtime.store import AdapterRecord
-from runtime.textmatch import target_score
+from runtime.textmatch import gives_taught_answer
 
 
 @dataclass
@@ -171,11 +171,11 @@ class PolicyGate:
             return None
         params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0)
         answers = self.engine.chat([e.prompt for e in examples], params, adapter=candidate)
-        passes = []
-        threshold = {"contains": 1.0, "f1": settings.min_f1, "new_content": settings.min_recall}[settings.metric]
-        for example, gen in zip(examples, answers, strict=True):
-            prompt = " ".join(str(m.get("content") or "") for m in example.prompt)
-            passes.append(target_score(settings.metric, gen.text, example.demonstration, prompt) >= threshold)
+        min_score = settings.min_f1 if settings.metric == "f1" else settings.min_recall
+        passes = [
+            gives_taught_answer(settings.metric, gen.text, example.demonstration, example.prompt, min_score)
+            for example, gen in zip(examples, answers, strict=True)
+        ]
         rate = sum(passes) / len(passes)
         veto = rate < settings.min_pass_rate
         detail = (

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 _ARTICLES = {"a", "an", "the"}
 
@@ -56,3 +57,14 @@ def target_score(metric: TargetMetric, response: str, reference: str, prompt: st
     if metric == "f1":
         return token_f1(response, reference)
     return new_content_recall(response, reference, prompt)
+
+
+def gives_taught_answer(
+    metric: TargetMetric, response: str, reference: str, prompt: Sequence[Mapping[str, Any]], min_score: float
+) -> bool:
+    """The target check of the gate and ``auto``: does ``response`` to the chat ``prompt`` give the taught answer.
+
+    ``min_score`` applies to ``f1`` and ``new_content``; ``contains`` passes only when the answer appears.
+    """
+    asked = " ".join(str(m.get("content") or "") for m in prompt)
+    return target_score(metric, response, reference, asked) >= (1.0 if metric == "contains" else min_score)

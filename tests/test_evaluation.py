@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from learners.evaluation import QAItem, ask, fact_accuracy, kl_to_base, load_facts, load_passages_qa
-from runtime.textmatch import contains_answer, new_content_recall, normalise, target_score, token_f1
+from runtime.textmatch import (
+    contains_answer,
+    gives_taught_answer,
+    new_content_recall,
+    normalise,
+    target_score,
+    token_f1,
+)
 
 
 def test_textmatch() -> None:
@@ -31,6 +38,10 @@ def test_new_content_recall_is_not_fooled_by_echoing_the_question() -> None:
     assert target_score("contains", "It is Halgri", "Halgri", prompt) == 1.0
     assert target_score("f1", echo, demo, prompt) == token_f1(echo, demo)
     assert target_score("new_content", echo, demo, prompt) == 0.0
+    chat = [{"role": "system", "content": None}, {"role": "user", "content": prompt}]
+    assert gives_taught_answer("new_content", "Halgri", demo, chat, 0.5)
+    assert not gives_taught_answer("new_content", echo, demo, chat, 0.5)
+    assert not gives_taught_answer("contains", "Halgri", demo, chat, 0.0)  # contains ignores min_score
 
 
 def test_loaders(tmp_path: Path) -> None:
