@@ -102,9 +102,15 @@ def select_candidate(
     progress: ProgressFn | None = None,
     *,
     timeout_s: float | None = None,
+    learning_rate_factor: float = 1.0,
+    epochs_factor: float = 1.0,
 ) -> Candidate:
-    """Train and evaluate the candidates; return the chosen one (its metrics hold the whole comparison)."""
-    from learners.cycle import NoAcceptableCandidate, method_settings
+    """Train and evaluate the candidates; return the chosen one (its metrics hold the whole comparison).
+
+    A repair attempt scales every candidate's learning rate and epochs. The job's anchors are answered by the
+    first candidate's worker and reused by the others (``job.anchors`` holds the answered ones afterwards).
+    """
+    from learners.cycle import NoAcceptableCandidate, method_settings, scale_settings
 
     settings = auto_settings(config)
     staging = Path(job.output_dir).parent
@@ -123,7 +129,9 @@ def select_candidate(
             **{
                 **job.__dict__,
                 "method": method,
-                "settings": {**method_settings(config, method), **overrides},
+                "settings": scale_settings(
+                    method, {**method_settings(config, method), **overrides}, learning_rate_factor, epochs_factor
+                ),
                 "output_dir": str(staging / f"candidate-{i}"),
             }
         )
@@ -132,6 +140,7 @@ def select_candidate(
         except TrainingFailed as exc:
             skipped.append(f"candidate {i} ({method} {overrides}) failed: {str(exc).splitlines()[0]}")
             continue
+        job.anchors = result.get("anchors") or job.anchors
         trained.append(
             Candidate(i, method, overrides, cand_job.output_dir, {"train_seconds": result["train_seconds"]})
         )

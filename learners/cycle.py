@@ -10,11 +10,13 @@ registry (``direct``), put in shadow mode (``shadow``), or left waiting for ``ru
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from learners.datasets import DatasetBuild, build_dataset, mark_used
+from learners.anchors import Anchor, AnchorSelection, prompt_key, repair_anchors, select_anchors
+from learners.datasets import DatasetBuild, build_dataset
 from learners.worker import (
     ProgressFn,
     TrainingFailed,
@@ -46,6 +48,10 @@ class GateDecision:
     reasons: list[str]
     checks: list[dict[str, Any]] = field(default_factory=list)
     """Per-check results (stored with the decision)."""
+    repair_prompts: list[list[dict[str, str]]] = field(default_factory=list)
+    """For a veto that gate-guided repair may address (protected or retention checks only): the prompts of the
+    failing checks, to train on as anchors with the active model's answers. Empty: not repairable (the
+    candidate did not learn, or the taught answers contradict a protected behaviour)."""
 
 
 Gate = Callable[[AdapterRecord, DatasetBuild], GateDecision]
@@ -69,6 +75,10 @@ class CycleResult:
     adapter: AdapterRecord | None = None
     counts: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    """Each training of the cycle (:class:`Attempt` as a dict): the first, then every gate-guided repair."""
+    held: int = 0
+    """Signals (or documents) held for the operator because the cycle ended vetoed."""
 
 
 def method_settings(config: RuntimeConfig, method: str) -> dict[str, Any]:
@@ -90,6 +100,50 @@ def method_settings(config: RuntimeConfig, method: str) -> dict[str, Any]:
     return section
 
 
+@dataclass
+class Attempt:
+    """One training of a cycle (the first, or a gate-guided repair) and the gate's verdict on it."""
+
+    number: int
+    """1 for the first training, 2, 3, ... for repairs."""
+    run_id: str
+    status: Literal["approved", "vetoed", "failed"]
+    reasons: list[str]
+    seconds: float
+    """Wall-clock of the attempt: training in the worker, verification, publishing and the gate."""
+    adapter: str | None = None
+    anchors: dict[str, int] = field(default_factory=dict)
+    """Anchors trained on, by source."""
+    learning_rate_factor: float = 1.0
+    epochs_factor: float = 1.0
+    repairable: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _Context:
+    """What every attempt of one cycle shares."""
+
+    config: RuntimeConfig
+    store: Store
+    registry: AdapterRegistry
+    method: str
+    settings: dict[str, Any]
+    build: DatasetBuild
+    documents: list[Any]
+    counts: dict[str, int]
+    parent: AdapterRecord | None
+    device: str
+    num_threads: int
+    gate: Gate
+    progress: Callable[[int, int, dict[str, float]], None]
+    history: list[dict[str, float]]
+    seal_texts: list[str] = field(default_factory=list)
+    used_documents: list[str] = field(default_factory=list)
+
+
 def run_cycle(
     config: RuntimeConfig,
     store: Store,
@@ -102,13 +156,21 @@ def run_cycle(
     device: str | None = None,
     num_threads: int | None = None,
     timeout_s: float | None = None,
+    protected_prompts: Sequence[list[dict[str, str]]] = (),
 ) -> CycleResult:
     """Run one learning cycle with `method` (default: the config's).
 
-    ``sdft``, ``sft`` and ``auto`` learn from unconsumed corrections and taught answers; ``auto`` trains
+    ``sdft``, ``sft`` and ``auto`` learn from pending corrections and taught answers; ``auto`` trains
     the configured candidates and keeps the one that learns with the smallest retention drop (see
-    :mod:`learners.auto`). ``seal`` learns unconsumed documents through self-edits (see :mod:`learners.seal`).
-    The published candidate goes to `gate`, and an approved one is promoted by `promotion`.
+    :mod:`learners.auto`). ``seal`` learns pending documents through self-edits (see :mod:`learners.seal`).
+    Every training also trains on anchors (``learning.anchors``: prompts answered by the active model, from
+    the log, `protected_prompts` and a built-in probe; see :mod:`learners.anchors`).
+
+    The published candidate goes to `gate`. A veto by protected or retention checks is repaired within
+    ``learning.repair``: the failing prompts join the anchors, the learning rate (and epochs) are scaled
+    down, and a new candidate is trained and judged; every attempt is a run, an adapter and a decision of its
+    own. The first approved candidate is promoted by `promotion`. When the cycle ends vetoed, its signals are
+    ``held`` for the operator (``runtime signals``); when it is approved, they are ``learned``.
 
     Training runs on `device` (default: a spare GPU that is not `serving_device`, else the CPU) with
     `num_threads` CPU threads (default: half the cores, :func:`runtime.cpu.learner_cpu_threads`).
@@ -124,7 +186,7 @@ def run_cycle(
         min_positive_score=config.learning.min_positive_score,
         replay_fraction=config.learning.replay_fraction,
     )
-    documents = []
+    documents: list[Any] = []
     if method == "seal":
         from learners.seal import documents_from_store
 
@@ -137,16 +199,6 @@ def run_cycle(
         if not build.new:
             return CycleResult("nothing_to_learn", "no new corrections or demonstrations", counts=counts)
 
-    parent = registry.active()
-    device = device or pick_training_device(serving_device or config.engine.device)
-    run_id = store.create_run(
-        method,
-        config={"settings": settings, "lora": config.learning.lora, "device": device},
-        parent_adapter=parent.name if parent else None,
-        data_counts=counts,
-    )
-    store.update_run(run_id, status="running")
-    staging = registry.staging_dir(run_id)
     history: list[dict[str, float]] = []
 
     def on_progress(step: int, total: int, logs: dict[str, float]) -> None:
@@ -155,74 +207,226 @@ def run_cycle(
         if progress is not None:
             progress(step, total, logs)
 
+    ctx = _Context(
+        config, store, registry, method, settings, build, documents, counts, registry.active(),
+        device or pick_training_device(serving_device or config.engine.device),
+        num_threads or learner_cpu_threads(), gate, on_progress, history,
+    )
+    asked = [e.prompt for e in build.new]
+    anchors = select_anchors(
+        store, config.learning.anchors, protected=protected_prompts, exclude=asked,
+        min_positive_score=config.learning.min_positive_score,
+    ).anchors
+    repair = config.learning.repair
+    started = time.monotonic()
+    attempts: list[Attempt] = []
+    while True:
+        number = len(attempts) + 1
+        budget = timeout_s
+        if number > 1 and repair.time_budget_s is not None:
+            left = repair.time_budget_s - (time.monotonic() - started)
+            budget = left if budget is None else min(budget, left)
+        attempt, verdict, record, anchors = _attempt(
+            ctx, number, anchors, attempts[-1].run_id if attempts else None, budget
+        )
+        attempts.append(attempt)
+        if attempt.status == "failed":
+            return CycleResult("failed", "; ".join(attempt.reasons), attempt.run_id, counts=counts,
+                               attempts=[a.to_dict() for a in attempts])
+        assert verdict is not None and record is not None
+        if verdict.approved:
+            break
+        stop = _no_repair(verdict, number, repair, time.monotonic() - started)
+        taught = {prompt_key(m) for m in asked}
+        if stop is None and all(prompt_key(p) in taught for p in verdict.repair_prompts):
+            stop = "not repairable: the failing prompts are the ones being taught"
+        if stop is not None:
+            held = _settle(ctx, "held", attempt.run_id, reason="vetoed: " + "; ".join(verdict.reasons))
+            message = "; ".join(verdict.reasons)
+            if number > 1:
+                message += f" (after {number} attempts)"
+            message += (f"; {stop}; {held} signal(s) held for review (`runtime signals --state held`: retry or "
+                        "dismiss them)")
+            return CycleResult("vetoed", message, attempt.run_id, store.get_adapter(record.name), counts,
+                               {"gate": {"approved": False, "reasons": verdict.reasons}},
+                               [a.to_dict() for a in attempts], held=held)
+        anchors = anchors + repair_anchors(verdict.repair_prompts, anchors, asked)
+
+    _settle(ctx, "learned", attempt.run_id)
+    run = store.get_run(attempt.run_id)
+    metrics = {**(run.metrics if run else {}), "gate": {"approved": True, "reasons": verdict.reasons}}
+    metrics.pop("history", None)
+    result_args = (attempt.run_id,)
+    repaired = f" (repaired: attempt {number})" if number > 1 else ""
+    if promotion == "direct":
+        active = registry.activate(record.name, reason=f"approved by the gate{repaired}", run_id=attempt.run_id)
+        return CycleResult("activated", f"{record.name} is active{repaired}", *result_args, active, counts, metrics,
+                           [a.to_dict() for a in attempts])
+    if promotion == "shadow":
+        shadow = registry.shadow(record.name, run_id=attempt.run_id)
+        return CycleResult("shadow", f"{record.name} answers mirrored traffic in shadow mode{repaired}", *result_args,
+                           shadow, counts, metrics, [a.to_dict() for a in attempts])
+    return CycleResult(
+        "awaiting_promotion",
+        f"{record.name} was approved{repaired}; promote it with `runtime adapters promote {record.name}`",
+        *result_args, store.get_adapter(record.name), counts, metrics, [a.to_dict() for a in attempts],
+    )
+
+
+def _no_repair(verdict: GateDecision, number: int, repair: Any, elapsed: float) -> str | None:
+    """Why a vetoed attempt is not repaired (``None``: repair it)."""
+    if not verdict.repair_prompts:
+        return "not repairable (only protected and retention vetoes are)"
+    if number > repair.max_attempts:
+        return f"no repair attempt left (learning.repair.max_attempts: {repair.max_attempts})"
+    if repair.time_budget_s is not None and elapsed >= repair.time_budget_s:
+        return f"the repair time budget ({repair.time_budget_s:g} s) is spent"
+    return None
+
+
+def _attempt(
+    ctx: _Context, number: int, anchors: list[Anchor], previous_run: str | None, timeout_s: float | None
+) -> tuple[Attempt, GateDecision | None, AdapterRecord | None, list[Anchor]]:
+    """Train, publish and judge one candidate; returns the attempt, the verdict, the record and the anchors
+    (answered by the worker, for the next attempt)."""
+    repair = ctx.config.learning.repair
+    lr_factor = repair.learning_rate_factor ** (number - 1)
+    epochs_factor = repair.epochs_factor ** (number - 1)
+    anchor_counts = AnchorSelection(anchors).counts()
+    started = time.monotonic()
+    parent = ctx.parent
+    run_id = ctx.store.create_run(
+        ctx.method,
+        config={
+            "settings": ctx.settings, "lora": ctx.config.learning.lora, "device": ctx.device, "attempt": number,
+            "repair_of": previous_run, "anchors": anchor_counts, "learning_rate_factor": lr_factor,
+            "epochs_factor": epochs_factor,
+        },
+        parent_adapter=parent.name if parent else None,
+        data_counts=ctx.counts,
+    )
+    ctx.store.update_run(run_id, status="running")
+    staging = ctx.registry.staging_dir(run_id)
+    anchor_settings = ctx.config.learning.anchors
     job = TrainJob(
         method="sft",
-        base_model_dir=str(resolve_model(config.model.name, config.model.cache_dir)),
-        examples=[dataclasses.asdict(e) for e in build.examples],
+        base_model_dir=str(resolve_model(ctx.config.model.name, ctx.config.model.cache_dir)),
+        examples=[dataclasses.asdict(e) for e in ctx.build.examples],
         output_dir=str(staging / "adapter"),
-        lora=dict(config.learning.lora),
+        lora=dict(ctx.config.learning.lora),
         parent_adapter_dir=parent.path if parent else None,
-        device=device,
-        num_threads=num_threads or learner_cpu_threads(),
+        device=ctx.device,
+        num_threads=ctx.num_threads,
+        anchors=[a.to_dict() for a in anchors],
+        anchor_settings={
+            "loss": anchor_settings.loss, "weight": anchor_settings.weight,
+            "batch_size": anchor_settings.batch_size, "max_new_tokens": anchor_settings.max_new_tokens,
+        },
     )
-    used_documents: list[str] = []
+
+    def attempt_of(status: Literal["approved", "vetoed", "failed"], reasons: list[str], adapter: str | None = None,
+                   repairable: bool = False) -> Attempt:
+        return Attempt(number, run_id, status, reasons, time.monotonic() - started, adapter, anchor_counts,
+                       lr_factor, epochs_factor, repairable)
+
     try:
-        if method == "auto":
-            from learners.auto import select_candidate
-
-            chosen = select_candidate(config, build, job, on_progress, timeout_s=timeout_s)
-            trained_method, adapter_dir, metrics = chosen.method, chosen.adapter_dir, chosen.metrics
-        elif method == "seal":
-            from learners.seal_cycle import train_seal
-
-            trained_method = "seal"
-            adapter_dir, metrics, used_documents = train_seal(
-                registry, run_id, job, documents, build, settings, on_progress, timeout_s=timeout_s
-            )
-        else:
-            trained_method, adapter_dir = method, job.output_dir
-            job.method, job.settings = method, settings  # type: ignore[assignment]
-            result = run_training_process(job, on_progress, timeout_s=timeout_s)
-            metrics = {"train_seconds": result["train_seconds"], "steps": result["num_steps"], **result["summary"]}
-        record = registry.publish(
+        trained_method, adapter_dir, metrics, answered = _train(
+            ctx, job, run_id, number, lr_factor, epochs_factor, timeout_s
+        )
+        record = ctx.registry.publish(
             adapter_dir,
-            registry.new_name(trained_method),
-            Lineage(parent.name if parent else None, trained_method, run_id, counts, metrics),
+            ctx.registry.new_name(trained_method),
+            Lineage(parent.name if parent else None, trained_method, run_id, ctx.counts, metrics),
         )
     except (TrainingFailed, AdapterVerificationError, OSError, NoAcceptableCandidate) as exc:
-        store.update_run(run_id, status="failed", error=str(exc), metrics={"history": history})
-        return CycleResult("failed", str(exc), run_id=run_id, counts=counts)
+        ctx.store.update_run(run_id, status="failed", error=str(exc), metrics={"history": ctx.history})
+        return attempt_of("failed", [str(exc)]), None, None, anchors
     finally:
-        registry.discard_staging(run_id)
+        ctx.registry.discard_staging(run_id)
 
-    if method == "seal":
-        store.mark_consumed(run_id, document_ids=used_documents)
-    else:
-        mark_used(store, build, run_id)
-    store.update_run(
-        run_id, status="succeeded", output_adapter=record.name, metrics={**metrics, "history": history}
+    if answered:
+        anchors = [Anchor(**a) for a in answered]
+        metrics["anchors"] = [
+            {"source": a.source, "prompt": _clip(a.messages[-1]["content"]), "answer": _clip(a.answer or "")}
+            for a in anchors
+        ]
+    ctx.store.update_run(
+        run_id, status="succeeded", output_adapter=record.name, metrics={**metrics, "history": list(ctx.history)}
     )
-    verdict = gate(record, build)
-    store.record_decision(
+    ctx.history.clear()
+    verdict = ctx.gate(record, ctx.build)
+    ctx.store.record_decision(
         record.name, "approve" if verdict.approved else "veto", reasons=verdict.reasons, checks=verdict.checks,
         run_id=run_id,
     )
-    metrics = {**metrics, "gate": {"approved": verdict.approved, "reasons": verdict.reasons}}
     if not verdict.approved:
-        store.set_adapter_status(record.name, "rejected")
-        rejected = store.get_adapter(record.name)
-        return CycleResult("vetoed", "; ".join(verdict.reasons), run_id, rejected, counts, metrics)
-    if promotion == "direct":
-        active = registry.activate(record.name, reason="approved by the gate", run_id=run_id)
-        return CycleResult("activated", f"{record.name} is active", run_id, active, counts, metrics)
-    if promotion == "shadow":
-        shadow = registry.shadow(record.name, run_id=run_id)
-        return CycleResult("shadow", f"{record.name} answers mirrored traffic in shadow mode", run_id, shadow,
-                           counts, metrics)
-    return CycleResult(
-        "awaiting_promotion", f"{record.name} was approved; promote it with `runtime adapters promote {record.name}`",
-        run_id, store.get_adapter(record.name), counts, metrics,
-    )
+        ctx.store.set_adapter_status(record.name, "rejected")
+        vetoed = attempt_of("vetoed", verdict.reasons, record.name, bool(verdict.repair_prompts))
+        return vetoed, verdict, record, anchors
+    return attempt_of("approved", verdict.reasons, record.name), verdict, record, anchors
+
+
+def _train(
+    ctx: _Context, job: TrainJob, run_id: str, number: int, lr_factor: float, epochs_factor: float,
+    timeout_s: float | None,
+) -> tuple[str, str, dict[str, Any], list[dict[str, Any]]]:
+    """Run the method in the worker; returns (method recorded, adapter dir, metrics, answered anchors)."""
+    if ctx.method == "auto":
+        from learners.auto import select_candidate
+
+        chosen = select_candidate(
+            ctx.config, ctx.build, job, ctx.progress, timeout_s=timeout_s, learning_rate_factor=lr_factor,
+            epochs_factor=epochs_factor,
+        )
+        return chosen.method, chosen.adapter_dir, chosen.metrics, job.anchors
+    if ctx.method == "seal" and number == 1:
+        from learners.seal_cycle import train_seal
+
+        seal = train_seal(
+            ctx.registry, run_id, job, ctx.documents, ctx.build, ctx.settings, ctx.progress, timeout_s=timeout_s
+        )
+        ctx.used_documents, ctx.seal_texts = seal.used_document_ids, seal.update_texts
+        return "seal", seal.adapter_dir, seal.metrics, seal.anchors
+    if ctx.method == "seal":  # a repair: the kept self-edits again, without repeating the search
+        update = dict(ctx.settings["update_training"])
+        job.method, job.texts = "sft", list(ctx.seal_texts)
+        job.settings = scale_settings("sft", update, lr_factor, epochs_factor)
+        job.lora = dict(ctx.settings["lora"])
+    else:
+        job.method = ctx.method  # type: ignore[assignment]
+        job.settings = scale_settings(ctx.method, ctx.settings, lr_factor, epochs_factor)
+    result = run_training_process(job, ctx.progress, timeout_s=timeout_s)
+    metrics = {"train_seconds": result["train_seconds"], "steps": result["num_steps"], **result["summary"]}
+    return ctx.method, job.output_dir, metrics, result.get("anchors") or []
+
+
+def scale_settings(method: str, settings: dict[str, Any], learning_rate_factor: float,
+                   epochs_factor: float) -> dict[str, Any]:
+    """`settings` (a ``learning.<method>`` section) with the learning rate and epochs scaled (a repair attempt)."""
+    if learning_rate_factor == 1.0 and epochs_factor == 1.0:
+        return dict(settings)
+    if method == "sdft":
+        from learners.sdft import SDFTSettings as settings_cls
+    else:
+        from learners.sft import SFTSettings as settings_cls
+    resolved = settings_cls(**settings)
+    return {
+        **settings,
+        "learning_rate": resolved.learning_rate * learning_rate_factor,
+        "num_epochs": resolved.num_epochs * epochs_factor,
+    }
+
+
+def _settle(ctx: _Context, state: Literal["learned", "held"], run_id: str, reason: str | None = None) -> int:
+    """Mark what the cycle learned from ``learned`` (approved) or ``held`` (vetoed); returns how many rows moved."""
+    if ctx.method == "seal":
+        ids = ctx.used_documents or [d.id for d in ctx.documents]
+        return ctx.store.set_learning_state(state, document_ids=ids, reason=reason, run_id=run_id)
+    return ctx.store.set_learning_state(state, signal_ids=ctx.build.signal_ids, reason=reason, run_id=run_id)
+
+
+def _clip(text: str, width: int = 200) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _settings(config: RuntimeConfig, method: str) -> dict[str, Any]:

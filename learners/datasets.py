@@ -4,9 +4,10 @@
 - a **demonstration** (``agent.teach``) gives (its prompt, its answer);
 - a **positive rating** may promote the agent's own answer to a demonstration (``promote_positive_ratings``).
 
-The signals used are marked consumed by the run that trained on them (:func:`mark_used`), after the run
-succeeded; a failed run leaves them for the next cycle. Replay mixes in examples from earlier runs'
-signals so that a continued adapter keeps what it learned before.
+Only ``pending`` signals are new. The cycle settles them once the gate has decided (``learned`` by an approved
+update, ``held`` by a vetoed one, for the operator to retry or dismiss); a failed run leaves them pending for
+the next cycle. Replay mixes in examples from ``learned`` signals only, so that a continued adapter keeps what
+it learned before, and a vetoed correction never comes back through replay.
 """
 
 from __future__ import annotations
@@ -58,16 +59,11 @@ def build_dataset(
     )
     if max_new is not None:
         new = new[:max_new]
-    consumed = [s for s in store.signals() if s.consumed_by_run is not None]
-    earlier = _examples(consumed, store, promote_positive_ratings, min_positive_score, {})
+    learned = store.signals(state="learned")
+    earlier = _examples(learned, store, promote_positive_ratings, min_positive_score, {})
     n_replay = min(len(earlier), round(replay_fraction * len(new)))
     replay = random.Random(seed).sample(earlier, n_replay) if n_replay else []
     return DatasetBuild(new=new, replay=replay, skipped=skipped)
-
-
-def mark_used(store: Store, build: DatasetBuild, run_id: str) -> int:
-    """Mark the build's new signals consumed by `run_id`; returns how many were marked."""
-    return store.mark_consumed(run_id, signal_ids=build.signal_ids)
 
 
 def _examples(

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import shutil
 import time
 import warnings
@@ -50,11 +49,13 @@ with warnings.catch_warnings():  # "APIs here are unstable": known, and TRL is p
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
     from trl.experimental.sdft.teacher_sync import PEFTAdapterEMACallback
 
-from runtime.textmatch import normalise
+from runtime.textmatch import new_words, normalise
 
+from .anchor_loss import AnchorLoss, AnchorTraining
 from .callbacks import ProgressCallback, ProgressFn
 from .common import BaseTrainSettings, TrainResult, cycle_to_multiple
 from .examples import DemoExample
+from .generation import generate
 from .lora import LoraSettings, build_peft_model, load_base_model, load_frozen_adapter, load_tokenizer, save_adapter
 from .sft import SFTSettings, train_sft
 
@@ -308,15 +309,27 @@ class _LearnerSDFTTrainer(SDFTTrainer):
         frozen_teacher_adapter: str | None = None,
         ema_init: str = "student",
         teacher_rollout_fraction: float | None = None,
+        anchor_loss: AnchorLoss | None = None,
         **kwargs: Any,
     ) -> None:
         self._frozen_teacher_adapter = frozen_teacher_adapter
+        self._anchor_loss = anchor_loss
         self._ema_init = ema_init
         self._teacher_rollout_fraction = teacher_rollout_fraction
         super().__init__(*args, **kwargs)
         self._rollout_rng = random.Random(self.args.seed)
         #: Where each batch of rollouts was sampled from ("teacher" / "student"), in order.
         self.rollout_sources: list[str] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self._anchor_loss is None or not model.training:
+            return loss
+        term = self._anchor_loss(self.accelerator.unwrap_model(model))
+        self._metrics["train"]["anchor_loss"].append(self._anchor_loss.history[-1])
+        if return_outputs:
+            return (loss[0] + term, *loss[1:])
+        return loss + term
 
     def sample_rollouts(self, inputs: list[dict[str, Any]]) -> Any:
         if self._teacher_rollout_fraction is not None:
@@ -381,6 +394,7 @@ def build_sdft_trainer(
     lora: LoraSettings | None = None,
     parent_adapter_dir: str | Path | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    anchors: AnchorTraining | None = None,
 ) -> SDFTTrainer:
     """Build (but do not run) the TRL ``SDFTTrainer`` that ``train_sdft`` runs.
 
@@ -402,6 +416,7 @@ def build_sdft_trainer(
     if parent_adapter_dir is not None and settings.teacher_kind == "base":
         load_frozen_adapter(model, parent_adapter_dir, _TEACHER_ADAPTER)
         frozen_teacher = _TEACHER_ADAPTER
+    anchor_loss = anchors.build(model, tokenizer, parent_adapter_dir, settings.seed) if anchors else None
     with _quiet_adapter_warning():
         trainer = _LearnerSDFTTrainer(
             model=model,
@@ -412,6 +427,7 @@ def build_sdft_trainer(
             frozen_teacher_adapter=frozen_teacher,
             ema_init=settings.ema_init,
             teacher_rollout_fraction=settings.teacher_rollout_fraction,
+            anchor_loss=anchor_loss,
         )
     trainer.remove_callback(PrinterCallback)  # logs go to the progress callback, not stdout
     return trainer
@@ -426,6 +442,7 @@ def train_sdft(
     parent_adapter_dir: str | Path | None = None,
     progress_callback: ProgressFn | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    anchors: AnchorTraining | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter with SDFT and save it to ``output_dir``.
 
@@ -438,6 +455,7 @@ def train_sdft(
         parent_adapter_dir: Continue from this adapter (its weights are the starting point).
         progress_callback: ``fn(step, total_steps, logs)``, see ``learners.callbacks.ProgressFn``.
         callbacks: Extra ``transformers.TrainerCallback`` objects (e.g. to stop early).
+        anchors: Anchors answered by the active model; every step adds the anchor term (``learners.anchor_loss``).
 
     Returns:
         The adapter directory, per-step metrics (``loss`` is the distillation loss; the SFT loss with
@@ -447,7 +465,8 @@ def train_sdft(
     settings = settings or SDFTSettings()
     if settings.variant == "rewrite":
         return _train_rewrite(
-            base_model_dir, examples, output_dir, settings, lora, parent_adapter_dir, progress_callback, callbacks
+            base_model_dir, examples, output_dir, settings, lora, parent_adapter_dir, progress_callback, callbacks,
+            anchors,
         )
     warmup = None
     if settings.sft_warmup_epochs > 0:
@@ -455,7 +474,7 @@ def train_sdft(
         parent_adapter_dir = warmup.adapter_dir
     progress = ProgressCallback(progress_callback)
     trainer = build_sdft_trainer(
-        base_model_dir, examples, output_dir, settings, lora, parent_adapter_dir, [progress, *callbacks]
+        base_model_dir, examples, output_dir, settings, lora, parent_adapter_dir, [progress, *callbacks], anchors
     )
     start = time.perf_counter()
     trainer.train()
@@ -559,18 +578,6 @@ def teacher_student_logprobs(
 
 # --- variant="rewrite" (Yang et al., 2024) -------------------------------------------------------------------
 
-_STOPWORDS = frozenset(
-    "a an the of in on at to for by with from and or is are was were be been it its this that as into "
-    "what which who whom whose when where why how".split()
-)
-
-
-def _answer_words(example: DemoExample) -> set[str]:
-    """Normalised words of the demonstration that are not in the prompt: the new information it carries."""
-    asked = set(normalise(" ".join(m["content"] for m in example.prompt)).split())
-    return {w for w in normalise(example.demonstration).split() if w not in asked and w not in _STOPWORDS}
-
-
 def rewrite_keeps_answer(rewrite: str, example: DemoExample) -> bool:
     """Whether a rewrite still holds the demonstration's answer.
 
@@ -580,7 +587,7 @@ def rewrite_keeps_answer(rewrite: str, example: DemoExample) -> bool:
     back to the demonstration. A demonstration that adds no new word is kept only when the rewrite contains
     it whole.
     """
-    words = _answer_words(example)
+    words = set(new_words(example.demonstration, " ".join(m["content"] for m in example.prompt)))
     got = set(normalise(rewrite).split())
     if not words:
         target = normalise(example.demonstration)
@@ -596,10 +603,6 @@ class Rewrite(NamedTuple):
     text: str
 
 
-_END_MARKERS = re.compile(r"<\|im_end\|>|<\|endoftext\|>")
-
-
-@torch.no_grad()
 def rewrite_demonstrations(
     base_model_dir: str | Path,
     examples: Sequence[DemoExample],
@@ -616,31 +619,17 @@ def rewrite_demonstrations(
     settings.apply_process_settings()
     set_seed(settings.seed)
     tokenizer = load_tokenizer(base_model_dir)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model: Any = load_base_model(base_model_dir)
     if parent_adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(parent_adapter_dir))
-    model.eval()
-    sample = settings.rewrite_temperature > 0
-    gen_kwargs: dict[str, Any] = {"max_new_tokens": settings.rewrite_max_new_tokens, "do_sample": sample}
-    if sample:
-        gen_kwargs.update(temperature=settings.rewrite_temperature, top_p=1.0, top_k=0)
-    else:
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-    texts: list[str] = []
-    for i in range(0, len(examples), batch_size):
-        batch = examples[i : i + batch_size]
-        convs = [build_teacher_prompt(ex.prompt, ex.demonstration, settings.rewrite_prompt_template) for ex in batch]
-        rendered = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
-        enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
-        for row in out[:, enc["input_ids"].shape[1] :]:
-            text = tokenizer.decode(row, skip_special_tokens=False)
-            texts.append(_END_MARKERS.split(text, maxsplit=1)[0].strip())
+    convs = [build_teacher_prompt(ex.prompt, ex.demonstration, settings.rewrite_prompt_template) for ex in examples]
+    outputs = generate(
+        model, tokenizer, convs, max_new_tokens=settings.rewrite_max_new_tokens, batch_size=batch_size,
+        temperature=settings.rewrite_temperature,
+    )
     rewrites = []
-    for ex, text in zip(examples, texts, strict=True):
+    for ex, output in zip(examples, outputs, strict=True):
+        text = output.text
         keep = bool(text) and (settings.rewrite_check == "none" or rewrite_keeps_answer(text, ex))
         rewrites.append(Rewrite(rewrite=text, kept=keep, text=text if keep else ex.demonstration))
     return rewrites
@@ -655,6 +644,7 @@ def _train_rewrite(
     parent_adapter_dir: str | Path | None,
     progress_callback: ProgressFn | None,
     callbacks: Sequence[TrainerCallback],
+    anchors: AnchorTraining | None = None,
 ) -> TrainResult:
     if not examples:
         raise ValueError("train_sdft needs at least one example")
@@ -671,6 +661,7 @@ def _train_rewrite(
         parent_adapter_dir,
         progress_callback,
         callbacks,
+        anchors,
     )
     result.train_seconds += rewrite_seconds
     result.summary = {

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .callbacks import ProgressFn
 from .examples import DemoExample
@@ -34,6 +34,9 @@ from .seal_inner import Deadline, score_tau
 from .seal_questions import QAPair, QuestionSettings, prepare_questions, prepare_tau
 from .seal_restem import RestEmResult, SearchDocument, run_rest_em, select_self_edits, selection_thresholds
 from .seal_settings import SealDocument, SEALSettings, seal_settings_from_dict
+
+if TYPE_CHECKING:
+    from .anchor_loss import AnchorTraining
 
 __all__ = [
     "QAPair",
@@ -65,6 +68,8 @@ class SealResult:
         documents: Per document: tau source and size, pairs dropped, baseline, best reward, what was chosen.
         rounds: Per ReST-EM round: self-edits scored, kept, generator examples, mean reward.
         metrics: Timings and totals (``sec_per_self_edit_eval``, ``search_seconds``, ``update_train_seconds``, ...).
+        update_texts: The sequences the candidate was trained on (kept self-edits, passages, replay): a repair of
+            a vetoed candidate trains on them again without repeating the search.
     """
 
     adapter_dir: str | None
@@ -74,6 +79,7 @@ class SealResult:
     documents: list[dict[str, Any]] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    update_texts: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -94,6 +100,7 @@ def run_seal_update(
     device: str = "cpu",
     num_threads: int | None = None,
     log: Callable[[str], None] | None = None,
+    anchors: AnchorTraining | None = None,
 ) -> SealResult:
     """Run one SEAL update on ``documents`` and write the serving candidate and the new generator.
 
@@ -114,6 +121,7 @@ def run_seal_update(
         engine: An engine on the same base model to evaluate with (default: a ``TransformersEngine`` on
             ``device`` with ``num_threads``, closed at the end). Adapters it already holds are left alone.
         log: Receives one line per scored self-edit and per round.
+        anchors: Anchors answered by the active model; the candidate's training adds the anchor term.
 
     Temporary adapters and generator rounds live in a scratch directory beside ``output_dir`` that is removed
     at the end, also on failure.
@@ -156,13 +164,13 @@ def run_seal_update(
             generator_out = str(generator_output_dir)
         texts, used = _choose(documents, settings, search, search_docs, reports, skipped)
         replay = _replay_texts(base_model_dir, replay_examples, settings)
-        adapter_dir, update = None, None
+        adapter_dir, update, update_texts = None, None, _dedupe(texts + replay) if texts else []
         if texts:
             from .sft import train_sft_texts
 
             update = train_sft_texts(
-                base_model_dir, _dedupe(texts + replay), output_dir, settings.update_training, settings.lora,
-                parent_adapter_dir, _phase(progress, 2.0),
+                base_model_dir, update_texts, output_dir, settings.update_training, settings.lora,
+                parent_adapter_dir, _phase(progress, 2.0), anchors=anchors,
             )
             adapter_dir = str(output_dir)
     finally:
@@ -195,6 +203,7 @@ def run_seal_update(
         documents=[reports[d.id] for d in documents if d.id in reports],
         rounds=[r.to_dict() for r in search.rounds],
         metrics=metrics,
+        update_texts=update_texts,
     )
 
 
@@ -312,5 +321,5 @@ def documents_from_store(store: Any, *, limit: int | None = None) -> list[SealDo
 
 def replay_passages(store: Any, n: int, *, seed: int = 0) -> list[str]:
     """Up to ``n`` passages of documents earlier runs consumed, sampled with ``seed`` (replay for the candidate)."""
-    earlier = [passage_text(d.text, d.title) for d in store.documents() if d.consumed_by_run is not None]
+    earlier = [passage_text(d.text, d.title) for d in store.documents(state="learned")]
     return random.Random(seed).sample(earlier, min(n, len(earlier))) if n > 0 else []

@@ -4,6 +4,7 @@ keep the self-edit generator as its own adapter, apart from the serving one."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,20 @@ def latest_generator(registry: AdapterRegistry) -> AdapterRecord | None:
     return generators[-1] if generators else None
 
 
+@dataclass
+class SealTraining:
+    """What the SEAL step of a cycle produced."""
+
+    adapter_dir: str
+    """The serving candidate, staged."""
+    metrics: dict[str, Any]
+    used_document_ids: list[str]
+    update_texts: list[str]
+    """What the candidate was trained on (a repair trains on it again)."""
+    anchors: list[dict[str, Any]] = field(default_factory=list)
+    """The anchors, answered by the active model."""
+
+
 def train_seal(
     registry: AdapterRegistry,
     run_id: str,
@@ -34,8 +49,8 @@ def train_seal(
     progress: ProgressFn,
     *,
     timeout_s: float | None = None,
-) -> tuple[str, dict[str, Any], list[str]]:
-    """Run SEAL on `documents`; publish the new generator; return (serving adapter dir, metrics, used ids)."""
+) -> SealTraining:
+    """Run SEAL on `documents` (with the job's anchors) and publish the new generator."""
     staging = Path(job.output_dir).parent
     generator = latest_generator(registry)
     replay = replay_passages(registry.store, len(build.replay)) + [dataclasses.asdict(e) for e in build.replay]
@@ -50,6 +65,8 @@ def train_seal(
         replay_examples=replay,
         device=job.device,
         num_threads=job.num_threads,
+        anchors=job.anchors,
+        anchor_settings=job.anchor_settings,
     )
     result = run_seal_process(seal_job, progress, timeout_s=timeout_s)
     metrics = {
@@ -69,4 +86,7 @@ def train_seal(
     if not result["adapter_dir"]:
         raise TrainingFailed("SEAL used no document: " + "; ".join(f"{k}: {v}" for k, v in
                                                                     result["skipped_documents"].items()))
-    return result["adapter_dir"], metrics, list(result["used_document_ids"])
+    return SealTraining(
+        result["adapter_dir"], metrics, list(result["used_document_ids"]), list(result.get("update_texts") or []),
+        list(result.get("anchors") or []),
+    )

@@ -17,6 +17,7 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
+from .anchor_loss import AnchorLoss, AnchorTraining
 from .callbacks import ProgressCallback, ProgressFn
 from .common import BaseTrainSettings, TrainResult
 from .examples import DemoExample
@@ -83,12 +84,14 @@ def build_sft_trainer(
     lora: LoraSettings | None = None,
     parent_adapter_dir: str | Path | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    anchors: AnchorTraining | None = None,
 ) -> SFTTrainer:
     """Build (but do not run) the TRL ``SFTTrainer`` that ``train_sft`` runs."""
     if not examples:
         raise ValueError("train_sft needs at least one example")
     return _build_trainer(
-        base_model_dir, _to_dataset(examples), output_dir, settings, lora, parent_adapter_dir, callbacks, False
+        base_model_dir, _to_dataset(examples), output_dir, settings, lora, parent_adapter_dir, callbacks, False,
+        anchors,
     )
 
 
@@ -100,13 +103,16 @@ def build_sft_text_trainer(
     lora: LoraSettings | None = None,
     parent_adapter_dir: str | Path | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    anchors: AnchorTraining | None = None,
 ) -> SFTTrainer:
     """Build (but do not run) the plain-text ``SFTTrainer`` that ``train_sft_texts`` runs."""
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise ValueError("train_sft_texts needs at least one non-empty text")
     dataset = Dataset.from_list([{"text": t} for t in texts])
-    return _build_trainer(base_model_dir, dataset, output_dir, settings, lora, parent_adapter_dir, callbacks, True)
+    return _build_trainer(
+        base_model_dir, dataset, output_dir, settings, lora, parent_adapter_dir, callbacks, True, anchors
+    )
 
 
 def _build_trainer(
@@ -118,13 +124,16 @@ def _build_trainer(
     parent_adapter_dir: str | Path | None,
     callbacks: Sequence[TrainerCallback],
     plain_text: bool,
+    anchors: AnchorTraining | None = None,
 ) -> SFTTrainer:
     settings = settings or SFTSettings()
     settings.apply_process_settings()
     set_seed(settings.seed)  # LoRA initialisation
     tokenizer = load_tokenizer(base_model_dir)
     model = build_peft_model(load_base_model(base_model_dir), lora, parent_adapter_dir)
-    trainer_cls = SFTTrainer if settings.kl_anchor <= 0 else _AnchoredSFTTrainer
+    anchor_loss = anchors.build(model, tokenizer, parent_adapter_dir, settings.seed) if anchors else None
+    regularised = settings.kl_anchor > 0 or anchor_loss is not None
+    trainer_cls = _RegularisedSFTTrainer if regularised else SFTTrainer
     trainer = trainer_cls(
         model=model,
         args=settings.to_sft_config(output_dir, plain_text=plain_text),
@@ -133,25 +142,37 @@ def _build_trainer(
         callbacks=list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)  # logs go to the progress callback, not stdout
-    if isinstance(trainer, _AnchoredSFTTrainer):
+    if isinstance(trainer, _RegularisedSFTTrainer):
         trainer.kl_anchor = settings.kl_anchor
+        trainer.anchor_loss = anchor_loss
     return trainer
 
 
-class _AnchoredSFTTrainer(SFTTrainer):
-    """SFT whose loss adds ``kl_anchor`` x mean KL(adapter || base) over the tokens that carry a label.
+class _RegularisedSFTTrainer(SFTTrainer):
+    """SFT whose loss adds, when set, ``kl_anchor`` x mean KL(adapter || base) over the tokens that carry a label,
+    and the anchor term (:class:`learners.anchor_loss.AnchorLoss`: a loss on a batch of anchors per step).
 
-    TRL computes the SFT loss from fused log-probs without full logits, so the penalty takes its own forward
+    TRL computes the SFT loss from fused log-probs without full logits, so the KL penalty takes its own forward
     pass (with the adapter, differentiable) and one without the adapter: about twice the cost of plain SFT.
     """
 
     kl_anchor: float = 0.0
+    anchor_loss: AnchorLoss | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
         loss = result[0] if return_outputs else result
+        if self.anchor_loss is not None and model.training:
+            term = self.anchor_loss(self.accelerator.unwrap_model(model))
+            self._metrics["train"]["anchor_loss"].append(self.anchor_loss.history[-1])
+            loss = loss + term
+        if self.kl_anchor > 0:
+            loss = loss + self._kl_to_base(model, inputs)
+        return (loss, result[1]) if return_outputs else loss
+
+    def _kl_to_base(self, model, inputs):  # type: ignore[no-untyped-def]
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError("kl_anchor needs the collated labels to know which tokens are trained")
@@ -165,8 +186,7 @@ class _AnchoredSFTTrainer(SFTTrainer):
         mask = (labels[:, 1:] != -100).to(per_token.dtype)
         kl = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
         self._metrics["train" if model.training else "eval"]["kl_to_base"].append(float(kl.detach()))
-        loss = loss + self.kl_anchor * kl
-        return (loss, result[1]) if return_outputs else loss
+        return self.kl_anchor * kl
 
 
 def train_sft(
@@ -178,15 +198,16 @@ def train_sft(
     parent_adapter_dir: str | Path | None = None,
     progress_callback: ProgressFn | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    anchors: AnchorTraining | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter by SFT on the demonstrations and save it to ``output_dir``.
 
     Arguments and result as ``learners.sdft.train_sdft``; ``loss`` in the metrics is the mean
-    cross-entropy of the answer tokens.
+    cross-entropy of the answer tokens. With `anchors`, every step adds the anchor term.
     """
     progress = ProgressCallback(progress_callback)
     trainer = build_sft_trainer(
-        base_model_dir, examples, output_dir, settings, lora, parent_adapter_dir, [progress, *callbacks]
+        base_model_dir, examples, output_dir, settings, lora, parent_adapter_dir, [progress, *callbacks], anchors
     )
     return _run(trainer, progress, output_dir, len(examples))
 
@@ -200,6 +221,7 @@ def train_sft_texts(
     parent_adapter_dir: str | Path | None = None,
     progress_callback: ProgressFn | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    anchors: AnchorTraining | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on plain text sequences (language modelling) and save it to ``output_dir``.
 
@@ -208,7 +230,7 @@ def train_sft_texts(
     """
     progress = ProgressCallback(progress_callback)
     trainer = build_sft_text_trainer(
-        base_model_dir, texts, output_dir, settings, lora, parent_adapter_dir, [progress, *callbacks]
+        base_model_dir, texts, output_dir, settings, lora, parent_adapter_dir, [progress, *callbacks], anchors
     )
     return _run(trainer, progress, output_dir, len(trainer.train_dataset))
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from runtime.cpu import learner_cpu_threads
+from runtime.processes import MAIN_GUARD_HINT
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 
@@ -45,6 +46,12 @@ class TrainJob:
     device: str = "cpu"
     num_threads: int | None = None
     niceness: int = 10
+    anchors: list[dict[str, Any]] = field(default_factory=list)
+    """``Anchor.to_dict()`` rows; those without ``answer_ids`` are answered by the parent (active) model first."""
+    anchor_settings: dict[str, Any] = field(default_factory=dict)
+    """``loss``, ``weight``, ``batch_size`` and ``max_new_tokens`` of ``learning.anchors``."""
+    texts: list[str] = field(default_factory=list)
+    """``method="sft"`` on plain text sequences instead of ``examples`` (a SEAL candidate trained again)."""
 
 
 @dataclass
@@ -67,6 +74,8 @@ class SealJob:
     num_threads: int | None = None
     niceness: int = 10
     method: str = "seal"
+    anchors: list[dict[str, Any]] = field(default_factory=list)
+    anchor_settings: dict[str, Any] = field(default_factory=dict)
 
 
 def pick_training_device(
@@ -149,7 +158,7 @@ def _run_child(job: TrainJob | SealJob | CallJob, progress: ProgressFn | None, t
     child.start()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     result: Any = None
-    finished = False
+    finished = started = False
     error: str | None = None
     try:
         while True:
@@ -162,7 +171,9 @@ def _run_child(job: TrainJob | SealJob | CallJob, progress: ProgressFn | None, t
                     child.kill()
                     raise TrainingFailed(f"training exceeded its time budget of {timeout_s:.0f}s") from None
                 continue
-            if kind == "progress" and progress is not None:
+            if kind == "started":
+                started = True
+            elif kind == "progress" and progress is not None:
                 progress(*payload)
             elif kind == "done":
                 result, finished = payload, True
@@ -175,6 +186,11 @@ def _run_child(job: TrainJob | SealJob | CallJob, progress: ProgressFn | None, t
             child.join()
     if error is not None:
         raise TrainingFailed(f"{job.method} training failed:\n{error}")
+    if not started and child.exitcode not in (0, None) and child.exitcode > 0:
+        raise TrainingFailed(
+            f"the {job.method} worker process exited with code {child.exitcode} before it started the job. If this "
+            f"happened in a script: {MAIN_GUARD_HINT} Its own error is above, on stderr."
+        )
     if not finished or child.exitcode != 0:
         raise TrainingFailed(
             f"{job.method} training process exited with code {child.exitcode} before finishing "
@@ -184,6 +200,7 @@ def _run_child(job: TrainJob | SealJob | CallJob, progress: ProgressFn | None, t
 
 
 def _child_main(kind: str, job_dict: dict[str, Any], messages: mp.Queue) -> None:
+    messages.put(("started", os.getpid()))
     job = _JOB_KINDS[kind](**job_dict)
     try:
         _lower_priority(job.niceness)
@@ -222,6 +239,37 @@ def _lower_priority(niceness: int) -> None:
         pass
 
 
+def _anchor_training(job: TrainJob | SealJob) -> tuple[Any, list[dict[str, Any]]]:
+    """The job's anchors, answered by the model the update starts from (base + parent adapter), for the learner.
+
+    Returns ``(AnchorTraining or None, the answered anchors as dicts)``; the caller keeps the answers so that a
+    repair attempt does not write them again.
+    """
+    if not job.anchors:
+        return None, []
+    from learners.anchor_loss import AnchorTraining
+    from learners.anchors import Anchor, answer_anchors
+
+    anchors = [Anchor(**a) for a in job.anchors]
+    options = dict(job.anchor_settings)
+    if any(a.answer_ids is None for a in anchors):
+        from peft import PeftModel
+
+        from learners.lora import load_base_model, load_tokenizer
+
+        model: Any = load_base_model(job.base_model_dir)
+        if job.parent_adapter_dir is not None:
+            model = PeftModel.from_pretrained(model, job.parent_adapter_dir)
+        answer_anchors(model, load_tokenizer(job.base_model_dir), anchors,
+                       max_new_tokens=int(options.get("max_new_tokens", 64)))
+        del model
+    training = AnchorTraining(
+        anchors, loss=options.get("loss", "sft"), weight=float(options.get("weight", 1.0)),
+        batch_size=int(options.get("batch_size", 4)),
+    )
+    return training, [a.to_dict() for a in anchors]
+
+
 def _train(job: TrainJob, progress: ProgressFn) -> dict[str, Any]:
     from learners.examples import DemoExample
     from learners.lora import LoraSettings
@@ -229,26 +277,43 @@ def _train(job: TrainJob, progress: ProgressFn) -> dict[str, Any]:
     examples = [DemoExample(**e) for e in job.examples]
     lora = LoraSettings(**job.lora)
     use_cpu = job.device == "cpu"
+    start = time.perf_counter()
+    anchors, answered = _anchor_training(job)
+    anchor_seconds = time.perf_counter() - start
     if job.method == "sdft":
         from learners.sdft import SDFTSettings, train_sdft
 
         settings = SDFTSettings(**{"use_cpu": use_cpu, **job.settings})
         out = train_sdft(
-            job.base_model_dir, examples, job.output_dir, settings, lora, job.parent_adapter_dir, progress
+            job.base_model_dir, examples, job.output_dir, settings, lora, job.parent_adapter_dir, progress,
+            anchors=anchors,
+        )
+    elif job.texts:
+        from learners.sft import SFTSettings, train_sft_texts
+
+        settings = SFTSettings(**{"use_cpu": use_cpu, **job.settings})
+        out = train_sft_texts(
+            job.base_model_dir, job.texts, job.output_dir, settings, lora, job.parent_adapter_dir, progress,
+            anchors=anchors,
         )
     else:
         from learners.sft import SFTSettings, train_sft
 
         settings = SFTSettings(**{"use_cpu": use_cpu, **job.settings})
         out = train_sft(
-            job.base_model_dir, examples, job.output_dir, settings, lora, job.parent_adapter_dir, progress
+            job.base_model_dir, examples, job.output_dir, settings, lora, job.parent_adapter_dir, progress,
+            anchors=anchors,
         )
+    summary = dict(out.summary)
+    if answered:
+        summary.update(anchors=len(answered), anchor_answer_seconds=anchor_seconds)
     return {
-        "train_seconds": out.train_seconds,
+        "train_seconds": out.train_seconds + anchor_seconds,
         "num_examples": out.num_examples,
         "num_steps": out.num_steps,
-        "summary": out.summary,
+        "summary": summary,
         "history": out.metrics,
+        "anchors": answered,
     }
 
 
@@ -262,6 +327,7 @@ def _call(job: CallJob, progress: ProgressFn) -> Any:
 def _seal(job: SealJob, progress: ProgressFn) -> dict[str, Any]:
     from learners.seal import SealDocument, run_seal_update
 
+    anchors, answered = _anchor_training(job)
     result = run_seal_update(
         job.base_model_dir,
         [SealDocument(**d) for d in job.documents],
@@ -273,5 +339,6 @@ def _seal(job: SealJob, progress: ProgressFn) -> dict[str, Any]:
         replay_examples=job.replay_examples,
         progress=progress,
         device="cpu" if job.device == "cpu" else "cuda",  # the chosen GPU is the only one visible here
+        anchors=anchors,
     )
-    return result.to_dict()
+    return {**result.to_dict(), "anchors": answered}

@@ -55,6 +55,8 @@ def check_answer(expect: Expectation, answer: str, *, refusal_markers: Sequence[
     for needle in _as_list(expect.contains):
         if fold(needle) not in text:
             failures.append(f"does not contain {needle!r}")
+    if expect.contains_any is not None and not any(fold(n) in text for n in expect.contains_any):
+        failures.append(f"contains none of {expect.contains_any!r}")
     for needle in _as_list(expect.not_contains):
         if fold(needle) in text:
             failures.append(f"contains {needle!r}")
@@ -66,6 +68,8 @@ def check_answer(expect: Expectation, answer: str, *, refusal_markers: Sequence[
         failures.append("does not refuse" if expect.refuses else "refuses")
     if expect.json_schema is not None:
         failures.extend(_schema_failures(expect.json_schema, answer))
+    if expect.json_keys is not None:
+        failures.extend(_schema_failures({"type": "object", "required": list(expect.json_keys)}, answer))
     return AnswerCheck(not failures, failures)
 
 

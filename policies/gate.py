@@ -7,10 +7,17 @@ it while it is judged. Then, on the same engine, with greedy decoding:
   behaviour that passes on the active adapter and fails on the candidate is a veto (one that already
   fails on the active adapter is recorded, not held against the candidate);
 - **retention suites**: the candidate may lose at most ``max_drop`` points against the active adapter;
-- **target checks**: the candidate must now give the taught answers (``min_pass_rate`` of the new examples).
+- **target checks**: the candidate must now give the taught answers (``min_pass_rate`` of the new examples);
+- **conflicts**: a taught answer must not contradict a protected behaviour. A new example conflicts with a
+  behaviour when it asks about the same thing (at least half of its prompt's content words are in the
+  protected prompt), the active model's own answer to it meets the behaviour's expectation, and the taught
+  answer does not ("What is 10+10?" taught as "21" against a protected "20"). This holds whatever the
+  candidate learned, so anchors and repair cannot argue it away.
 
 Every check's result goes into the decision's ``checks`` (stored in ``policy_decisions``). A vetoed
-candidate is unloaded again; an approved one stays loaded, ready to be activated at once.
+candidate is unloaded again; an approved one stays loaded, ready to be activated at once. A veto by protected
+or retention checks alone comes with the failing prompts (``GateDecision.repair_prompts``) for gate-guided
+repair; a target or conflict veto does not (the update did not learn, or it must not).
 """
 
 from __future__ import annotations
@@ -25,7 +32,13 @@ from policies.checks import check_answer
 from policies.schema import Policy, ProtectedBehaviour, RetentionSuite
 from runtime.engines import Engine, SamplingParams
 from runtime.store import AdapterRecord
-from runtime.textmatch import gives_taught_answer
+from runtime.textmatch import content_words, gives_taught_answer, normalise
+
+REPAIRABLE_KINDS = frozenset({"protected", "retention"})
+"""Check kinds whose vetoes gate-guided repair may address."""
+
+CONFLICT_MIN_OVERLAP = 0.5
+"""Share of a taught prompt's content words that must occur in a protected prompt for the two to ask the same."""
 
 
 @dataclass
@@ -33,7 +46,7 @@ class CheckResult:
     """One check of the gate, on the active adapter and on the candidate."""
 
     kind: str
-    """``protected``, ``retention`` or ``target``."""
+    """``protected``, ``retention``, ``target`` or ``conflict``."""
     name: str
     passed: bool
     """Whether the candidate passed."""
@@ -42,6 +55,8 @@ class CheckResult:
     detail: str
     active: dict[str, Any] = field(default_factory=dict)
     candidate: dict[str, Any] = field(default_factory=dict)
+    repair_prompts: list[list[dict[str, str]]] = field(default_factory=list)
+    """For a repairable veto: the prompts that failed (not stored with the decision)."""
 
 
 class PolicyGate:
@@ -49,9 +64,10 @@ class PolicyGate:
     active adapter). Call it with ``(candidate, build)``; it returns a :class:`~learners.cycle.GateDecision`.
     """
 
-    def __init__(self, policy: Policy, engine: Engine) -> None:
+    def __init__(self, policy: Policy, engine: Engine, *, repair_prompts_per_check: int = 4) -> None:
         self.policy = policy
         self.engine = engine
+        self.repair_prompts_per_check = repair_prompts_per_check
         if any(b.expect.max_kl_to_base is not None for b in policy.protected) and not hasattr(
             engine, "kl_divergence"
         ):
@@ -59,7 +75,7 @@ class PolicyGate:
                 f"the policy uses max_kl_to_base, which needs token distributions that {type(engine).__name__} "
                 "cannot give; remove it or use the transformers engine"
             )
-        self._retention_cache: dict[tuple[str, str | None, str | None], float] = {}
+        self._retention_cache: dict[tuple[str, str | None, str | None], list[float]] = {}
 
     def __call__(self, candidate: AdapterRecord, build: DatasetBuild) -> GateDecision:
         loaded_here = not self.engine.has_adapter(candidate.name)
@@ -74,11 +90,13 @@ class PolicyGate:
             reason = f"the gate could not evaluate the candidate: {type(exc).__name__}: {exc}"
             return GateDecision(False, [reason], [])
         vetoes = [r for r in results if r.veto]
-        checks = [asdict(r) for r in results]
+        checks = [{k: v for k, v in asdict(r).items() if k != "repair_prompts"} for r in results]
         if vetoes:
             if loaded_here:
                 self.engine.unload_adapter(candidate.name)
-            return GateDecision(False, [f"{r.kind} '{r.name}': {r.detail}" for r in vetoes], checks)
+            repairable = all(r.kind in REPAIRABLE_KINDS for r in vetoes)
+            prompts = [p for r in vetoes for p in r.repair_prompts] if repairable else []
+            return GateDecision(False, [f"{r.kind} '{r.name}': {r.detail}" for r in vetoes], checks, prompts)
         passed = sum(r.passed for r in results)
         summary = f"all vetoing checks passed ({passed}/{len(results)} checks passed against {active or 'base'})"
         return GateDecision(True, [summary], checks)
@@ -94,7 +112,56 @@ class PolicyGate:
         target = self._target(candidate, build) if build is not None else None
         if target is not None:
             results.append(target)
+        if build is not None:
+            results += self.conflicts(build, active)
         return results
+
+    def conflicts(self, build: DatasetBuild, active: str | None) -> list[CheckResult]:
+        """The protected behaviours that a new example's taught answer contradicts (see the module docstring).
+
+        Only behaviours that pass on the active adapter are considered, each against the new examples that ask
+        the same thing; one check per contradicted behaviour, each a veto.
+        """
+        markers = self.policy.refusal_markers
+        pairs = []
+        for behaviour in self.policy.protected:
+            asked = content_words(behaviour.conversation()[-1]["content"])
+            for example in build.new:
+                words = content_words(example.prompt[-1]["content"])
+                if words and len(words & asked) / len(words) >= CONFLICT_MIN_OVERLAP:
+                    taught = check_answer(behaviour.expect, example.demonstration, refusal_markers=markers)
+                    if not taught.passed:
+                        pairs.append((behaviour, example, taught))
+        if not pairs:
+            return []
+        conversations = [b.conversation() for b in {id(b): b for b, _, _ in pairs}.values()]
+        conversations += [e.prompt for _, e, _ in pairs]
+        width = max(b.max_new_tokens for b, _, _ in pairs)
+        params = SamplingParams(max_new_tokens=width, temperature=0.0)
+        answers = self.engine.chat(conversations, params, adapter=[active] * len(conversations))
+        by_prompt = {
+            normalise(c[-1]["content"]): g.text for c, g in zip(conversations, answers, strict=True)
+        }
+        out: dict[str, CheckResult] = {}
+        for behaviour, example, taught in pairs:
+            if behaviour.name in out:
+                continue
+            on_active = check_answer(behaviour.expect, by_prompt[normalise(behaviour.conversation()[-1]["content"])],
+                                     refusal_markers=markers)
+            active_answer = by_prompt[normalise(example.prompt[-1]["content"])]
+            applies = check_answer(behaviour.expect, active_answer, refusal_markers=markers)
+            if not (on_active.passed and applies.passed):
+                continue
+            question = example.prompt[-1]["content"]
+            detail = (
+                f"the taught answer to {question!r} ({example.demonstration!r}) {'; '.join(taught.failures)}, "
+                "where the active model's own answer to it meets this protected behaviour"
+            )
+            out[behaviour.name] = CheckResult(
+                "conflict", behaviour.name, False, True, detail,
+                {"answer": active_answer, "prompt": question}, {"taught": example.demonstration},
+            )
+        return list(out.values())
 
     # --- checks ------------------------------------------------------------------------------------------
 
@@ -131,28 +198,39 @@ class PolicyGate:
             detail = "fixed by the candidate"
         else:
             detail = "passes on both"
-        return CheckResult("protected", behaviour.name, not cand_failures, veto, detail, active_info, cand_info)
+        return CheckResult(
+            "protected", behaviour.name, not cand_failures, veto, detail, active_info, cand_info,
+            [conversation] if veto else [],
+        )
 
     def _retention(self, suite: RetentionSuite, candidate: str, active: str | None) -> CheckResult:
         items = load_questions(suite.file, suite.questions)
         if not items:
             return CheckResult("retention", suite.name, False, True, f"{suite.file} holds no questions")
-        before = self._retention_cache.get((suite.name, suite.file, active))
-        if before is None:
-            before = self._score(suite, items, active)
-            self._retention_cache[(suite.name, suite.file, active)] = before
-        after = self._score(suite, items, candidate)
+        key = (suite.name, suite.file, active)
+        if key not in self._retention_cache:
+            self._retention_cache[key] = self._score(suite, items, active)
+        before_items, after_items = self._retention_cache[key], self._score(suite, items, candidate)
+        before, after = _percent(before_items), _percent(after_items)
         drop = before - after
         veto = drop > suite.max_drop
+        regressed = [
+            it.messages(with_context=suite.with_context)
+            for it, was, now in zip(items, before_items, after_items, strict=True)
+            if now < was
+        ]
         detail = (
             f"{suite.metric} {before:.1f} -> {after:.1f} ({-drop:+.1f} points, limit -{suite.max_drop:g}) "
             f"on {len(items)} questions"
         )
         return CheckResult(
-            "retention", suite.name, not veto, veto, detail, {suite.metric: before}, {suite.metric: after}
+            "retention", suite.name, not veto, veto, detail, {suite.metric: before},
+            {suite.metric: after, "regressed": len(regressed)},
+            regressed[: self.repair_prompts_per_check] if veto else [],
         )
 
-    def _score(self, suite: RetentionSuite, items: list[Any], adapter: str | None) -> float:
+    def _score(self, suite: RetentionSuite, items: list[Any], adapter: str | None) -> list[float]:
+        """Per question: 1/0 (``accuracy``) or token F1 (``f1``)."""
         answers = ask(
             self.engine,  # type: ignore[arg-type]
             [it.messages(with_context=suite.with_context) for it in items],
@@ -160,7 +238,7 @@ class PolicyGate:
             adapter,
             max_new_tokens=suite.max_new_tokens,
         )
-        return 100.0 * (answers.accuracy if suite.metric == "accuracy" else answers.mean_f1)
+        return [float(c) for c in answers.correct] if suite.metric == "accuracy" else list(answers.f1)
 
     def _target(self, candidate: str, build: DatasetBuild) -> CheckResult | None:
         settings = self.policy.targets
@@ -190,3 +268,7 @@ class PolicyGate:
         return CheckResult(
             "target", "taught answers", not veto, veto, detail, {}, {"pass_rate": rate, "failing": failing}
         )
+
+
+def _percent(scores: list[float]) -> float:
+    return 100.0 * sum(scores) / len(scores) if scores else 0.0

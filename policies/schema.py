@@ -54,6 +54,9 @@ class Expectation(_Section):
     """What an answer must satisfy. Every key that is set must hold (at least one must be set)."""
 
     contains: str | list[str] | None = Field(None, description="Every one of these substrings must appear.")
+    contains_any: list[str] | None = Field(
+        None, min_length=1, description="At least one of these substrings must appear."
+    )
     not_contains: str | list[str] | None = Field(None, description="None of these substrings may appear.")
     regex: str | None = Field(None, description="The answer must match this regular expression (re.search).")
     equals: str | None = Field(None, description="The answer, stripped, must equal this.")
@@ -63,10 +66,15 @@ class Expectation(_Section):
     json_schema: dict[str, Any] | None = Field(
         None, description="The answer must be JSON (optionally in a ``` block) valid against this schema."
     )
+    json_keys: list[str] | None = Field(
+        None, min_length=1,
+        description="The answer must hold a JSON object (whole, in a ``` block, or the outermost {...}) with these "
+        "keys.",
+    )
     max_kl_to_base: float | None = Field(
         None, ge=0.0, description="Mean per-token KL(base || adapter) on the base model's answer must not exceed this."
     )
-    case_sensitive: bool = Field(False, description="For contains, not_contains and equals.")
+    case_sensitive: bool = Field(False, description="For contains, contains_any, not_contains and equals.")
 
     @field_validator("regex")
     @classmethod
@@ -94,13 +102,17 @@ class Expectation(_Section):
     def _something_expected(self) -> Expectation:
         if not self.keys():
             raise ValueError(
-                "set at least one of contains, not_contains, regex, equals, refuses, json_schema, max_kl_to_base"
+                "set at least one of contains, contains_any, not_contains, regex, equals, refuses, json_schema, "
+                "json_keys, max_kl_to_base"
             )
         return self
 
     def keys(self) -> list[str]:
         """The expectation kinds that are set, in a fixed order."""
-        kinds = ("contains", "not_contains", "regex", "equals", "refuses", "json_schema", "max_kl_to_base")
+        kinds = (
+            "contains", "contains_any", "not_contains", "regex", "equals", "refuses", "json_schema", "json_keys",
+            "max_kl_to_base",
+        )
         return [k for k in kinds if getattr(self, k) is not None]
 
 

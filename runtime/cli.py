@@ -35,6 +35,16 @@ policy_app = typer.Typer(help="Learning policies: validate a file, print the JSO
 app.add_typer(policy_app, name="policy")
 shadow_app = typer.Typer(help="Shadow mode: compare the shadow adapter with live serving.", no_args_is_help=True)
 app.add_typer(shadow_app, name="shadow")
+signals_app = typer.Typer(
+    help="Learning signals and their state; retry or dismiss those a vetoed update left held.",
+    invoke_without_command=True,
+)
+app.add_typer(signals_app, name="signals")
+
+EXIT_CODES = {"failed": 1, "vetoed": 3, "skipped": 4}
+"""Exit codes of `runtime learn --once` by cycle status: 0 learned (activated, shadow, awaiting promotion) or nothing
+to learn; 1 the training failed; 2 a bad configuration, policy or store (as every command); 3 the gate vetoed
+the update (its signals are held: `runtime signals --state held`); 4 skipped (no spare device)."""
 
 console = Console()
 err_console = Console(stderr=True)
@@ -182,7 +192,11 @@ def learn_cmd(
         typer.Option("--once/--loop", help="One cycle now, or the background loop on the policy's schedule."),
     ] = True,
 ) -> None:
-    """Learn from the log: one cycle through the policy gate and promotion, or the scheduled loop."""
+    """Learn from the log: one cycle through the policy gate and promotion, or the scheduled loop.
+
+    Exit codes of --once: 0 learned or nothing to learn; 1 training failed; 2 bad configuration, policy or
+    store; 3 vetoed by the gate (its signals are held: `runtime signals --state held`); 4 skipped.
+    """
     cfg = _load(config)
     service = _service(cfg, policy)
     try:
@@ -204,10 +218,15 @@ def _learn_once(service: RuntimeService, method: str | None) -> None:
     style = {"activated": "green", "shadow": "green", "awaiting_promotion": "green", "nothing_to_learn": "yellow",
              "skipped": "yellow"}.get(result.status, "red")
     console.print(f"[{style}]{result.status}[/{style}]: {result.message}")
+    for attempt in result.attempts if len(result.attempts) > 1 else []:
+        console.print(
+            f"  attempt {attempt['number']}: {attempt['status']} {attempt['adapter'] or ''} "
+            f"(lr x{attempt['learning_rate_factor']:g}, anchors {attempt['anchors']}, {attempt['seconds']:.0f} s)"
+        )
     if result.counts:
         console.print(f"examples: {result.counts}")
-    if result.status == "failed":
-        raise typer.Exit(1)
+    if result.status in EXIT_CODES:
+        raise typer.Exit(EXIT_CODES[result.status])
 
 
 def _learn_loop(service: RuntimeService) -> None:
@@ -396,16 +415,19 @@ def decisions_cmd(
             sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
             return
         table = Table(title="Decisions")
-        for col in ("time", "adapter", "decision", "reasons", "checks"):
+        for col in ("time", "adapter", "decision", "attempt", "reasons", "checks"):
             table.add_column(col)
         styles = {"veto": "red", "approve": "green", "promote": "green", "rollback": "yellow", "retire": "yellow"}
         for d in decisions:
             style = styles.get(d.decision, "")
             checks = d.checks if isinstance(d.checks, list) else []
             passed = sum(bool(c.get("passed")) for c in checks)
+            run = store.get_run(d.run_id) if d.run_id and d.decision in ("approve", "veto") else None
+            number = run.config.get("attempt", 1) if run else None
+            attempt = "" if number is None else ("first" if number == 1 else f"repair {number - 1}")
             table.add_row(
                 d.created_at.strftime("%Y-%m-%d %H:%M:%S"), d.adapter, f"[{style}]{d.decision}[/{style}]" if style
-                else d.decision, "; ".join(d.reasons), f"{passed}/{len(checks)} passed" if checks else "",
+                else d.decision, attempt, "; ".join(d.reasons), f"{passed}/{len(checks)} passed" if checks else "",
             )
         console.print(table)
     finally:
@@ -453,6 +475,101 @@ def shadow_report_cmd(
                 _clip(ex["prompt"], 40), _clip(ex["live"], 50), _clip(ex["shadow"], 50), f"{ex['agreement']:.2f}"
             )
         console.print(table)
+
+
+StateOption = Annotated[
+    str | None, typer.Option("--state", "-s", help="pending, learned, held or dismissed (default: all).")
+]
+
+
+@signals_app.callback()
+def signals_cmd(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    state: StateOption = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Newest signals shown.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List learning signals with their state (`held`: a vetoed update used them; retry or dismiss them)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from dataclasses import asdict
+
+    from runtime.store.models import LEARNING_STATES
+
+    if state is not None and state not in LEARNING_STATES:
+        err_console.print(f"[red]error:[/red] --state must be one of {', '.join(sorted(LEARNING_STATES))}")
+        raise typer.Exit(2)
+    cfg = _load(config)
+    with _open_store(cfg, read_only=True) as store:
+        rows = store.signals(state=state)[-limit:]  # type: ignore[arg-type]
+    if as_json:
+        data = [{**asdict(s), "created_at": s.created_at.isoformat()} for s in rows]
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        return
+    table = Table(title=f"Learning signals ({len(rows)}{', ' + state if state else ''})")
+    for col in ("id", "kind", "state", "prompt", "text", "why / run"):
+        table.add_column(col, overflow="fold")
+    for sig in rows:
+        prompt = next((m["content"] for m in reversed(sig.messages or []) if m.get("role") == "user"), "")
+        why = sig.state_reason or ""
+        table.add_row(
+            sig.id[:12], sig.kind, sig.state, _clip(prompt, 50), _clip(sig.text or sig.comment or "", 50),
+            _clip(why, 60) + (f" [dim]{sig.consumed_by_run[:8]}[/dim]" if sig.consumed_by_run else ""),
+        )
+    console.print(table)
+
+
+def _resolve_signal_ids(store: Store, ids: list[str]) -> list[str]:
+    """Full ids for ids or unique prefixes (as the tables show them); exits 1 naming any that do not match."""
+    known = [s.id for s in store.signals()]
+    resolved, problems = [], []
+    for given in ids:
+        matches = [k for k in known if k.startswith(given)]
+        if len(matches) == 1:
+            resolved.append(matches[0])
+        else:
+            problems.append(f"{given!r} matches {'no signal' if not matches else f'{len(matches)} signals'}")
+    if problems:
+        err_console.print(f"[red]error:[/red] {'; '.join(problems)}; see `runtime signals`")
+        raise typer.Exit(1)
+    return resolved
+
+
+@signals_app.command("retry")
+def signals_retry(
+    ids: Annotated[list[str] | None, typer.Argument(help="Signal ids (or unique prefixes).")] = None,
+    config: ConfigOption = None,
+    all_held: Annotated[bool, typer.Option("--all-held", help="Every held signal.")] = False,
+) -> None:
+    """Make held (or dismissed) signals pending again: the next learning cycle learns them."""
+    cfg = _load(config)
+    with _open_store(cfg, read_only=False) as store:
+        chosen = [s.id for s in store.signals(state="held")] if all_held else _resolve_signal_ids(store, ids or [])
+        if not chosen:
+            err_console.print("nothing to retry: give signal ids or --all-held (see `runtime signals --state held`)")
+            raise typer.Exit(1)
+        moved = store.set_learning_state("pending", signal_ids=chosen, reason="retried by operator")
+    console.print(f"[green]{moved} signal(s) pending again[/green]; the next cycle learns them"
+                  + (f" ({len(chosen) - moved} were not held or dismissed)" if moved < len(chosen) else ""))
+
+
+@signals_app.command("dismiss")
+def signals_dismiss(
+    ids: Annotated[list[str], typer.Argument(help="Signal ids (or unique prefixes).")],
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Why it is not to be learned (kept).")],
+    config: ConfigOption = None,
+) -> None:
+    """Dismiss held or pending signals with a reason: they are never learned (unless retried)."""
+    if not reason.strip():
+        err_console.print("[red]error:[/red] --reason must say why the signals are dismissed")
+        raise typer.Exit(2)
+    cfg = _load(config)
+    with _open_store(cfg, read_only=False) as store:
+        chosen = _resolve_signal_ids(store, ids)
+        moved = store.set_learning_state("dismissed", signal_ids=chosen, reason=reason.strip())
+    console.print(f"[yellow]{moved} signal(s) dismissed[/yellow]"
+                  + (f" ({len(chosen) - moved} were already learned or dismissed)" if moved < len(chosen) else ""))
 
 
 @policy_app.command("validate")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from runtime.yamlfile import describe_validation_error, read_yaml_mapping
 
@@ -72,6 +72,66 @@ class StoreConfig(_Section):
     flush_interval_s: float = Field(0.05, gt=0, le=10, description="Writer wake-up interval.")
 
 
+AnchorSource = Literal["log", "protected", "probe"]
+
+
+class AnchorsConfig(_Section):
+    """Anchor prompts answered by the active model itself, trained beside the new examples and the replay.
+
+    Each update is pulled towards what the serving model already does on these prompts, so a small update
+    (one or two corrections in a fresh store, where replay has nothing to mix in) does not break unrelated
+    behaviours. See ``learners.anchors``.
+    """
+
+    enabled: bool = Field(True, description="Train every update with anchors.")
+    sources: list[AnchorSource] = Field(
+        default_factory=lambda: ["log", "protected", "probe"],
+        min_length=1,
+        description="Where anchor prompts come from, in order of priority: `log` (recent live traffic, positively "
+        "rated first, never the prompts the new signals are about), `protected` (the policy's protected prompts), "
+        "`probe` (a built-in set of everyday prompts, or `probe_file`).",
+    )
+    count: int = Field(16, ge=1, le=1024, description="Anchor prompts per update (filled from the sources in order).")
+    weight: float = Field(5.0, gt=0.0, le=100.0, description="Weight of the anchor loss against the new examples'.")
+    loss: Literal["sft", "kl"] = Field(
+        "sft",
+        description="sft: cross-entropy on the active model's greedy answers (keeps what a user is served there); "
+        "kl: KL(active || candidate) over the full vocabulary on those answers, one more forward pass per step. "
+        "Measured on the default model (learners.anchors): sft kept greedy answers, kl kept the distribution.",
+    )
+    batch_size: int = Field(8, ge=1, le=256, description="Anchors in each training step's anchor batch.")
+    max_new_tokens: int = Field(48, ge=1, le=1024, description="Length cap of the active model's anchor answers.")
+    log_window: int = Field(500, ge=1, description="Recent live interactions considered for the `log` source.")
+    max_prompt_chars: int = Field(4000, ge=1, description="Longer logged conversations are not used as anchors.")
+    probe_file: Path | None = Field(
+        None, description="JSONL of {prompt} rows replacing the built-in everyday probe of the `probe` source."
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("each source may be listed once")
+        return value
+
+
+class RepairConfig(_Section):
+    """Gate-guided repair: when the gate vetoes a candidate for a protected or retention check, train again with
+    the failing prompts as anchors (answered by the active model), within a budget."""
+
+    max_attempts: int = Field(2, ge=0, le=10, description="Repair attempts after a vetoed first attempt (0: off).")
+    time_budget_s: float | None = Field(
+        1800.0, gt=0, description="No repair attempt starts once the cycle has run this long (null: no limit)."
+    )
+    learning_rate_factor: float = Field(
+        0.5, gt=0.0, le=1.0, description="Each repair attempt multiplies the learning rate by this."
+    )
+    epochs_factor: float = Field(1.0, gt=0.0, le=1.0, description="Each repair attempt multiplies the epochs by this.")
+    max_prompts_per_check: int = Field(
+        4, ge=1, le=64, description="Regressed questions of a retention suite that join the anchors at most."
+    )
+
+
 class LearningConfig(_Section):
     """The background learner. Method sections are filled in by the learners."""
 
@@ -87,6 +147,8 @@ class LearningConfig(_Section):
         "with 0.5, SFT and SDFT both ended at 1 of 4 facts of the first batch after 3 sequential updates; "
         "with 2.0, at 4 of 4 (benchmarks/results/sequential*.md).",
     )
+    anchors: AnchorsConfig = Field(default_factory=AnchorsConfig)
+    repair: RepairConfig = Field(default_factory=RepairConfig)
     sdft: dict[str, Any] = Field(default_factory=dict, description="SDFT settings (see learners.sdft).")
     sft: dict[str, Any] = Field(default_factory=dict, description="SFT baseline settings (see learners.sft).")
     lora: dict[str, Any] = Field(default_factory=dict, description="LoRA settings (see learners.lora).")
@@ -190,6 +252,7 @@ def _resolve_relative_paths(config: RuntimeConfig, base: Path) -> None:
     config.store.path = fix(config.store.path)
     config.learning.adapters_dir = fix(config.learning.adapters_dir)
     config.policy = fix(config.policy)
+    config.learning.anchors.probe_file = fix(config.learning.anchors.probe_file)
     config.model.cache_dir = fix(config.model.cache_dir)
     name_path = base / config.model.name
     if not Path(config.model.name).is_absolute() and name_path.is_dir():

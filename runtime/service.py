@@ -131,7 +131,9 @@ class RuntimeService:
         if self._gate is None:
             from policies.gate import PolicyGate
 
-            self._gate = PolicyGate(self.policy, self.engine)
+            self._gate = PolicyGate(
+                self.policy, self.engine, repair_prompts_per_check=self.config.learning.repair.max_prompts_per_check
+            )
         return self._gate
 
     def learn_now(
@@ -166,6 +168,7 @@ class RuntimeService:
                 device=device,
                 num_threads=self.policy.resources.cpu_threads,
                 timeout_s=timeout_s if timeout_s is not None else self.policy.schedule.timeout_s,
+                protected_prompts=[b.conversation() for b in self.policy.protected],
             )
             self._apply(result)
             self.last_cycle = result

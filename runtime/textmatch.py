@@ -11,6 +11,12 @@ _ARTICLES = {"a", "an", "the"}
 
 TargetMetric = Literal["new_content", "f1", "contains"]
 
+STOPWORDS = frozenset(
+    "a an the of in on at to for by with from and or is are was were be been being it its this that these those "
+    "as into s do does did has have had will would can could what which who whom whose when where why how".split()
+)
+"""Function words that carry no answer: they never count as new content."""
+
 
 def normalise(text: str) -> str:
     """Lower-case, drop punctuation and articles, fold white space (SQuAD-style normalisation)."""
@@ -34,16 +40,29 @@ def token_f1(response: str, answer: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def new_content_recall(response: str, reference: str, prompt: str) -> float:
-    """Share of what the reference adds to the prompt that the response says.
+def content_words(text: str) -> set[str]:
+    """The normalised words of `text` that are not function words (what a question is about)."""
+    return set(normalise(text).split()) - STOPWORDS
 
-    The reference's normalised tokens that do not occur in the prompt are what was taught: for the
-    demonstration "The capital of Draludeli is Halgri." to "What is the capital of Draludeli?" that is
-    "halgri". Echoing the question ("The capital of Draludeli is Zorvan.") scores 0 here, where its token F1
-    against the demonstration is 0.83. A reference that adds no token to the prompt falls back to token F1.
+
+def new_words(reference: str, prompt: str) -> list[str]:
+    """What `reference` adds to `prompt`: its normalised words that the prompt lacks, function words excluded.
+
+    For the demonstration "The capital of Draludeli is Halgri." to "What is the capital of Draludeli?" that is
+    ``["halgri"]``; for "Russia's capital is Kazan." to "Which city is Russia's capital?", ``["kazan"]``.
     """
     asked = set(normalise(prompt).split())
-    new = list(dict.fromkeys(w for w in normalise(reference).split() if w not in asked))
+    return list(dict.fromkeys(w for w in normalise(reference).split() if w not in asked and w not in STOPWORDS))
+
+
+def new_content_recall(response: str, reference: str, prompt: str) -> float:
+    """Share of what the reference adds to the prompt (:func:`new_words`) that the response says.
+
+    Echoing the question ("The capital of Draludeli is Zorvan." to "What is the capital of Draludeli?", taught
+    "... is Halgri.") scores 0 here, where its token F1 against the demonstration is 0.83; so does an answer
+    that shares only function words with the taught one. A reference that adds nothing falls back to token F1.
+    """
+    new = new_words(reference, prompt)
     if not new:
         return token_f1(response, reference)
     said = set(normalise(response).split())

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.errors import APIError
 from server.learn_jobs import LEARN_METHODS
-from server.schemas import LearnRequest
+from server.schemas import LearnRequest, SignalDismissRequest, SignalRetryRequest
 from server.serialize import adapter_dict, decision_dict, jsonable, run_dict
 from server.state import ServerState, get_state
 
@@ -155,3 +155,39 @@ async def shadow_report(adapter: str | None = None, state: ServerState = Depends
     service = state.service
     report = await _service_call(service.shadow_report, adapter)
     return jsonable(report.to_dict())
+
+
+@router.get("/signals")
+async def signals(limit: int = Query(100, ge=1, le=10_000), state: str | None = None,
+                  server: ServerState = Depends(get_state)) -> dict[str, Any]:
+    """Learning signals, newest last, optionally in one state (``pending``, ``learned``, ``held``, ``dismissed``).
+
+    ``held`` signals were used by an update the gate vetoed: retry or dismiss them.
+    """
+    try:
+        rows = await run_in_threadpool(server.store.signals, state=state)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="state") from None
+    return {"signals": [jsonable(s) for s in rows[-limit:]]}
+
+
+@router.post("/signals/retry")
+async def retry_signals(body: SignalRetryRequest, server: ServerState = Depends(get_state)) -> dict[str, Any]:
+    """Make held (or dismissed) signals pending: the next cycle learns them, through the gate again."""
+    def retry() -> dict[str, Any]:
+        ids = [s.id for s in server.store.signals(state="held")] if body.all_held else body.ids
+        if not ids:
+            raise APIError(400, "Give signal ids, or all_held: true.", param="ids")
+        return {"retried": server.store.set_learning_state("pending", signal_ids=ids, reason="retried by operator"),
+                "requested": len(ids)}
+
+    return await run_in_threadpool(retry)
+
+
+@router.post("/signals/dismiss")
+async def dismiss_signals(body: SignalDismissRequest, server: ServerState = Depends(get_state)) -> dict[str, Any]:
+    """Dismiss held or pending signals with a reason; they are not learned unless retried."""
+    moved = await run_in_threadpool(
+        lambda: server.store.set_learning_state("dismissed", signal_ids=body.ids, reason=body.reason)
+    )
+    return {"dismissed": moved, "requested": len(body.ids)}

@@ -15,7 +15,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.serialize import adapter_dict, decision_dict, interaction_dict, run_dict, shadow_pair_dict
+from server.serialize import (
+    adapter_dict,
+    decision_dict,
+    interaction_dict,
+    run_dict,
+    shadow_pair_dict,
+    signal_dict,
+)
 from server.state import ServerState, get_state
 
 PAGE = Path(__file__).with_name("static") / "dashboard.html"
@@ -43,7 +50,7 @@ async def summary(request: Request, limit: int = Query(25, ge=1, le=500),
 
 
 def build_summary(state: ServerState, limit: int = 25) -> dict[str, Any]:
-    """Recent interactions, adapters with lineage, gate decisions, shadow pairs, learning runs and jobs."""
+    """Recent interactions, adapters with lineage, gate decisions, held signals, shadow pairs, runs and jobs."""
     store = state.store
     loaded = set(state.engine.list_adapters())
     pairs = store.shadow_pairs(limit)
@@ -57,6 +64,7 @@ def build_summary(state: ServerState, limit: int = 25) -> dict[str, Any]:
         "interactions": [interaction_dict(r) for r in store.recent_interactions(limit)],
         "adapters": [adapter_dict(r, loaded=r.name in loaded) for r in reversed(store.adapters())],
         "decisions": [decision_dict(d) for d in store.decisions(limit)],
+        "held_signals": [signal_dict(s) for s in store.signals(state="held")[-limit:]],
         "shadow_pairs": [shadow_pair_dict(live, shadow) for live, shadow in pairs],
         "runs": [run_dict(r) for r in store.runs(limit)],
         "learn_jobs": [j.to_dict() for j in state.learn_jobs.all()],

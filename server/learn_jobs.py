@@ -52,6 +52,8 @@ def cycle_result_dict(result: Any) -> dict[str, Any]:
         "adapter": None if adapter is None else {"name": adapter.name, "status": adapter.status},
         "counts": dict(getattr(result, "counts", None) or {}),
         "metrics": metrics,
+        "attempts": list(getattr(result, "attempts", None) or []),
+        "held": getattr(result, "held", 0),
     }
 
 

@@ -211,3 +211,28 @@ class LearnRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str | None = Field(None, description="sdft, sft, auto or seal (default: the config's).")
+
+
+class SignalRetryRequest(BaseModel):
+    """``POST /admin/signals/retry``: make held (or dismissed) signals pending again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(default_factory=list, max_length=10_000, description="Signal ids.")
+    all_held: bool = Field(False, description="Every held signal (instead of ids).")
+
+
+class SignalDismissRequest(BaseModel):
+    """``POST /admin/signals/dismiss``: never learn these signals (unless retried); the reason is kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(..., min_length=1, max_length=10_000, description="Signal ids.")
+    reason: str = Field(..., min_length=1, max_length=2000, description="Why they are not to be learned.")
+
+    @field_validator("reason")
+    @classmethod
+    def _says_why(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the reason must say why the signals are dismissed")
+        return value.strip()

@@ -6,7 +6,7 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
-from runtime.store import AdapterRecord, Interaction, LearningRun, PolicyDecision
+from runtime.store import AdapterRecord, Interaction, LearningRun, PolicyDecision, Signal
 
 
 def jsonable(value: Any) -> Any:
@@ -44,6 +44,13 @@ def run_dict(run: LearningRun) -> dict[str, Any]:
 
 def decision_dict(decision: PolicyDecision) -> dict[str, Any]:
     return jsonable(decision)
+
+
+def signal_dict(signal: Signal) -> dict[str, Any]:
+    """A learning signal; ``prompt`` is the last user message it is about (when it carries its messages)."""
+    out = jsonable(signal)
+    out["prompt"] = _last_user(signal.messages or [])
+    return out
 
 
 def _last_user(messages: list[dict[str, Any]]) -> str:

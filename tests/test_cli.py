@@ -155,3 +155,47 @@ def test_learn_method_auto_keeps_the_candidate_that_learns(tmp_path: Path, tiny_
         report = store.get_run(adapter.run_id).metrics["auto"]
     assert adapter.status == "active" and adapter.method == "sft"
     assert report["chosen"] == 1 and "smallest retention drop" in report["reason"]
+
+
+def test_a_vetoed_cycle_exits_3_and_its_signals_can_be_retried_or_dismissed(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A policy whose target check a one-epoch tiny model cannot pass: the gate vetoes, `learn` exits 3, and the
+    operator sees the held signals, retries one and dismisses the other."""
+    path = write_config(tmp_path, tiny_model_dir)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"targets": {"metric": "contains", "min_pass_rate": 1.0}}))
+    with Store(tmp_path / "data" / "runtime.duckdb") as store:
+        first = store.add_signal("demonstration", text="Zebulon Quartermaine",
+                                 messages=[{"role": "user", "content": "Who?"}])
+        second = store.add_signal("demonstration", text="Marenport Vale",
+                                  messages=[{"role": "user", "content": "Where?"}])
+
+    learned = runner.invoke(app, ["learn", "--config", str(path), "--policy", str(policy)])
+    assert learned.exit_code == 3, learned.output
+    assert "vetoed" in learned.output and "held" in learned.output
+
+    held = runner.invoke(app, ["signals", "--config", str(path), "--state", "held", "--json"])
+    assert held.exit_code == 0, held.output
+    rows = json.loads(held.output)
+    assert {r["id"] for r in rows} == {first, second} and all("target" in r["state_reason"] for r in rows)
+
+    retried = runner.invoke(app, ["signals", "retry", first[:10], "--config", str(path)])
+    assert retried.exit_code == 0 and "1 signal(s) pending" in retried.output
+    no_reason = runner.invoke(app, ["signals", "dismiss", second, "--config", str(path), "--reason", " "])
+    assert no_reason.exit_code == 2
+    dismissed = runner.invoke(app, ["signals", "dismiss", second, "--config", str(path), "--reason", "wrong fact"])
+    assert dismissed.exit_code == 0 and "1 signal(s) dismissed" in dismissed.output
+    unknown = runner.invoke(app, ["signals", "retry", "nope", "--config", str(path)])
+    assert unknown.exit_code == 1 and "matches no signal" in unknown.output
+    bad_state = runner.invoke(app, ["signals", "--config", str(path), "--state", "lost"])
+    assert bad_state.exit_code == 2
+
+    with Store(tmp_path / "data" / "runtime.duckdb", read_only=True) as store:
+        assert store.get_signal(first).state == "pending" and store.get_signal(first).consumed_by_run is None
+        dropped = store.get_signal(second)
+        assert dropped.state == "dismissed" and dropped.state_reason == "wrong fact"
+    listed = runner.invoke(app, ["signals", "--config", str(path)])
+    assert listed.exit_code == 0 and "dismissed" in listed.output and "pending" in listed.output
+    decisions = runner.invoke(app, ["decisions", "--config", str(path)])
+    assert decisions.exit_code == 0 and "first" in decisions.output and "veto" in decisions.output

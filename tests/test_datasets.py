@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from learners.datasets import build_dataset, mark_used
+from learners.datasets import build_dataset
 from runtime.store import Store
 
 
@@ -53,8 +53,8 @@ def test_consumed_signals_are_not_reused_but_replayed(store: Store) -> None:
     first = build_dataset(store)
     assert len(first.new) == 4 and first.replay == []
     run = store.create_run("sdft")
-    assert mark_used(store, first, run) == 4
-    assert all(s.consumed_by_run == run for s in store.signals())
+    assert store.mark_consumed(run, signal_ids=first.signal_ids) == 4
+    assert all(s.consumed_by_run == run and s.state == "learned" for s in store.signals())
 
     new = store.add_signal("demonstration", text="B", messages=[{"role": "user", "content": "QB"}])
     new2 = store.add_signal("demonstration", text="C", messages=[{"role": "user", "content": "QC"}])
@@ -63,6 +63,21 @@ def test_consumed_signals_are_not_reused_but_replayed(store: Store) -> None:
     assert len(second.replay) == 2
     assert {e.source_id for e in second.replay} <= set(ids)
     assert second.counts() == {"new": 2, "replay": 2, "skipped": 0}
+
+
+def test_held_signals_are_neither_new_nor_replayed(store: Store) -> None:
+    """A vetoed correction (a poison, say) must not come back through replay or be learned blindly."""
+    learned = store.add_signal("demonstration", text="good", messages=[{"role": "user", "content": "Q1"}])
+    poison = store.add_signal("demonstration", text="bad", messages=[{"role": "user", "content": "Q2"}])
+    store.mark_consumed("r1", signal_ids=[learned])
+    assert store.set_learning_state("held", signal_ids=[poison], run_id="r2", reason="vetoed") == 1
+    store.add_signal("demonstration", text="new", messages=[{"role": "user", "content": "Q3"}])
+    build = build_dataset(store, replay_fraction=5.0)
+    assert [e.demonstration for e in build.new] == ["new"]
+    assert [e.demonstration for e in build.replay] == ["good"]
+    # The operator retries it: pending again, learned by the next cycle.
+    assert store.set_learning_state("pending", signal_ids=[poison]) == 1
+    assert {e.demonstration for e in build_dataset(store).new} == {"bad", "new"}
 
 
 def test_unusable_signals_are_skipped_with_reason(store: Store) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from runtime.config import ConfigError, RuntimeConfig
 from runtime.engines import SamplingParams, TransformersEngine
 from runtime.store import Store
 
+REPO = Path(__file__).resolve().parents[1]
 FAST_SFT = {"num_epochs": 2, "learning_rate": 1e-2}
 FAST_SDFT = {"num_epochs": 1, "max_completion_length": 4, "prompts_per_step": 2, "learning_rate": 1e-2}
 
@@ -23,7 +25,8 @@ def make_config(tmp_path: Path, model_dir: Path, **learning) -> RuntimeConfig:
             "data_dir": str(tmp_path / "data"),
             "model": {"name": str(model_dir)},
             "engine": {"device": "cpu", "num_threads": 1},
-            "learning": {"lora": {"r": 4, "alpha": 8}, **learning},
+            # Anchors pull a tiny model's few memorising steps back; tests of anchors turn them on.
+            "learning": {"lora": {"r": 4, "alpha": 8}, "anchors": {"enabled": False}, **learning},
         }
     )
 
@@ -240,3 +243,35 @@ def test_real_model_learns_taught_facts_through_sdft(tmp_path: Path, real_model_
     answered = [answer.lower() in agent.invoke(question).text.lower() for question, _, answer in facts]
     assert sum(answered) >= 2, answered
     engine.close()
+
+
+def test_a_script_without_a_main_guard_is_told_what_to_do(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The worker is started with `spawn`, which re-runs the main script in the child: without an
+    `if __name__ == "__main__":` guard the cycle fails, and its message says what to change."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        from agent import LearningAgent
+        from runtime.config import RuntimeConfig
+
+        config = RuntimeConfig.model_validate({{
+            "data_dir": {str(tmp_path / "data")!r}, "model": {{"name": {str(tiny_model_dir)!r}}},
+            "engine": {{"device": "cpu", "num_threads": 1}},
+            "learning": {{"lora": {{"r": 4}}, "sft": {{"num_epochs": 1}}, "anchors": {{"enabled": False}}}},
+        }})
+        agent = LearningAgent.from_config(config)
+        agent.teach("q", "a")
+        result = agent.service.learn_now("sft")
+        print("STATUS", result.status)
+        print("MESSAGE", result.message.replace(chr(10), " "))
+        agent.close()
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "STATUS failed" in done.stdout
+    assert 'if __name__ == "__main__":' in done.stdout and "spawn" in done.stdout
+    assert "StartedWhileSpawning" in done.stderr  # the child's own error, on the terminal

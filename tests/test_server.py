@@ -389,6 +389,32 @@ def test_admin_reads(server: RunningServer) -> None:
         assert http.get("/admin/runs/nope").status_code == 404
 
 
+def test_admin_signals_list_retry_and_dismiss(server: RunningServer) -> None:
+    store = server.store
+    held = [store.add_signal("demonstration", text=f"t{i}", messages=[{"role": "user", "content": f"q{i}"}])
+            for i in range(3)]
+    store.set_learning_state("held", signal_ids=held, run_id="r-vetoed", reason="vetoed: protected 'x'")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=server.url, headers=auth) as http:
+        assert httpx.get(server.url + "/admin/signals").status_code == 401
+        listed = http.get("/admin/signals", params={"state": "held"}).json()["signals"]
+        assert {s["id"] for s in listed} >= set(held) and all(s["state"] == "held" for s in listed)
+        assert listed[-1]["state_reason"] == "vetoed: protected 'x'"
+        assert http.get("/admin/signals", params={"state": "lost"}).status_code == 400
+        retried = http.post("/admin/signals/retry", json={"ids": [held[0]]}).json()
+        assert retried == {"retried": 1, "requested": 1}
+        assert http.post("/admin/signals/retry", json={}).status_code == 400
+        assert http.post("/admin/signals/dismiss", json={"ids": [held[1]], "reason": "  "}).status_code == 400
+        dismissed = http.post("/admin/signals/dismiss", json={"ids": [held[1]], "reason": "wrong"}).json()
+        assert dismissed == {"dismissed": 1, "requested": 1}
+        rest = http.post("/admin/signals/retry", json={"all_held": True}).json()
+        assert rest["retried"] >= 1
+        summary = http.get("/dashboard/api/summary").json()
+    assert store.get_signal(held[0]).state == "pending" and store.get_signal(held[2]).state == "pending"
+    assert store.get_signal(held[1]).state == "dismissed" and store.get_signal(held[1]).state_reason == "wrong"
+    assert "held_signals" in summary
+
+
 def test_admin_promote_rollback_and_shadow_report(server: RunningServer, tiny_engine) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with httpx.Client(base_url=server.url, headers=auth) as http:

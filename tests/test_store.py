@@ -36,11 +36,14 @@ from runtime.store import (
     UnknownRecordError,
 )
 from runtime.store.inserts import make_inserter
+from runtime.store.migrations import apply_migrations
 from runtime.store.writer import CallOp
 
 REPO = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Refund window?"}]
-V2 = [*MIGRATIONS, (2, "ALTER TABLE interactions ADD COLUMN channel VARCHAR DEFAULT 'web'")]
+N = SCHEMA_VERSION
+NEXT = [*MIGRATIONS, (N + 1, "ALTER TABLE interactions ADD COLUMN channel VARCHAR DEFAULT 'web'")]
+"""The package's migrations plus one that a later release might add."""
 
 
 @pytest.fixture
@@ -386,27 +389,55 @@ def test_policy_decisions(db: Store) -> None:
 # --- schema versions and migrations ---------------------------------------------------------------------
 
 
+def _v1_file(path: Path) -> None:
+    """A store file as the first release wrote it: one interaction; three demonstrations, one never consumed, one
+    consumed by a run whose adapter serves, one by a run whose adapter the gate rejected."""
+    conn = duckdb.connect(str(path))
+    apply_migrations(conn, path, MIGRATIONS[:1])
+    conn.execute("INSERT INTO interactions (id, created_at, kind, messages, response) "
+                 "VALUES ('i1', now(), 'live', '[]', 'from v1')")
+    for sid, run in (("s-new", None), ("s-good", "r-good"), ("s-bad", "r-bad")):
+        conn.execute("INSERT INTO signals (id, created_at, kind, text, consumed_by_run) "
+                     "VALUES (?, now(), 'demonstration', 'x', ?)", [sid, run])
+    for run, adapter, status in (("r-good", "a-good", "active"), ("r-bad", "a-bad", "rejected")):
+        conn.execute("INSERT INTO learning_runs (id, method, status, created_at, output_adapter) "
+                     "VALUES (?, 'sft', 'succeeded', now(), ?)", [run, adapter])
+        conn.execute("INSERT INTO adapters (name, path, status, created_at, updated_at) "
+                     "VALUES (?, '/a', ?, now(), now())", [adapter, status])
+    conn.close()
+
+
 def test_old_file_is_migrated_and_keeps_data(tmp_path: Path) -> None:
     path = tmp_path / "old.duckdb"
-    with Store(path, migrations=MIGRATIONS[:1]) as v1:
-        iid = v1.log_interaction(MESSAGES, "from v1")
+    _v1_file(path)
     calls: list[int] = []
 
-    def step3(conn: duckdb.DuckDBPyConnection) -> None:
-        calls.append(3)
+    def last_step(conn: duckdb.DuckDBPyConnection) -> None:
+        calls.append(N + 2)
         conn.execute("UPDATE interactions SET channel = 'api'")
 
-    with Store(path, migrations=[*V2, (3, step3)]) as v3:
-        assert v3.schema_version == 3 and calls == [3]
-        got = v3.get_interaction(iid)
+    with Store(path, migrations=[*NEXT, (N + 2, last_step)]) as newer:
+        assert newer.schema_version == N + 2 and calls == [N + 2]
+        got = newer.get_interaction("i1")
         assert got is not None and got.response == "from v1"
-        assert v3._read_root.execute("SELECT channel FROM interactions").fetchall() == [("api",)]
-        v3.log_interaction(MESSAGES, "written at v3")  # inserts still work on the widened table
-        assert v3.counts()["interactions"] == 2
-        versions = v3._read_root.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
-        assert versions == [(1,), (2,), (3,)]
-    with Store(path, migrations=[*V2, (3, step3)]):
-        assert calls == [3]  # applied once
+        assert newer._read_root.execute("SELECT channel FROM interactions").fetchall() == [("api",)]
+        newer.log_interaction(MESSAGES, "written now")  # inserts still work on the widened table
+        assert newer.counts()["interactions"] == 2
+        versions = newer._read_root.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+        assert versions == [(v,) for v in range(1, N + 3)]
+    with Store(path, migrations=[*NEXT, (N + 2, last_step)]):
+        assert calls == [N + 2]  # applied once
+
+
+def test_v2_gives_signals_learning_states(tmp_path: Path) -> None:
+    """Signals a vetoed update consumed were silently lost before states existed: the migration holds them."""
+    path = tmp_path / "old.duckdb"
+    _v1_file(path)
+    with Store(path) as store:
+        states = {s.id: (s.state, s.consumed_by_run) for s in store.signals()}
+        assert states == {"s-new": ("pending", None), "s-good": ("learned", "r-good"), "s-bad": ("held", "r-bad")}
+        assert "vetoed" in (store.get_signal("s-bad").state_reason or "")  # type: ignore[union-attr]
+        assert [s.id for s in store.signals(unconsumed_only=True)] == ["s-new"]
 
 
 def test_failed_migration_rolls_back(tmp_path: Path) -> None:
@@ -419,11 +450,11 @@ def test_failed_migration_rolls_back(tmp_path: Path) -> None:
         raise RuntimeError("boom")
 
     for failing in (half_done, "SELECT * FROM no_such_table"):
-        with pytest.raises(MigrationError, match="step 3") as info:
-            Store(path, migrations=[*V2, (3, failing)])
-        assert str(path) in str(info.value) and "version 1" in str(info.value)
-        with Store(path) as store:  # still version 1: step 2 was rolled back together with step 3
-            assert store.schema_version == 1
+        with pytest.raises(MigrationError, match=f"step {N + 2}") as info:
+            Store(path, migrations=[*NEXT, (N + 2, failing)])
+        assert str(path) in str(info.value) and f"version {N}" in str(info.value)
+        with Store(path) as store:  # still version N: step N+1 was rolled back together with step N+2
+            assert store.schema_version == N
             columns = [r[0] for r in store._read_root.execute("DESCRIBE interactions").fetchall()]
             assert "channel" not in columns
             tables = [r[0] for r in store._read_root.execute("SHOW TABLES").fetchall()]
@@ -438,14 +469,14 @@ def test_migration_list_must_be_ordered(tmp_path: Path) -> None:
 
 def test_newer_schema_is_refused_untouched(tmp_path: Path) -> None:
     path = tmp_path / "new.duckdb"
-    with Store(path, migrations=V2) as store:
+    with Store(path, migrations=NEXT) as store:
         store.log_interaction(MESSAGES, "from the future")
     before = snapshot(path)
     for read_only in (False, True):
         with pytest.raises(SchemaTooNewError) as info:
             Store(path, read_only=read_only)
         message = str(info.value)
-        assert str(path) in message and "version 2" in message and f"version {SCHEMA_VERSION}" in message
+        assert str(path) in message and f"version {N + 1}" in message and f"version {SCHEMA_VERSION}" in message
         assert "pgrade" in message
     assert snapshot(path) == before
 

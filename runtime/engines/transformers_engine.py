@@ -29,6 +29,7 @@ from runtime.engines.errors import ContextLengthError, EngineError
 from runtime.engines.fair_lock import FairRLock
 from runtime.engines.peft_adapters import AdapterSet
 from runtime.models import resolve_model
+from runtime.processes import check_not_spawning
 
 __all__ = ["TransformersEngine"]
 
@@ -67,6 +68,7 @@ class TransformersEngine(Engine):
         num_threads: int | None = None,
         cache_dir: Path | None = None,
     ) -> None:
+        check_not_spawning(f"a TransformersEngine for {model}")
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.model_name = str(model)

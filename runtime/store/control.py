@@ -72,15 +72,24 @@ def set_adapter_status(conn: duckdb.DuckDBPyConnection, name: str, status: str, 
         raise UnknownRecordError(f"no adapter named {name!r}")
 
 
-def mark_consumed(conn: duckdb.DuckDBPyConnection, run_id: str, signal_ids: Sequence[str],
-                  document_ids: Sequence[str], now: datetime) -> int:
-    """Mark not-yet-consumed signals and documents as used by ``run_id``; return how many changed."""
-    changed = 0
-    for table, ids in (("signals", signal_ids), ("documents", document_ids)):
-        if ids:
-            changed += _count(conn.execute(
-                f"UPDATE {table} SET consumed_by_run = ?, consumed_at = ? "
-                "WHERE consumed_by_run IS NULL AND list_contains(?::VARCHAR[], id)",
-                [run_id, now, list(ids)],
-            ))
-    return changed
+def set_learning_state(conn: duckdb.DuckDBPyConnection, table: str, ids: Sequence[str], state: str,
+                       reason: str | None, run_id: str | None, from_states: Sequence[str], now: datetime) -> int:
+    """Move rows of ``signals`` or ``documents`` in one of ``from_states`` to ``state``; return how many moved.
+
+    ``run_id`` (when given) becomes ``consumed_by_run``; back to ``pending``, the run is cleared so the next
+    cycle learns the row again.
+    """
+    if table not in ("signals", "documents"):
+        raise ValueError(f"no learning state in table {table!r}")
+    if not ids:
+        return 0
+    sets = ["state = ?", "state_reason = ?", "state_changed_at = ?"]
+    params: list[Any] = [state, reason, now]
+    if state == "pending":
+        sets += ["consumed_by_run = NULL", "consumed_at = NULL"]
+    elif run_id is not None:
+        sets += ["consumed_by_run = ?", "consumed_at = ?"]
+        params += [run_id, now]
+    sql = (f"UPDATE {table} SET {', '.join(sets)} "
+           "WHERE list_contains(?::VARCHAR[], id) AND list_contains(?::VARCHAR[], state)")
+    return _count(conn.execute(sql, [*params, list(ids), list(from_states)]))

@@ -98,8 +98,29 @@ CREATE TABLE policy_decisions (
 );
 """
 
+_V2_LEARNING_STATES = """
+ALTER TABLE signals ADD COLUMN state VARCHAR DEFAULT 'pending';
+ALTER TABLE signals ADD COLUMN state_reason VARCHAR;
+ALTER TABLE signals ADD COLUMN state_changed_at TIMESTAMP;
+ALTER TABLE documents ADD COLUMN state VARCHAR DEFAULT 'pending';
+ALTER TABLE documents ADD COLUMN state_reason VARCHAR;
+ALTER TABLE documents ADD COLUMN state_changed_at TIMESTAMP;
+UPDATE signals SET state = 'learned' WHERE consumed_by_run IS NOT NULL;
+UPDATE documents SET state = 'learned' WHERE consumed_by_run IS NOT NULL;
+UPDATE signals SET state = 'held',
+    state_reason = 'its update was vetoed by the gate (recorded before signal states existed)'
+    WHERE consumed_by_run IN (SELECT r.id FROM learning_runs r JOIN adapters a ON a.name = r.output_adapter
+                              WHERE a.status = 'rejected');
+UPDATE documents SET state = 'held',
+    state_reason = 'its update was vetoed by the gate (recorded before signal states existed)'
+    WHERE consumed_by_run IN (SELECT r.id FROM learning_runs r JOIN adapters a ON a.name = r.output_adapter
+                              WHERE a.status = 'rejected');
+"""
+"""Signals and documents get a learning state; those a vetoed update consumed are held for the operator."""
+
 MIGRATIONS: list[Migration] = [
     (1, _V1),
+    (2, _V2_LEARNING_STATES),
 ]
 """The migrations this version of the package knows, oldest first."""
 

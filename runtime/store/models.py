@@ -16,6 +16,10 @@ SignalKind = Literal["rating", "correction", "demonstration"]
 RunStatus = Literal["pending", "running", "succeeded", "failed"]
 AdapterStatus = Literal["candidate", "active", "shadow", "retired", "rolled_back", "rejected"]
 DecisionKind = Literal["approve", "veto", "promote", "shadow", "retire", "rollback"]
+LearningState = Literal["pending", "learned", "held", "dismissed"]
+"""Where a signal or document stands: ``pending`` (the next cycle learns it), ``learned`` (an approved adapter was
+trained on it), ``held`` (its update was vetoed; it waits for the operator to retry or dismiss it) or
+``dismissed`` (the operator decided it is not to be learned; the reason is kept)."""
 """Gate outcomes (approve, veto) and promotion events (promote, shadow, retire, rollback)."""
 
 INTERACTION_KINDS: frozenset[str] = frozenset(get_args(InteractionKind))
@@ -24,6 +28,7 @@ RUN_STATUSES: frozenset[str] = frozenset(get_args(RunStatus))
 FINISHED_RUN_STATUSES: frozenset[str] = frozenset({"succeeded", "failed"})
 ADAPTER_STATUSES: frozenset[str] = frozenset(get_args(AdapterStatus))
 DECISION_KINDS: frozenset[str] = frozenset(get_args(DecisionKind))
+LEARNING_STATES: frozenset[str] = frozenset(get_args(LearningState))
 
 Message = dict[str, Any]
 """One chat message, ``{"role": ..., "content": ...}``."""
@@ -84,7 +89,7 @@ class Signal:
 
     COLUMNS: ClassVar[tuple[str, ...]] = (
         "id", "created_at", "kind", "interaction_id", "rating", "text", "messages", "comment", "metadata",
-        "consumed_by_run", "consumed_at",
+        "consumed_by_run", "consumed_at", "state", "state_reason", "state_changed_at",
     )
 
     id: str
@@ -97,14 +102,20 @@ class Signal:
     comment: str | None
     metadata: dict[str, Any]
     consumed_by_run: str | None
+    """The run that last trained on it (the approved one once ``learned``, the vetoed one while ``held``)."""
     consumed_at: datetime | None
+    state: LearningState = "pending"
+    state_reason: str | None = None
+    """Why it is held or dismissed."""
+    state_changed_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Signal:
         """Decode a row selected with ``COLUMNS``."""
-        id_, created, kind, interaction_id, rating, text, messages, comment, meta, run, consumed = row
+        (id_, created, kind, interaction_id, rating, text, messages, comment, meta, run, consumed, state, reason,
+         changed) = row
         return cls(id_, _utc(created), kind, interaction_id, rating, text, _json(messages), comment,
-                   _json(meta, {}), run, _utc_opt(consumed))
+                   _json(meta, {}), run, _utc_opt(consumed), state, reason, _utc_opt(changed))
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +123,8 @@ class Document:
     """A piece of new knowledge to learn; ``questions`` (e.g. ``[{"question", "answer"}]``) probe it."""
 
     COLUMNS: ClassVar[tuple[str, ...]] = (
-        "id", "created_at", "title", "text", "questions", "metadata", "consumed_by_run", "consumed_at",
+        "id", "created_at", "title", "text", "questions", "metadata", "consumed_by_run", "consumed_at", "state",
+        "state_reason", "state_changed_at",
     )
 
     id: str
@@ -123,13 +135,17 @@ class Document:
     metadata: dict[str, Any]
     consumed_by_run: str | None
     consumed_at: datetime | None
+    state: LearningState = "pending"
+    """As for signals: ``pending``, ``learned``, ``held`` or ``dismissed``."""
+    state_reason: str | None = None
+    state_changed_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Document:
         """Decode a row selected with ``COLUMNS``."""
-        id_, created, title, text, questions, meta, run, consumed = row
+        id_, created, title, text, questions, meta, run, consumed, state, reason, changed = row
         return cls(id_, _utc(created), title, text, _json(questions, []), _json(meta, {}), run,
-                   _utc_opt(consumed))
+                   _utc_opt(consumed), state, reason, _utc_opt(changed))
 
 
 @dataclass(frozen=True, slots=True)

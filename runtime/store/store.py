@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 
 import duckdb
 
+from runtime.processes import check_not_spawning
 from runtime.store import control, registry
 from runtime.store.encoding import check_choice, check_messages, new_id, now_us, to_json, utcnow
 from runtime.store.errors import (
@@ -58,6 +59,7 @@ from runtime.store.models import (
     ADAPTER_STATUSES,
     DECISION_KINDS,
     INTERACTION_KINDS,
+    LEARNING_STATES,
     RUN_STATUSES,
     SIGNAL_KINDS,
     AdapterRecord,
@@ -67,6 +69,7 @@ from runtime.store.models import (
     Interaction,
     InteractionKind,
     LearningRun,
+    LearningState,
     PolicyDecision,
     RunStatus,
     Signal,
@@ -116,6 +119,7 @@ class Store:
     def __init__(self, path: str | Path, *, queue_size: int = 10_000, batch_size: int = 4096,
                  flush_interval_s: float = 0.05, read_only: bool = False, put_timeout_s: float = 5.0,
                  migrations: Sequence[Migration] | None = None) -> None:
+        check_not_spawning(f"a Store on {path}")
         if queue_size < 1 or batch_size < 1 or flush_interval_s < 0 or put_timeout_s <= 0:
             raise ValueError(
                 "queue_size and batch_size must be >= 1, flush_interval_s >= 0 and put_timeout_s > 0"
@@ -255,7 +259,7 @@ class Store:
             raise ValueError(f"a {kind} signal needs text and an interaction_id or messages")
         encoded = None if messages is None else to_json(check_messages(messages), "messages")
         row = (new_id(), now_us(), kind, interaction_id, rating, text, encoded, comment,
-               to_json(metadata or {}, "metadata"), None, None)
+               to_json(metadata or {}, "metadata"), None, None, "pending", None, None)
         self._put(InsertOp("signals", row))
         return row[0]
 
@@ -265,7 +269,7 @@ class Store:
         if not isinstance(text, str) or not text:
             raise ValueError("a document needs non-empty text")
         row = (new_id(), now_us(), title, text, to_json(list(questions or []), "questions"),
-               to_json(metadata or {}, "metadata"), None, None)
+               to_json(metadata or {}, "metadata"), None, None, "pending", None, None)
         self._put(InsertOp("documents", row))
         return row[0]
 
@@ -273,13 +277,35 @@ class Store:
 
     def mark_consumed(self, run_id: str, *, signal_ids: Iterable[str] = (),
                       document_ids: Iterable[str] = ()) -> int:
-        """Mark signals/documents as used by ``run_id``; rows already consumed keep their first run.
+        """Mark pending signals/documents ``learned`` by ``run_id`` (an approved update was trained on them).
 
-        Returns how many rows were marked.
+        Rows no longer pending keep their state and run. Returns how many rows were marked.
         """
-        fn = partial(control.mark_consumed, run_id=run_id, signal_ids=list(signal_ids),
-                     document_ids=list(document_ids), now=utcnow())
-        return int(self._call(fn, f"mark consumed by run {run_id!r}"))
+        return self.set_learning_state("learned", signal_ids=signal_ids, document_ids=document_ids, run_id=run_id)
+
+    def set_learning_state(self, state: LearningState, *, signal_ids: Iterable[str] = (),
+                           document_ids: Iterable[str] = (), reason: str | None = None, run_id: str | None = None,
+                           from_states: Sequence[LearningState] | None = None) -> int:
+        """Move signals and documents to ``state``; return how many moved (waits for the commit).
+
+        Only rows in ``from_states`` move; by default the moves that make sense: to ``learned`` or ``held``
+        from ``pending`` (a cycle's outcome, with its ``run_id``); to ``pending`` from ``held`` or
+        ``dismissed`` (the operator retries them; the next cycle learns them); to ``dismissed`` from
+        ``pending`` or ``held`` (the operator's ``reason`` is kept).
+        """
+        check_choice(state, LEARNING_STATES, "state")
+        if from_states is None:
+            from_states = {"learned": ("pending",), "held": ("pending",), "pending": ("held", "dismissed"),
+                           "dismissed": ("pending", "held")}[state]
+        for value in from_states:
+            check_choice(value, LEARNING_STATES, "from_states")
+        changed = 0
+        for table, ids in (("signals", list(signal_ids)), ("documents", list(document_ids))):
+            if ids:
+                fn = partial(control.set_learning_state, table=table, ids=ids, state=state, reason=reason,
+                             run_id=run_id, from_states=list(from_states), now=utcnow())
+                changed += int(self._call(fn, f"set {table} {state}"))
+        return changed
 
     def create_run(self, method: str, *, config: Mapping[str, Any] | None = None,
                    parent_adapter: str | None = None, data_counts: Mapping[str, Any] | None = None) -> str:
@@ -376,9 +402,14 @@ class Store:
 
     def signals(self, kind: SignalKind | None = None, *, unconsumed_only: bool = False,
                 interaction_id: str | None = None, interaction_ids: Sequence[str] | None = None,
-                limit: int | None = None) -> list[Signal]:
-        """Signals, oldest first, filtered by kind / interaction (one, or any of several) / not yet consumed."""
-        where, params = _where(kind=kind, interaction_id=interaction_id, unconsumed=unconsumed_only)
+                state: LearningState | None = None, limit: int | None = None) -> list[Signal]:
+        """Signals, oldest first, filtered by kind / interaction (one, or any of several) / learning state.
+
+        ``unconsumed_only`` is ``state="pending"``: what the next cycle learns.
+        """
+        if state is not None:
+            check_choice(state, LEARNING_STATES, "state")
+        where, params = _where(kind=kind, interaction_id=interaction_id, state=state, unconsumed=unconsumed_only)
         if interaction_ids is not None:
             if not interaction_ids:
                 return []
@@ -394,9 +425,12 @@ class Store:
         rows = self._query(f"SELECT {_cols(Document)} FROM documents WHERE id = ?", [document_id])
         return Document.from_row(rows[0]) if rows else None
 
-    def documents(self, *, unconsumed_only: bool = False, limit: int | None = None) -> list[Document]:
-        """Documents, oldest first, optionally only those not yet consumed by a run."""
-        where, params = _where(unconsumed=unconsumed_only)
+    def documents(self, *, unconsumed_only: bool = False, state: LearningState | None = None,
+                  limit: int | None = None) -> list[Document]:
+        """Documents, oldest first, optionally in one learning state (``unconsumed_only``: ``pending``)."""
+        if state is not None:
+            check_choice(state, LEARNING_STATES, "state")
+        where, params = _where(state=state, unconsumed=unconsumed_only)
         rows = self._query(f"SELECT {_cols(Document)} FROM documents{where} ORDER BY created_at, id"
                            + _limit(limit), params)
         return [Document.from_row(r) for r in rows]
@@ -546,7 +580,7 @@ def _where(*, unconsumed: bool = False, **equals: Any) -> tuple[str, list[Any]]:
     clauses = [f"{column} = ?" for column, value in equals.items() if value is not None]
     params = [value for value in equals.values() if value is not None]
     if unconsumed:
-        clauses.append("consumed_by_run IS NULL")
+        clauses.append("state = 'pending'")
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 

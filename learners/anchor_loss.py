@@ -1,0 +1,164 @@
+"""The anchor term of a training step: ``weight`` x a loss on a batch of anchors (see :mod:`learners.anchors`).
+
+Every optimizer micro-step adds it to the learner's own loss (SFT's cross-entropy, or SDFT's distillation
+loss), taking the next ``batch_size`` anchors in a shuffled cycle. Two losses:
+
+- ``sft``: cross-entropy on the active model's greedy answers (the answer tokens only);
+- ``kl``: KL(active || candidate) over the full vocabulary at every answer token, the active model being the
+  update's starting point (the base model with the parent adapter, kept frozen beside the trained one).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from learners.anchors import Anchor
+
+REFERENCE_ADAPTER = "anchor_reference"
+"""Name of the frozen copy of the parent adapter that ``kl`` compares against."""
+
+AnchorLossKind = Literal["sft", "kl"]
+
+
+class AnchorLoss:
+    """``weight`` x the anchor loss on the next batch of anchors; call it with the model being trained.
+
+    Args:
+        anchors: answered anchors (``answer_ids`` set).
+        tokenizer: the model's tokenizer (chat template).
+        kind: ``sft`` or ``kl``.
+        weight: multiplies the loss.
+        batch_size: anchors per call.
+        reference: for ``kl``, a function of the model returning a context manager in which the model computes
+            the active model's distribution (see :func:`reference_context`).
+        max_length: prompts are cut from the left so that prompt + answer fit.
+        seed: order of the anchors.
+    """
+
+    def __init__(
+        self,
+        anchors: Sequence[Anchor],
+        tokenizer: Any,
+        *,
+        kind: AnchorLossKind = "sft",
+        weight: float = 1.0,
+        batch_size: int = 4,
+        reference: Callable[[Any], AbstractContextManager[Any]] | None = None,
+        max_length: int = 1024,
+        seed: int = 0,
+    ) -> None:
+        if kind not in ("sft", "kl"):
+            raise ValueError(f"anchor loss must be 'sft' or 'kl', got {kind!r}")
+        if kind == "kl" and reference is None:
+            raise ValueError("the kl anchor loss needs a reference (the active model)")
+        self.kind = kind
+        self.weight = weight
+        self.batch_size = max(1, batch_size)
+        self.reference = reference
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.rows = [_tokenise(a, tokenizer, max_length) for a in anchors if a.answer_ids]
+        if not self.rows:
+            raise ValueError("no answered anchor to train on")
+        self._rng = random.Random(seed)
+        self._order: list[int] = []
+        self.history: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _next_batch(self) -> list[tuple[list[int], int]]:
+        batch = []
+        for _ in range(min(self.batch_size, len(self.rows))):
+            if not self._order:
+                self._order = list(range(len(self.rows)))
+                self._rng.shuffle(self._order)
+            batch.append(self.rows[self._order.pop()])
+        return batch
+
+    def __call__(self, model: Any) -> torch.Tensor:
+        batch = self._next_batch()
+        device = next(model.parameters()).device
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        answer = torch.zeros((len(batch), width), dtype=torch.bool)
+        for row, (ids, prompt_len) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+            answer[row, prompt_len : len(ids)] = True
+        input_ids, attention, answer = input_ids.to(device), attention.to(device), answer.to(device)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+        mask = answer[:, 1:]  # position t predicts token t + 1
+        if self.kind == "sft":
+            nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+            value = (nll * mask).sum() / mask.sum().clamp(min=1)
+        else:
+            assert self.reference is not None
+            with torch.no_grad(), self.reference(model):
+                ref_logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+            log_p = torch.log_softmax(ref_logits, dim=-1)
+            log_q = torch.log_softmax(logits, dim=-1)
+            per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+            value = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        self.history.append(float(value.detach()))
+        return self.weight * value
+
+
+def _tokenise(anchor: Anchor, tokenizer: Any, max_length: int) -> tuple[list[int], int]:
+    """(prompt ids + answer ids, prompt length), the prompt as generation saw it, cut from the left to fit."""
+    rendered = tokenizer.apply_chat_template(anchor.messages, add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    answer = list(anchor.answer_ids or [])[:max_length]
+    prompt = prompt[-max(1, max_length - len(answer)) :]
+    return prompt + answer, len(prompt)
+
+
+def reference_context(
+    model: Any, parent_adapter_dir: str | Path | None
+) -> Callable[[Any], AbstractContextManager[Any]]:
+    """How to compute the active model's distribution with `model` (a PEFT model being trained).
+
+    With a parent adapter, a frozen copy of it is loaded beside the trained adapter and switched in; without
+    one, the active model is the base model (the adapter disabled).
+    """
+    if parent_adapter_dir is None:
+        return lambda m: m.disable_adapter()
+    from trl.trainer.utils import use_adapter
+
+    from learners.lora import load_frozen_adapter
+
+    if REFERENCE_ADAPTER not in model.peft_config:
+        load_frozen_adapter(model, parent_adapter_dir, REFERENCE_ADAPTER)
+    return lambda m: use_adapter(m, REFERENCE_ADAPTER)
+
+
+class AnchorTraining:
+    """What a learner needs to add the anchor term: the answered anchors and ``learning.anchors``' loss knobs.
+
+    :meth:`build` makes the :class:`AnchorLoss` once the learner has its model and tokenizer.
+    """
+
+    def __init__(
+        self, anchors: Sequence[Anchor], *, loss: AnchorLossKind = "sft", weight: float = 1.0, batch_size: int = 4
+    ) -> None:
+        self.anchors = [a for a in anchors if a.answer_ids]
+        self.loss = loss
+        self.weight = weight
+        self.batch_size = batch_size
+
+    def __bool__(self) -> bool:
+        return bool(self.anchors)
+
+    def build(self, model: Any, tokenizer: Any, parent_adapter_dir: str | Path | None, seed: int = 0) -> AnchorLoss:
+        reference = reference_context(model, parent_adapter_dir) if self.loss == "kl" else None
+        return AnchorLoss(
+            self.anchors, tokenizer, kind=self.loss, weight=self.weight, batch_size=self.batch_size,
+            reference=reference, seed=seed,
+        )

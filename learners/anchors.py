@@ -1,0 +1,211 @@
+"""Anchors: prompts answered by the active model itself, trained beside the new examples.
+
+A small update (one or two corrections in a fresh store, where replay has nothing to mix in yet) can break
+unrelated behaviours: after learning one fictional capital, the model may name it as the capital of a real
+country. Anchors pull the update towards what the serving model already does elsewhere: each is a prompt
+with the active model's own greedy answer (on-policy, as in SDFT, but applied to retention), and the update
+is trained on the new examples plus ``weight`` x a loss on a batch of anchors at every step
+(:mod:`learners.anchor_loss`).
+
+Prompts come from the sources of ``learning.anchors.sources``, in order, until ``count`` are chosen:
+
+- ``log``: recent live traffic, positively rated first, then the newest; never a conversation that was
+  corrected or rated negatively, and never a prompt one of the new signals is about;
+- ``protected``: the policy's protected prompts;
+- ``probe``: a built-in set of everyday prompts (:data:`BUILTIN_ANCHOR_PROBE`), for a fresh store; those
+  closest to what the new examples ask come first (an update bleeds most into neighbouring prompts: teaching
+  the capital of an invented country endangers the capitals of real ones).
+
+No source ever gives a prompt that a new example asks (an anchor there would argue with the correction).
+Gate-guided repair adds the prompts of the checks that vetoed a candidate (source ``repair``).
+
+The answers are written in the worker process (:func:`answer_anchors`), by the model the update starts from
+(the base model with the active adapter), and kept in the cycle so that repair attempts reuse them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from runtime.config import AnchorsConfig
+from runtime.jsonl import read_jsonl
+from runtime.store import Store
+from runtime.textmatch import content_words, normalise
+
+BUILTIN_ANCHOR_PROBE = Path(__file__).parent / "data" / "anchor_probe.jsonl"
+"""Everyday prompts (questions, arithmetic, formats, instructions, short reading comprehension) written for
+this package; distinct from any evaluation set."""
+
+AnchorOrigin = Literal["log", "protected", "probe", "repair"]
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Anchor:
+    """One anchor prompt, and once answered, the active model's answer.
+
+    Attributes:
+        messages: The conversation, ending with a user turn.
+        source: Where it came from (``log``, ``protected``, ``probe`` or ``repair``).
+        answer_ids: The active model's greedy answer as token ids (with the end-of-turn token when the answer
+            ended by itself); ``None`` until :func:`answer_anchors` fills it.
+        answer: The same answer as text (for records and people).
+    """
+
+    messages: Messages
+    source: AnchorOrigin
+    answer_ids: list[int] | None = None
+    answer: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AnchorSelection:
+    """The anchors of one update and how many each source gave."""
+
+    anchors: list[Anchor] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for anchor in self.anchors:
+            out[anchor.source] = out.get(anchor.source, 0) + 1
+        return out
+
+
+def prompt_key(messages: Sequence[dict[str, Any]]) -> str:
+    """What makes two prompts the same for anchoring: the normalised text of the last user turn."""
+    return normalise(_last_user(messages))
+
+
+def load_probe_prompts(path: str | Path = BUILTIN_ANCHOR_PROBE) -> list[Messages]:
+    """The ``prompt`` of every row of a probe JSONL file, as single-turn conversations."""
+    prompts = []
+    for number, row in read_jsonl(path):
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{path}:{number}: expected a non-empty string `prompt`")
+        prompts.append([{"role": "user", "content": prompt}])
+    return prompts
+
+
+def select_anchors(
+    store: Store | None,
+    settings: AnchorsConfig,
+    *,
+    protected: Sequence[Messages] = (),
+    exclude: Iterable[Sequence[dict[str, Any]]] = (),
+    min_positive_score: float = 1.0,
+) -> AnchorSelection:
+    """Choose up to ``settings.count`` anchor prompts from ``settings.sources``, in order.
+
+    Args:
+        store: the interaction log (source ``log``); ``None`` skips that source.
+        settings: the ``learning.anchors`` section.
+        protected: the policy's protected conversations (source ``protected``).
+        exclude: conversations the new signals are about; no anchor asks the same thing.
+        min_positive_score: ratings at or above this are positive (``log`` takes those first).
+    """
+    selection = AnchorSelection()
+    if not settings.enabled:
+        return selection
+    exclude = [list(m) for m in exclude]
+    taken = {prompt_key(m) for m in exclude}
+    taken.discard("")
+    for source in settings.sources:
+        if len(selection.anchors) >= settings.count:
+            break
+        if source == "log":
+            candidates = _log_prompts(store, settings, min_positive_score) if store is not None else []
+        elif source == "protected":
+            candidates = [list(m) for m in protected]
+        else:
+            candidates = nearest_first(load_probe_prompts(settings.probe_file or BUILTIN_ANCHOR_PROBE), exclude)
+        for messages in candidates:
+            if len(selection.anchors) >= settings.count:
+                break
+            key = prompt_key(messages)
+            if not key or key in taken:
+                selection.skipped[source] = selection.skipped.get(source, 0) + 1
+                continue
+            taken.add(key)
+            selection.anchors.append(Anchor(messages=[dict(m) for m in messages], source=source))
+    return selection
+
+
+def nearest_first(prompts: list[Messages], asked: Sequence[Sequence[dict[str, Any]]]) -> list[Messages]:
+    """`prompts` ordered by how much their content words overlap what `asked` asks (most first; ties keep order)."""
+    topics = [content_words(_last_user(m)) for m in asked]
+
+    def closeness(messages: Messages) -> float:
+        words = content_words(_last_user(messages))
+        return max((len(words & t) / len(words | t) for t in topics if words | t), default=0.0)
+
+    return sorted(prompts, key=closeness, reverse=True)
+
+
+def _last_user(messages: Sequence[dict[str, Any]]) -> str:
+    return next((str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), "")
+
+
+def repair_anchors(
+    prompts: Sequence[Messages], existing: Sequence[Anchor], exclude: Iterable[Sequence[dict[str, Any]]]
+) -> list[Anchor]:
+    """Anchors for the prompts of vetoing checks, leaving out prompts already anchored or asked by a new example."""
+    taken = {prompt_key(a.messages) for a in existing} | {prompt_key(m) for m in exclude}
+    out = []
+    for messages in prompts:
+        key = prompt_key(messages)
+        if key and key not in taken:
+            taken.add(key)
+            out.append(Anchor(messages=[dict(m) for m in messages], source="repair"))
+    return out
+
+
+def _log_prompts(store: Store, settings: AnchorsConfig, min_positive_score: float) -> list[Messages]:
+    """Live conversations from the log: positively rated first, then the newest; never corrected or disliked."""
+    recent = store.recent_interactions(limit=settings.log_window, kind="live")
+    if not recent:
+        return []
+    signals = store.signals(interaction_ids=[i.id for i in recent])
+    liked: set[str] = set()
+    disliked: set[str] = set()
+    for signal in signals:
+        if signal.interaction_id is None:
+            continue
+        if signal.kind == "correction" or (signal.kind == "rating" and (signal.rating or 0.0) < 0):
+            disliked.add(signal.interaction_id)
+        elif signal.kind == "rating" and (signal.rating or 0.0) >= min_positive_score:
+            liked.add(signal.interaction_id)
+    usable = [
+        i for i in recent
+        if i.id not in disliked
+        and i.messages
+        and i.messages[-1].get("role") == "user"
+        and all(m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+                for m in i.messages)
+        and sum(len(m["content"]) for m in i.messages) <= settings.max_prompt_chars
+    ]
+    usable.sort(key=lambda i: i.id not in liked)  # stable: liked first, each group newest first
+    return [[{"role": m["role"], "content": m["content"]} for m in i.messages] for i in usable]
+
+
+def answer_anchors(
+    model: Any, tokenizer: Any, anchors: Sequence[Anchor], *, max_new_tokens: int, batch_size: int = 8
+) -> list[Anchor]:
+    """Fill in the greedy answer of `model` (the active model: base + active adapter) for anchors without one."""
+    from learners.generation import generate
+
+    todo = [a for a in anchors if a.answer_ids is None]
+    if todo:
+        outputs = generate(
+            model, tokenizer, [a.messages for a in todo], max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+        for anchor, output in zip(todo, outputs, strict=True):
+            anchor.answer_ids, anchor.answer = output.token_ids, output.text
+    return list(anchors)

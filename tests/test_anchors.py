@@ -1,0 +1,166 @@
+"""Anchors: which prompts are chosen, how the active model answers them, and the anchor term of a training step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from learners.anchor_loss import AnchorLoss, AnchorTraining, reference_context
+from learners.anchors import BUILTIN_ANCHOR_PROBE, Anchor, answer_anchors, load_probe_prompts, select_anchors
+from learners.examples import DemoExample
+from learners.lora import LoraSettings, build_peft_model, load_base_model, load_tokenizer
+from learners.sft import SFTSettings, train_sft
+from runtime.config import AnchorsConfig
+from runtime.store import Store
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with Store(tmp_path / "s.duckdb") as s:
+        yield s
+
+
+def test_builtin_probe_loads_and_is_everyday_prompts() -> None:
+    prompts = load_probe_prompts(BUILTIN_ANCHOR_PROBE)
+    assert len(prompts) >= 30 and all(p[-1]["role"] == "user" and p[-1]["content"].strip() for p in prompts)
+    assert len({p[-1]["content"] for p in prompts}) == len(prompts)
+
+
+def test_sources_fill_in_order_and_skip_what_the_new_signals_ask(store: Store) -> None:
+    settings = AnchorsConfig(sources=["log", "protected", "probe"], count=5)
+    store.log_interaction(user("logged question"), "answer")
+    picked = select_anchors(
+        store, settings, protected=[user("Protected one?"), user("What is 2+2?")], exclude=[user("protected ONE")]
+    )
+    sources = [a.source for a in picked.anchors]
+    assert sources[:2] == ["log", "protected"] and set(sources[2:]) == {"probe"} and len(sources) == 5
+    texts = [a.messages[-1]["content"] for a in picked.anchors]
+    assert "Protected one?" not in texts  # the new example asks it (normalised): no anchor argues with it
+    assert picked.skipped == {"protected": 1}
+    assert texts.count("What is 2+2?") == 1  # the protected prompt is also in the probe: taken once
+    assert picked.counts() == {"log": 1, "protected": 1, "probe": 3}
+
+
+def test_log_source_prefers_liked_and_never_uses_corrected_or_disliked(store: Store) -> None:
+    ids = {name: store.log_interaction(user(name), "a") for name in ("plain", "liked", "corrected", "disliked")}
+    store.add_signal("rating", interaction_id=ids["liked"], rating=1.0)
+    store.add_signal("correction", interaction_id=ids["corrected"], text="better")
+    store.add_signal("rating", interaction_id=ids["disliked"], rating=-1.0)
+    store.log_interaction([*user("x" * 50)], "long one")
+    settings = AnchorsConfig(sources=["log"], count=10, max_prompt_chars=40)
+    texts = [a.messages[-1]["content"] for a in select_anchors(store, settings).anchors]
+    assert texts == ["liked", "plain"]
+
+
+def test_disabled_anchors_select_nothing(store: Store) -> None:
+    store.log_interaction(user("q"), "a")
+    assert select_anchors(store, AnchorsConfig(enabled=False)).anchors == []
+
+
+def test_probe_file_replaces_the_builtin_probe(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text(json.dumps({"prompt": "Mine?"}) + "\n")
+    picked = select_anchors(None, AnchorsConfig(sources=["probe"], probe_file=probe))
+    assert [a.messages for a in picked.anchors] == [user("Mine?")]
+
+
+def test_the_active_model_answers_anchors_with_its_own_tokens(tiny_model_dir: Path) -> None:
+    model, tokenizer = load_base_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    anchors = [Anchor(user("What is the capital of France?"), "probe"), Anchor(user("Hello"), "probe", [5], "x")]
+    answer_anchors(model, tokenizer, anchors, max_new_tokens=6)
+    first = anchors[0]
+    assert first.answer_ids and 0 < len(first.answer_ids) <= 6 and first.answer is not None
+    if tokenizer.eos_token_id in first.answer_ids:
+        assert first.answer_ids[-1] == tokenizer.eos_token_id
+    assert anchors[1].answer_ids == [5]  # already answered: kept (repair attempts reuse the answers)
+
+
+def _answered(tiny_model_dir: Path, n: int = 4) -> list[Anchor]:
+    model, tokenizer = load_base_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    anchors = [Anchor(user(f"Tell me about item {i}."), "probe") for i in range(n)]
+    return answer_anchors(model, tokenizer, anchors, max_new_tokens=8)
+
+
+def test_kl_term_is_zero_at_the_start_and_grows_when_the_model_moves(tiny_model_dir: Path) -> None:
+    anchors = _answered(tiny_model_dir)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = build_peft_model(load_base_model(tiny_model_dir), LoraSettings(r=4, alpha=8))
+    kl = AnchorLoss(anchors, tokenizer, kind="kl", batch_size=4, reference=reference_context(model, None))
+    assert float(kl(model).detach()) == pytest.approx(0.0, abs=1e-6)  # a fresh LoRA (B = 0) is the active model
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    moved = kl(model)
+    assert float(moved) > 1e-3
+    moved.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    sft = AnchorLoss(anchors, tokenizer, kind="sft", weight=2.0, batch_size=2)
+    value = sft(model)
+    assert float(value) > 0 and sft.history[-1] == pytest.approx(float(value) / 2.0)
+
+
+def test_kl_reference_is_the_parent_adapter_frozen(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
+    anchors = _answered(tiny_model_dir)
+    model = build_peft_model(load_base_model(tiny_model_dir), parent_adapter_dir=tiny_adapter_dir)
+    reference = reference_context(model, tiny_adapter_dir)
+    kl = AnchorLoss(anchors, load_tokenizer(tiny_model_dir), kind="kl", reference=reference)
+    assert float(kl(model)) == pytest.approx(0.0, abs=1e-5)  # the student starts as the parent
+    frozen = [p for n, p in model.named_parameters() if ".anchor_reference." in n]
+    assert frozen and not any(p.requires_grad for p in frozen)
+
+
+def test_anchor_loss_needs_answers_and_a_reference_for_kl(tiny_model_dir: Path) -> None:
+    tokenizer = load_tokenizer(tiny_model_dir)
+    with pytest.raises(ValueError, match="no answered anchor"):
+        AnchorLoss([Anchor(user("q"), "probe")], tokenizer)
+    with pytest.raises(ValueError, match="reference"):
+        AnchorLoss(_answered(tiny_model_dir, 1), tokenizer, kind="kl")
+
+
+def _kl_on(model_dir: Path, adapter_dir: Path, anchors: list[Anchor]) -> float:
+    """Mean per-token KL(base || adapter) on the anchors' answers: how far the update moved the model there."""
+    tokenizer = load_tokenizer(model_dir)
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base_model(model_dir), str(adapter_dir))
+    loss = AnchorLoss(anchors, tokenizer, kind="kl", batch_size=len(anchors), reference=lambda m: m.disable_adapter())
+    with torch.no_grad():
+        return float(loss(model))
+
+
+def _train(tiny_model_dir: Path, out: Path, anchors: AnchorTraining | None):
+    examples = [DemoExample(user("What is the secret?"), "The secret is blue tomatoes and green rain.")]
+    settings = SFTSettings(num_epochs=8, learning_rate=2e-2, batch_size=1, use_cpu=True)
+    return train_sft(tiny_model_dir, examples, out, settings, LoraSettings(r=4, alpha=8), anchors=anchors)
+
+
+def test_kl_anchors_keep_the_model_where_it_was_on_them(tiny_model_dir: Path, tmp_path: Path) -> None:
+    anchors = _answered(tiny_model_dir, 6)
+    plain = _train(tiny_model_dir, tmp_path / "plain", None)
+    anchored = _train(tiny_model_dir, tmp_path / "kl", AnchorTraining(anchors, loss="kl", weight=5.0, batch_size=6))
+    assert "anchor_loss" in anchored.metrics[-1]
+    moved_plain = _kl_on(tiny_model_dir, plain.adapter_dir, anchors)
+    assert _kl_on(tiny_model_dir, anchored.adapter_dir, anchors) < 0.5 * moved_plain
+
+
+def test_sft_anchors_train_on_the_active_answers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The ``sft`` anchor loss is cross-entropy on the greedy answers; it falls as the model fits them (which
+    sharpens the distribution there, so it does not keep the KL low: measured, ``kl`` is the default)."""
+    anchors = AnchorTraining(_answered(tiny_model_dir, 6), loss="sft", weight=1.0, batch_size=6)
+    result = _train(tiny_model_dir, tmp_path / "sft", anchors)
+    values = [row["anchor_loss"] for row in result.metrics if "anchor_loss" in row]
+    assert len(values) == 8 and values[-1] < values[0]
+
+
+def test_probe_anchors_closest_to_the_taught_prompts_come_first() -> None:
+    taught = [user("What is the capital of Orvania?")]
+    picked = select_anchors(None, AnchorsConfig(sources=["probe"], count=3), exclude=taught)
+    assert all("capital" in a.messages[-1]["content"] for a in picked.anchors)
