@@ -20,6 +20,8 @@ demo: $(STAMP)
 	$(VENV)/bin/runtime demo
 
 test: $(STAMP)
+	# The layers of docs/architecture.md, and no import cycles (pyproject.toml, [tool.importlinter]).
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

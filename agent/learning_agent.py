@@ -10,17 +10,17 @@ Typical use::
     agent.close()
 
 With ``background_learning=True`` the runtime's learning loop runs in this process on the policy's
-schedule (see :mod:`policies.loop`); ``agent.service`` promotes, rolls back and reports on shadow mode.
+schedule (see :mod:`orchestration.loop`); ``agent.service`` promotes, rolls back and reports on shadow mode.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.messages.utils import convert_to_messages
@@ -36,13 +36,11 @@ from agent.chat_model import (
     messages_to_dicts,
 )
 from agent.graph import build_default_graph
+from orchestration.service import RuntimeService
+from policies.schema import Policy
 from runtime.config import RuntimeConfig
 from runtime.engines import Engine
 from runtime.store import Store
-
-if TYPE_CHECKING:
-    from policies import Policy
-    from runtime.service import RuntimeService
 
 AgentInput = str | Sequence[BaseMessage | dict[str, Any] | tuple[str, str]] | dict[str, Any]
 GraphFactory = Callable[[EngineChatModel], CompiledStateGraph]
@@ -87,7 +85,7 @@ class LearningAgent:
         tools: tools for the default graph.
         system_prompt: system message for the default graph.
         max_new_tokens, temperature: sampling defaults of the chat model.
-        service: the :class:`~runtime.service.RuntimeService` around `engine` and `store` (learning,
+        service: the :class:`~orchestration.service.RuntimeService` around `engine` and `store` (learning,
             promotion, shadow mode); :meth:`from_config` creates one.
     """
 
@@ -122,7 +120,7 @@ class LearningAgent:
             self.graph = graph(self.chat_model)
         else:
             raise TypeError(f"graph must be a compiled LangGraph graph or a factory, got {type(graph)!r}")
-        self._owns: list[Any] = []
+        self._owned = ExitStack()
 
     @classmethod
     def from_config(
@@ -139,21 +137,16 @@ class LearningAgent:
 
         The agent owns the runtime and closes it in :meth:`close`.
         """
-        from runtime.service import RuntimeService
-
-        service = RuntimeService.from_config(config, policy=policy)
-        config = service.config
-        kwargs.setdefault("system_prompt", config.engine.system_prompt)
-        kwargs.setdefault("max_new_tokens", config.engine.max_new_tokens)
-        kwargs.setdefault("temperature", config.engine.temperature)
-        try:
+        with ExitStack() as owned:
+            service = owned.enter_context(RuntimeService.from_config(config, policy=policy))
+            config = service.config
+            kwargs.setdefault("system_prompt", config.engine.system_prompt)
+            kwargs.setdefault("max_new_tokens", config.engine.max_new_tokens)
+            kwargs.setdefault("temperature", config.engine.temperature)
             agent = cls(service.engine, store=service.store, service=service, **kwargs)
-        except BaseException:
-            service.close()
-            raise
-        agent._owns = [service]
-        if background_learning:
-            service.start_background()
+            if background_learning:
+                service.start_background()
+            agent._owned = owned.pop_all()
         return agent
 
     # --- running -------------------------------------------------------------------------------------
@@ -239,9 +232,7 @@ class LearningAgent:
         """Flush the log and release what `from_config` created."""
         if self.store is not None and not self.store.closed:
             self.store.flush()
-        for owned in self._owns:
-            owned.close()
-        self._owns = []
+        self._owned.close()
 
     def __enter__(self) -> LearningAgent:
         return self

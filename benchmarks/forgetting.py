@@ -1,8 +1,11 @@
-"""Learning against forgetting: SFT and SDFT on the same facts, the same model, in one run.
+"""Learning against forgetting: learning methods on the same facts, the same model, in one run.
 
-Both methods train a fresh LoRA adapter from the base model on the facts' demonstrations (the direct
-question -> the demonstration, ``Fact.example()``), with the project defaults (``SFTSettings``,
-``SDFTSettings``, ``LoraSettings``). Each adapter is then loaded into one engine and measured:
+Each method of ``--methods`` (default: SFT and the default method, ``rewrite``) trains a fresh LoRA adapter
+from the base model on the facts' demonstrations (the direct question -> the demonstration,
+``Fact.example()``), with the project defaults (its settings class in ``learners.registry``,
+``LoraSettings``) and, unless ``--no-anchors``, the default anchors (``learning.anchors``: the built-in
+everyday probe answered by the base model, closest to the facts first). Each adapter is then loaded into one
+engine and measured:
 
 - ``new_acc`` / ``paraphrase_acc``: the facts' direct questions / paraphrases, no fact in context;
 - ``retention_after``: reading comprehension with the passage in context (``retention_before`` on the base);
@@ -38,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.overrides import parse_overrides  # noqa: E402
+from learners.anchor_loss import AnchorTraining  # noqa: E402
+from learners.anchors import answer_anchors, select_anchors  # noqa: E402
 from learners.evaluation import (  # noqa: E402
     Fact,
     QAItem,
@@ -47,26 +52,39 @@ from learners.evaluation import (  # noqa: E402
     load_passages_qa,
     retention_accuracy,
 )
-from learners.lora import LoraSettings  # noqa: E402
-from learners.sdft import SDFTSettings, train_sdft  # noqa: E402
-from learners.sft import SFTSettings, train_sft  # noqa: E402
+from learners.lora import load_base_model, load_tokenizer  # noqa: E402
+from learners.lora_config import LoraSettings  # noqa: E402
+from learners.registry import DEFAULT_METHOD, LEARNING_METHODS, get_method  # noqa: E402
+from runtime.config import AnchorsConfig  # noqa: E402
 from runtime.engines import TransformersEngine  # noqa: E402
 
 DEFAULT_FACTS = ROOT.parent / "shared" / "data" / "facts_dev.jsonl"
 DEFAULT_RETENTION = ROOT.parent / "shared" / "data" / "squad_retention_dev.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("sft", "sdft")
+METHODS = tuple(name for name, method in LEARNING_METHODS.items() if method.kind == "trainer")
+"""The methods that learn from demonstrations with a train function of their own (``learners.registry``)."""
+D = DEFAULT_METHOD
 
 GOALS = {
-    "sdft_paraphrase_at_least_sft": "SDFT paraphrase_acc >= SFT paraphrase_acc",
-    "sdft_retention_drop_small_sft_larger": (
-        "SDFT retention_drop <= 1 point while SFT's is larger than that (SFT retention_drop > 1 point)"
+    f"{D}_paraphrase_at_least_sft": f"{D} paraphrase_acc >= SFT paraphrase_acc",
+    f"{D}_retention_drop_small_sft_larger": (
+        f"{D} retention_drop <= 1 point while SFT's is larger than that (SFT retention_drop > 1 point)"
     ),
-    "sdft_over_sft_time": "sdft_over_sft_time <= 2.5",
+    f"{D}_over_sft_time": f"{D}_over_sft_time <= 2.5",
 }
 
 
 # --- settings ---------------------------------------------------------------------------------------
+
+
+def method_settings(method: str, overrides: dict[str, Any], common: dict[str, Any]) -> Any:
+    """The method's settings (``learners.registry``) with `common` and `overrides`; a bad key is an error."""
+    from learners.settings_errors import SettingsError
+
+    try:
+        return get_method(method).settings({**common, **overrides})
+    except SettingsError as exc:
+        raise SystemExit(f"--{method}-set: {exc}") from None
 
 
 def apply_overrides(settings: Any, overrides: dict[str, Any], what: str) -> Any:
@@ -131,10 +149,22 @@ def _progress(method: str):
     return fn
 
 
-def _train(method: str, model_dir: Path, facts: list[Fact], out_dir: Path, settings: Any, lora: LoraSettings):
+def _train(method: str, model_dir: Path, facts: list[Fact], out_dir: Path, settings: Any, lora: LoraSettings,
+           anchors: AnchorTraining | None):
     examples = [f.example() for f in facts]
-    train = train_sft if method == "sft" else train_sdft
-    return train(model_dir, examples, out_dir, settings=settings, lora=lora, progress_callback=_progress(method))
+    train = get_method(method).load_trainer()
+    return train(model_dir, examples, out_dir, settings=settings, lora=lora, progress_callback=_progress(method),
+                 anchors=anchors)
+
+
+def default_anchors(model_dir: Path, facts: list[Fact]) -> AnchorTraining:
+    """The default anchors of a fresh store (the built-in probe, closest to the facts first), answered by the
+    base model, with ``learning.anchors``' default loss, weight and batch."""
+    settings = AnchorsConfig()
+    chosen = select_anchors(None, settings, exclude=[f.example().prompt for f in facts]).anchors
+    model, tokenizer = load_base_model(model_dir), load_tokenizer(model_dir)
+    answer_anchors(model, tokenizer, chosen, max_new_tokens=settings.max_new_tokens)
+    return AnchorTraining(chosen, loss=settings.loss, weight=settings.weight, batch_size=settings.batch_size)
 
 
 def _source_state() -> dict[str, Any]:
@@ -150,7 +180,7 @@ def _source_state() -> dict[str, Any]:
         state["learners_modified"] = sorted(line[3:] for line in dirty if line.strip())
     except (OSError, subprocess.CalledProcessError):
         pass
-    for name in ("sdft.py", "sft.py", "lora.py", "common.py"):
+    for name in ("rewrite_trainer.py", "sdft_trainer.py", "sft_trainer.py", "anchor_loss.py", "lora.py", "common.py"):
         path = ROOT / "learners" / name
         if path.exists():
             state[f"sha256_learners/{name}"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -162,19 +192,19 @@ def _source_state() -> dict[str, Any]:
 
 def evaluate_goals(results: dict[str, dict[str, Any]], time_ratio: float | None) -> dict[str, dict[str, Any]]:
     """Each goal with its rule and ``met`` (``None`` when a method it needs was not run)."""
-    sft, sdft = results.get("sft"), results.get("sdft")
-    both = sft is not None and sdft is not None
+    sft, default = results.get("sft"), results.get(D)
+    both = sft is not None and default is not None
     met = {
-        "sdft_paraphrase_at_least_sft": (sdft["paraphrase_acc"] >= sft["paraphrase_acc"]) if both else None,
-        "sdft_retention_drop_small_sft_larger": (
-            sdft["retention_drop"] <= 1.0 and sft["retention_drop"] > 1.0 if both else None
+        f"{D}_paraphrase_at_least_sft": (default["paraphrase_acc"] >= sft["paraphrase_acc"]) if both else None,
+        f"{D}_retention_drop_small_sft_larger": (
+            default["retention_drop"] <= 1.0 and sft["retention_drop"] > 1.0 if both else None
         ),
-        "sdft_over_sft_time": (time_ratio <= 2.5) if time_ratio is not None else None,
+        f"{D}_over_sft_time": (time_ratio <= 2.5) if time_ratio is not None else None,
     }
     values = {
-        "sdft_paraphrase_at_least_sft": {m: r["paraphrase_acc"] for m, r in results.items()},
-        "sdft_retention_drop_small_sft_larger": {m: r["retention_drop"] for m, r in results.items()},
-        "sdft_over_sft_time": time_ratio,
+        f"{D}_paraphrase_at_least_sft": {m: r["paraphrase_acc"] for m, r in results.items()},
+        f"{D}_retention_drop_small_sft_larger": {m: r["retention_drop"] for m, r in results.items()},
+        f"{D}_over_sft_time": time_ratio,
     }
     return {key: {"rule": GOALS[key], "met": met[key], "values": values[key]} for key in GOALS}
 
@@ -197,13 +227,13 @@ def render_table(result: dict[str, Any]) -> str:
         if r is None:
             continue
         lines.append(
-            f"| {method.upper()} | {r['new_acc']:.1f} | {r['paraphrase_acc']:.1f} | {r['retention_before']:.1f} "
+            f"| {method} | {r['new_acc']:.1f} | {r['paraphrase_acc']:.1f} | {r['retention_before']:.1f} "
             f"| {r['retention_after']:.1f} | {r['retention_drop']:.1f} | {r['kl_to_base']:.4f} "
             f"| {r['sec_per_example']:.2f} | {r['train_seconds']:.0f} |"
         )
-    ratio = result.get("sdft_over_sft_time")
+    ratio = result.get(f"{D}_over_sft_time")
     if ratio is not None:
-        lines += ["", f"SDFT / SFT train time: {ratio:.2f}x"]
+        lines += ["", f"{D} / SFT train time: {ratio:.2f}x"]
     lines += ["", "| goal | met |", "|---|---|"]
     for goal in result["goals"].values():
         met = goal["met"]
@@ -225,9 +255,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--retention-questions", type=int, default=100, help="the first N retention questions")
     parser.add_argument("--seed", type=int, default=0, help="training seed of both methods")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (training and evaluation)")
-    parser.add_argument("--methods", default="sft,sdft", help="comma-separated subset of sft,sdft")
-    parser.add_argument("--sft-set", action="append", default=[], metavar="KEY=VALUE", help="SFTSettings override")
-    parser.add_argument("--sdft-set", action="append", default=[], metavar="KEY=VALUE", help="SDFTSettings override")
+    parser.add_argument("--methods", default=f"sft,{D}", help=f"comma-separated subset of {','.join(METHODS)}")
+    for name in METHODS:
+        parser.add_argument(f"--{name}-set", action="append", default=[], metavar="KEY=VALUE",
+                            help=f"learning.{name} override")
+    parser.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=True,
+                        help="train with the default anchors (learning.anchors), as every update does")
     parser.add_argument("--lora-set", action="append", default=[], metavar="KEY=VALUE", help="LoraSettings override")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length for every accuracy")
     parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
@@ -241,12 +274,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--threads must be >= 1")
     torch.set_num_threads(args.threads)
     common = {"seed": args.seed, "torch_threads": args.threads}
-    sft_over = parse_overrides(args.sft_set, "sft")
-    sdft_over = parse_overrides(args.sdft_set, "sdft")
-    settings = {
-        "sft": apply_overrides(SFTSettings(**common), sft_over, "sft"),
-        "sdft": apply_overrides(SDFTSettings(**common), sdft_over, "sdft"),
-    }
+    overrides = {m: parse_overrides(getattr(args, f"{m}_set"), m) for m in METHODS}
+    settings = {m: method_settings(m, overrides[m], common) for m in methods}
     lora = apply_overrides(LoraSettings(), parse_overrides(args.lora_set, "lora"), "lora")
 
     facts = load_facts(args.data, args.facts or None)
@@ -276,10 +305,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "responses": base_facts["responses"],
         }
         _log("base: " + ", ".join(f"{k} {base[k]}" for k in ("new_acc", "paraphrase_acc", "retention")))
+        anchors = default_anchors(engine.model_path, facts) if args.anchors else None
         with tempfile.TemporaryDirectory(prefix="forgetting-") as tmp:
             for method in methods:
-                _log(f"{method}: training on {len(facts)} examples")
-                res = _train(method, engine.model_path, facts, Path(tmp) / method, settings[method], lora)
+                _log(f"{method}: training on {len(facts)} examples" + (" with anchors" if anchors else ""))
+                res = _train(method, engine.model_path, facts, Path(tmp) / method, settings[method], lora, anchors)
                 _log(f"{method}: trained in {res.train_seconds:.0f} s ({res.num_steps} steps)")
                 t = time.perf_counter()
                 engine.load_adapter(method, res.adapter_dir)
@@ -320,12 +350,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         engine.close()
 
     ratio = None
-    if "sft" in results and "sdft" in results and results["sft"]["train_seconds"] > 0:
-        ratio = round(results["sdft"]["train_seconds"] / results["sft"]["train_seconds"], 3)
+    if "sft" in results and D in results and results["sft"]["train_seconds"] > 0:
+        ratio = round(results[D]["train_seconds"] / results["sft"]["train_seconds"], 3)
     result: dict[str, Any] = {
         **results,
         "base": base,
-        "sdft_over_sft_time": ratio,
+        f"{D}_over_sft_time": ratio,
         "goals": evaluate_goals(results, ratio),
         "wall_seconds": round(time.perf_counter() - wall, 1),
         "config": {
@@ -340,7 +370,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seed": args.seed,
             "threads": args.threads,
             "max_new_tokens": args.max_new_tokens,
-            "overrides": {"sft": sft_over, "sdft": sdft_over, "lora": parse_overrides(args.lora_set, "lora")},
+            "overrides": {**overrides, "lora": parse_overrides(args.lora_set, "lora")},
+            "anchors": (
+                {**AnchorsConfig().model_dump(mode="json"), "count_used": len(anchors.anchors)} if anchors else None
+            ),
             "units": "accuracies in percent; retention_drop in percentage points (positive = forgot); "
             "kl_to_base in nats per token",
             "machine": f"{platform.machine()} {platform.system()}, torch {torch.__version__}, "
@@ -351,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     table = render_table(result)
-    args.out.with_suffix(".md").write_text("# Forgetting: SFT vs SDFT\n\n" + table)
+    title = f"# Forgetting: {', '.join(methods)}" + (" (with anchors)" if anchors else " (without anchors)")
+    args.out.with_suffix(".md").write_text(title + "\n\n" + table)
     print(table)
     return result
 

@@ -1,8 +1,8 @@
 """Hot swap: how long activating a new adapter takes, and whether any request fails, under concurrent load.
 
-Client threads send chat requests to the runtime (through ``RuntimeService.chat_model()``, so every call is
-logged as in production) for a fixed time. The first phase has no swaps (the baseline); in the second, the
-main thread promotes a new adapter every ``--swap-every`` seconds, alternating two kinds:
+Client threads send chat requests to the runtime (through the agent's ``EngineChatModel`` on the service's
+engine, so every call is logged as in production) for a fixed time. The first phase has no swaps (the
+baseline); in the second, the main thread promotes a new adapter every ``--swap-every`` seconds, alternating two kinds:
 
 - **warm**: the adapter is already loaded beside the active one, as the policy gate leaves an approved
   candidate; ``activate_ms`` is the time of ``service.promote(name)`` (checksum check, registry records,
@@ -35,13 +35,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agent.chat_model import EngineChatModel  # noqa: E402
 from benchmarks.serving_overhead import read_prompts  # noqa: E402
+from orchestration.service import RuntimeService  # noqa: E402
 from runtime.adapters import Lineage  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
 from runtime.cpu import serving_cpu_threads  # noqa: E402
 from runtime.engines import TransformersEngine  # noqa: E402
 from runtime.models import DEFAULT_MODEL, resolve_model  # noqa: E402
-from runtime.service import RuntimeService  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "facts_dev.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -53,7 +54,7 @@ def make_random_adapter(model_dir: Path, out: Path, seed: int) -> Path:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from learners.lora import LoraSettings
+    from learners.lora_config import LoraSettings
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -97,7 +98,9 @@ class Clients:
             t.join()
 
     def _run(self, index: int) -> None:
-        model = self.service.chat_model(max_new_tokens=self.max_new_tokens)
+        service = self.service
+        model = EngineChatModel(engine=service.engine, store=service.store, shadow=service.shadow,
+                                max_new_tokens=self.max_new_tokens)
         i = index
         while not self._stop.is_set():
             prompt = self.prompts[i % len(self.prompts)]

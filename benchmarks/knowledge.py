@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.overrides import parse_overrides  # noqa: E402
+from learners.seal_config import SEALSettings, seal_settings_from_dict  # noqa: E402
 from learners.seal_edits import format_prompt  # noqa: E402
 from learners.seal_inner import (  # noqa: E402
     TauScore,
@@ -60,7 +61,7 @@ from learners.seal_inner import (  # noqa: E402
 )
 from learners.seal_questions import QAPair  # noqa: E402
 from learners.seal_restem import GENERATOR_ADAPTER, SearchDocument, run_rest_em  # noqa: E402
-from learners.seal_settings import SEALSettings, seal_settings_from_dict  # noqa: E402
+from learners.settings_errors import SettingsError  # noqa: E402
 from runtime.engines import TransformersEngine  # noqa: E402
 from runtime.textmatch import contains_answer  # noqa: E402
 
@@ -262,7 +263,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if "max_self_edit_tokens" in size:
         base_settings["max_self_edit_tokens"] = size["max_self_edit_tokens"]
-    settings = seal_settings_from_dict({**base_settings, **overrides}, where="--set")
+    try:
+        settings = seal_settings_from_dict({**base_settings, **overrides})
+    except SettingsError as exc:
+        raise SystemExit(f"--set: {exc}") from None
     for train in (settings.inner_training, settings.generator_training):
         train.torch_threads = args.threads
 

@@ -1,4 +1,4 @@
-"""``KEY=VALUE`` command-line overrides shared by the benchmarks (``--set``, ``--sdft-set``, ...)."""
+"""``KEY=VALUE`` command-line overrides shared by the benchmarks (``--set``, ``--rewrite-set``, ...)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import yaml
 
 def parse_overrides(pairs: list[str], what: str = "") -> dict[str, Any]:
     """``KEY=VALUE`` strings to a dict. Values are read with ``yaml.safe_load`` (``1e-3``, ``true``, ``[a]``);
-    ``a.b=1`` sets key ``b`` of the nested section ``a``. `what` names the option in errors (``sdft`` ->
-    ``--sdft-set``)."""
+    ``a.b=1`` sets key ``b`` of the nested section ``a``. `what` names the option in errors (``rewrite`` ->
+    ``--rewrite-set``)."""
     option = f"--{what}-set" if what else "--set"
     out: dict[str, Any] = {}
     for pair in pairs:

@@ -46,14 +46,17 @@ from learners.evaluation import (  # noqa: E402
     load_passages_qa,
     retention_accuracy,
 )
-from learners.lora import LoraSettings  # noqa: E402
-from learners.sdft import (  # noqa: E402
+from learners.lora_config import LoraSettings  # noqa: E402
+from learners.rewrite_config import RewriteSettings  # noqa: E402
+from learners.rewrite_trainer import train_rewrite  # noqa: E402
+from learners.sdft_config import (  # noqa: E402
     DIRECT_TEACHER_PROMPT_TEMPLATE,
     TRL_TEACHER_PROMPT_TEMPLATE,
     SDFTSettings,
-    train_sdft,
 )
-from learners.sft import SFTSettings, train_sft  # noqa: E402
+from learners.sdft_trainer import train_sdft  # noqa: E402
+from learners.sft_config import SFTSettings  # noqa: E402
+from learners.sft_trainer import train_sft  # noqa: E402
 from runtime.engines import TransformersEngine  # noqa: E402
 from runtime.models import resolve_model  # noqa: E402
 
@@ -61,9 +64,11 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "facts_dev.jsonl"
 DEFAULT_RETENTION = REPO.parent / "shared" / "data" / "squad_retention_dev.jsonl"
 RESULTS = REPO / "benchmarks" / "results"
 
-#: SFT is the baseline; every other entry is a dict of overrides on ``SDFTSettings.official()`` (the paper's
-#: on-policy setup: EMA teacher 0.01, skip 3 tokens, official template, forward KL, temperature 1, 32 tokens),
-#: which were the learner's defaults when the recorded runs were made.
+#: SFT is the baseline; ``rewrite*`` entries are overrides of ``RewriteSettings`` (the ``rewrite`` method,
+#: recorded as "SDFT, variant rewrite" before it became a method of its own); every other entry is a dict of
+#: overrides on ``SDFTSettings.official()`` (the paper's on-policy setup: EMA teacher 0.01, skip 3 tokens,
+#: official template, forward KL, temperature 1, 32 tokens), which were the learner's defaults when the
+#: recorded runs were made.
 _SKIP0 = {"num_loss_tokens_to_skip": 0}
 _DIRECT = {"teacher_prompt_template": DIRECT_TEACHER_PROMPT_TEMPLATE}
 VARIANTS: dict[str, dict[str, Any] | None] = {
@@ -87,9 +92,9 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "mix50_direct": {**_SKIP0, **_DIRECT, "teacher_rollout_fraction": 0.5},
     "mix50": {**_SKIP0, "teacher_rollout_fraction": 0.5},
     "mix50_base": {**_SKIP0, "teacher_rollout_fraction": 0.5, "teacher_kind": "base"},
-    "rewrite": {"variant": "rewrite"},
-    "rewrite_nocheck": {"variant": "rewrite", "rewrite_check": "none"},
-    "rewrite_kl05": {"variant": "rewrite", "kl_anchor": 0.5},
+    "rewrite": {},
+    "rewrite_nocheck": {"check": "none"},
+    "rewrite_kl05": {"kl_anchor": 0.5},
     "warmup3_gen_teacher_direct_base": {
         **_SKIP0, **_DIRECT, "generate_from_teacher": True, "teacher_kind": "base", "sft_warmup_epochs": 3,
     },
@@ -99,15 +104,31 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
 _IDENTITY_EXCLUDE = {"torch_threads", "use_cpu", "bf16"}
 
 
-def _settings_for(variant: str, lr: float, epochs: float, seed: int, threads: int) -> SFTSettings | SDFTSettings:
+Settings = SFTSettings | SDFTSettings | RewriteSettings
+
+#: How the rewrite variant's knobs were named in ``SDFTSettings`` (the logged runs) and are named now.
+_OLD_REWRITE_FIELDS = {
+    "rewrite_prompt_template": "prompt_template", "rewrite_max_new_tokens": "max_new_tokens",
+    "rewrite_temperature": "temperature", "rewrite_check": "check", "prompts_per_step": "batch_size",
+}
+
+
+def _method_of(variant: str) -> str:
+    return "sft" if variant == "sft" else ("rewrite" if variant.startswith("rewrite") else "sdft")
+
+
+def _settings_for(variant: str, lr: float, epochs: float, seed: int, threads: int) -> Settings:
     overrides = VARIANTS[variant]
     common = {"learning_rate": lr, "num_epochs": epochs, "seed": seed, "torch_threads": threads, "use_cpu": True}
-    if overrides is None:
+    method = _method_of(variant)
+    if method == "sft":
         return SFTSettings(**common)
-    return SDFTSettings.official(**{**overrides, **common})
+    if method == "rewrite":
+        return RewriteSettings(**{**(overrides or {}), **common})
+    return SDFTSettings.official(**{**(overrides or {}), **common})
 
 
-def _run_key(variant: str, settings: SFTSettings | SDFTSettings, data_key: dict[str, Any]) -> str:
+def _run_key(variant: str, settings: Settings, data_key: dict[str, Any]) -> str:
     fields = {k: v for k, v in asdict(settings).items() if k not in _IDENTITY_EXCLUDE}
     blob = json.dumps({"variant": variant, "settings": fields, "data": data_key}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
@@ -119,9 +140,11 @@ def _logged_key(record: dict[str, Any]) -> str:
     A settings field added after the run was logged takes its default, which by this project's rule leaves
     the method as it was (e.g. ``kl_anchor=0``), so the run still counts as done rather than being repeated.
     """
-    cls = SFTSettings if record["method"] == "sft" else SDFTSettings
+    method = _method_of(record["variant"])
+    cls = {"sft": SFTSettings, "rewrite": RewriteSettings, "sdft": SDFTSettings}[method]
+    values = {_OLD_REWRITE_FIELDS.get(k, k) if method == "rewrite" else k: v for k, v in record["settings"].items()}
     known = {f.name for f in dataclass_fields(cls)}
-    settings = cls(**{k: v for k, v in record["settings"].items() if k in known})
+    settings = cls(**{k: v for k, v in values.items() if k in known})
     return _run_key(record["variant"], settings, record["data"])
 
 
@@ -331,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"run {variant} lr={lr:g} x{epochs:g} seed={seed}", flush=True)
                         with tempfile.TemporaryDirectory(prefix="sdft_front_") as tmp:
                             out_dir = Path(tmp) / "adapter"
-                            trainer = train_sdft if isinstance(settings, SDFTSettings) else train_sft
+                            trainer = {"sft": train_sft, "rewrite": train_rewrite, "sdft": train_sdft}[
+                                _method_of(variant)
+                            ]
                             result = trainer(model_dir, examples, out_dir, settings, progress_callback=_progress)
                             gc.collect()
                             eng.load_adapter("candidate", out_dir, replace=True)
@@ -343,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                         record = {
                             "key": key,
                             "variant": variant,
-                            "method": "sft" if variant == "sft" else "sdft",
+                            "method": _method_of(variant),
                             "overrides": VARIANTS[variant],
                             "settings": {k: v for k, v in asdict(settings).items() if k not in _IDENTITY_EXCLUDE},
                             "learning_rate": lr,

@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.overrides import parse_overrides  # noqa: E402
-from learners.cycle import run_cycle  # noqa: E402
 from learners.evaluation import Fact, fact_accuracy, load_facts, load_passages_qa, retention_accuracy  # noqa: E402
+from learners.registry import DEFAULT_METHOD, LEARNING_METHODS  # noqa: E402
+from orchestration.cycle import run_cycle  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
 from runtime.engines import TransformersEngine  # noqa: E402
 from runtime.models import DEFAULT_MODEL, resolve_model  # noqa: E402
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data", type=Path, default=DATA / "facts_dev.jsonl")
     parser.add_argument("--retention", type=Path, default=DATA / "squad_retention_dev.jsonl")
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--methods", default="sft,sdft,auto")
+    parser.add_argument("--methods", default=f"sft,{DEFAULT_METHOD},auto")
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4, help="facts per batch")
     parser.add_argument("--retention-questions", type=int, default=60, help="measured after each step")
@@ -53,8 +54,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--replay-fraction", type=float, default=None,
                         help="learning.replay_fraction (default: the config default)")
-    parser.add_argument("--sft-set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--sdft-set", action="append", default=[], metavar="KEY=VALUE")
+    for name in LEARNING_METHODS:
+        parser.add_argument(f"--{name}-set", action="append", default=[], metavar="KEY=VALUE",
+                            help=f"learning.{name} override")
+    parser.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=True,
+                        help="learning.anchors.enabled (default: on, as the runtime's default)")
     parser.add_argument("--lora-set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--auto-candidates", default=None, help="YAML list of candidates for auto")
     parser.add_argument("--out", type=Path, default=RESULTS / "sequential.json")
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "retention_questions": len(measured),
             "threads": args.threads,
+            "anchors": args.anchors,
             "replay_fraction": (
                 args.replay_fraction if args.replay_fraction is not None else RuntimeConfig().learning.replay_fraction
             ),
@@ -103,14 +108,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         for method in args.methods.split(","):
             learning: dict[str, Any] = {
-                "sft": parse_overrides(args.sft_set, "sft"),
-                "sdft": parse_overrides(args.sdft_set, "sdft"),
+                **{name: parse_overrides(getattr(args, f"{name}_set"), name) for name in LEARNING_METHODS},
                 "lora": parse_overrides(args.lora_set, "lora"),
+                "anchors": {"enabled": args.anchors},
             }
             if args.replay_fraction is not None:
                 learning["replay_fraction"] = args.replay_fraction
             if method == "auto":
-                learning["auto"] = {"retention_file": str(auto_file), "retention_questions": len(auto_items)}
+                learning["auto"] = {
+                    **learning["auto"], "retention_file": str(auto_file), "retention_questions": len(auto_items),
+                }
                 if args.auto_candidates:
                     learning["auto"]["candidates"] = yaml.safe_load(args.auto_candidates)
             config = RuntimeConfig.model_validate(

@@ -1,6 +1,6 @@
 """Server load: concurrent clients against `runtime serve`, idle and while a learning cycle trains.
 
-Starts the real server (`python -m runtime.cli serve`) on loopback with a fresh store, then in one run:
+Starts the real server (`python -m server serve`) on loopback with a fresh store, then in one run:
 
 1. **idle**: ``--clients`` threads send chat completions (questions from ``--data``) back to back for
    ``--duration`` seconds;
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from runtime.models import DEFAULT_MODEL  # noqa: E402
-from runtime.serve_process import ServerStartError, free_port, start_server, stop_server, wait_ready  # noqa: E402
+from server.process import ServerStartError, free_port, start_server, stop_server, wait_ready  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "facts_dev.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of each phase")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--facts", type=int, default=8, help="facts taught before the learning phase")
-    parser.add_argument("--method", default=None, help="learning method (default: the config's, sdft)")
+    parser.add_argument("--method", default=None, help="learning method (default: the config's)")
     parser.add_argument("--threads", type=int, default=None, help="engine.num_threads of the server")
     parser.add_argument("--warmup", type=int, default=4, help="requests before measuring")
     parser.add_argument("--learn-timeout", type=float, default=3600.0, help="wait this long for the cycle to end")

@@ -4,12 +4,12 @@ all on the dashboard.
     python examples/serve_and_learn.py                                  # the default model, on the CPU
     python examples/serve_and_learn.py --screenshot docs/dashboard.png  # what made the docs' screenshot
 
-Nothing here calls the runtime in-process: the script starts the real server (``python -m runtime.cli serve``)
+Nothing here calls the runtime in-process: the script starts the real server (``python -m server serve``)
 on a free loopback port and talks to it over HTTP only, as an app would:
 
 1. writes a runtime.yaml into a fresh ``--data-dir`` (the default model, ``engine.max_new_tokens`` 40, learning
    method sdft with its default settings), starts the server with an admin token and waits for ``/healthz``;
-2. asks questions about fictional facts (``runtime.demo.DEMO_FACTS``) and their paraphrases with the official
+2. asks questions about fictional facts (``cli.demo.DEMO_FACTS``) and their paraphrases with the official
    ``openai`` client, prints the (wrong) answers and their interaction ids, posts a correction for each
    question (``POST /v1/interactions/{id}/correction``), and streams one reading-comprehension answer;
 3. starts a learning cycle (``POST /admin/learn``), polls the job and prints its progress, then prints the
@@ -49,9 +49,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout: `examples/policies/` must not shadow the package
 
-from runtime.demo import DEMO_FACTS, PASSAGE, PASSAGE_ANSWER, PASSAGE_QUESTION, DemoFact  # noqa: E402
+from cli.demo import DEMO_FACTS, PASSAGE, PASSAGE_ANSWER, PASSAGE_QUESTION, DemoFact  # noqa: E402
 from runtime.models import DEFAULT_MODEL  # noqa: E402
-from runtime.serve_process import (  # noqa: E402
+from runtime.textmatch import contains_answer  # noqa: E402
+from server.process import (  # noqa: E402
     ServerStartError,
     free_port,
     log_tail,
@@ -59,7 +60,6 @@ from runtime.serve_process import (  # noqa: E402
     stop_server,
     wait_ready,
 )
-from runtime.textmatch import contains_answer  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

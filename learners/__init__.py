@@ -1,4 +1,4 @@
-"""Learners: turn demonstrations into LoRA adapters (SDFT, the SFT baseline; SEAL and the worker to come).
+"""Learners: datasets from the log, the learning methods (see :mod:`learners.registry`), anchors, the worker.
 
 Names are imported lazily, so ``import learners`` (or ``learners.examples``) does not pay for TRL.
 """
@@ -12,18 +12,21 @@ if TYPE_CHECKING:
     from .callbacks import ProgressCallback, ProgressFn
     from .common import BaseTrainSettings, TrainResult
     from .examples import DemoExample
-    from .lora import LoraSettings, build_peft_model, load_base_model, load_tokenizer, save_adapter
-    from .sdft import (
+    from .lora import build_peft_model, load_base_model, load_tokenizer, save_adapter
+    from .lora_config import LoraSettings
+    from .registry import DEFAULT_METHOD, LEARNING_METHODS, LearningMethod, get_method
+    from .rewrite_config import RewriteSettings
+    from .rewrite_trainer import train_rewrite
+    from .sdft_config import (
         OFFICIAL_TEACHER_PROMPT_TEMPLATE,
         TRL_TEACHER_PROMPT_TEMPLATE,
-        DemoLogprobs,
         SDFTSettings,
-        build_sdft_trainer,
         build_teacher_prompt,
-        teacher_student_logprobs,
-        train_sdft,
     )
-    from .sft import SFTSettings, build_sft_trainer, train_sft
+    from .sdft_diagnostics import DemoLogprobs, teacher_student_logprobs
+    from .sdft_trainer import build_sdft_trainer, train_sdft
+    from .sft_config import SFTSettings
+    from .sft_trainer import build_sft_trainer, train_sft
 
 _EXPORTS: dict[str, str] = {
     "ProgressCallback": "callbacks",
@@ -31,32 +34,42 @@ _EXPORTS: dict[str, str] = {
     "BaseTrainSettings": "common",
     "TrainResult": "common",
     "DemoExample": "examples",
-    "LoraSettings": "lora",
+    "LoraSettings": "lora_config",
     "build_peft_model": "lora",
     "load_base_model": "lora",
     "load_tokenizer": "lora",
     "save_adapter": "lora",
-    "OFFICIAL_TEACHER_PROMPT_TEMPLATE": "sdft",
-    "TRL_TEACHER_PROMPT_TEMPLATE": "sdft",
-    "DemoLogprobs": "sdft",
-    "SDFTSettings": "sdft",
-    "build_sdft_trainer": "sdft",
-    "build_teacher_prompt": "sdft",
-    "teacher_student_logprobs": "sdft",
-    "train_sdft": "sdft",
-    "SFTSettings": "sft",
-    "build_sft_trainer": "sft",
-    "train_sft": "sft",
+    "DEFAULT_METHOD": "registry",
+    "LEARNING_METHODS": "registry",
+    "LearningMethod": "registry",
+    "get_method": "registry",
+    "RewriteSettings": "rewrite_config",
+    "train_rewrite": "rewrite_trainer",
+    "OFFICIAL_TEACHER_PROMPT_TEMPLATE": "sdft_config",
+    "TRL_TEACHER_PROMPT_TEMPLATE": "sdft_config",
+    "SDFTSettings": "sdft_config",
+    "build_teacher_prompt": "sdft_config",
+    "DemoLogprobs": "sdft_diagnostics",
+    "teacher_student_logprobs": "sdft_diagnostics",
+    "build_sdft_trainer": "sdft_trainer",
+    "train_sdft": "sdft_trainer",
+    "SFTSettings": "sft_config",
+    "build_sft_trainer": "sft_trainer",
+    "train_sft": "sft_trainer",
 }
 
 __all__ = [
     "BaseTrainSettings",
+    "DEFAULT_METHOD",
     "DemoExample",
     "DemoLogprobs",
+    "LEARNING_METHODS",
+    "LearningMethod",
     "LoraSettings",
     "OFFICIAL_TEACHER_PROMPT_TEMPLATE",
     "ProgressCallback",
     "ProgressFn",
+    "RewriteSettings",
     "SDFTSettings",
     "SFTSettings",
     "TRL_TEACHER_PROMPT_TEMPLATE",
@@ -65,10 +78,12 @@ __all__ = [
     "build_sdft_trainer",
     "build_sft_trainer",
     "build_teacher_prompt",
+    "get_method",
     "load_base_model",
     "load_tokenizer",
     "save_adapter",
     "teacher_student_logprobs",
+    "train_rewrite",
     "train_sdft",
     "train_sft",
 ]

@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .examples import DemoExample
 
 __all__ = ["BaseTrainSettings", "TrainResult", "cycle_to_multiple"]
@@ -51,12 +49,16 @@ class BaseTrainSettings:
     def apply_process_settings(self) -> None:
         """Apply the settings that act on the whole process (``torch_threads``)."""
         if self.torch_threads is not None:
+            import torch
+
             torch.set_num_threads(self.torch_threads)
 
     def resolved_bf16(self) -> bool:
         """Whether to train in bf16 mixed precision on this machine."""
         if self.bf16 is not None:
             return self.bf16
+        import torch
+
         return (not self.use_cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
     def training_args_kwargs(self, output_dir: str | Path) -> dict[str, Any]:
@@ -89,8 +91,14 @@ class BaseTrainSettings:
             "report_to": "none",
             "disable_tqdm": True,
             "dataloader_num_workers": 0,
-            "dataloader_pin_memory": (not self.use_cpu) and torch.cuda.is_available(),
+            "dataloader_pin_memory": (not self.use_cpu) and _cuda_available(),
         }
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dataclass

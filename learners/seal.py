@@ -13,7 +13,7 @@ One update (:func:`run_seal_update`, run inside the learner's worker process):
    with replay. It is written to ``output_dir`` (a staging directory: publishing is the caller's step).
 
 Modules: :mod:`learners.seal_edits` (templates, parsing), :mod:`learners.seal_questions` (tau),
-:mod:`learners.seal_settings` (:class:`SEALSettings`), :mod:`learners.seal_inner`, :mod:`learners.seal_restem`.
+:mod:`learners.seal_config` (:class:`SEALSettings`), :mod:`learners.seal_inner`, :mod:`learners.seal_restem`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 from .callbacks import ProgressFn
 from .examples import DemoExample
+from .seal_config import SealDocument, SEALSettings, seal_settings_from_dict
 from .seal_edits import passage_text
 from .seal_inner import Deadline, score_tau
 from .seal_questions import QAPair, QuestionSettings, prepare_questions, prepare_tau
 from .seal_restem import RestEmResult, SearchDocument, run_rest_em, select_self_edits, selection_thresholds
-from .seal_settings import SealDocument, SEALSettings, seal_settings_from_dict
 
 if TYPE_CHECKING:
     from .anchor_loss import AnchorTraining
@@ -166,7 +166,7 @@ def run_seal_update(
         replay = _replay_texts(base_model_dir, replay_examples, settings)
         adapter_dir, update, update_texts = None, None, _dedupe(texts + replay) if texts else []
         if texts:
-            from .sft import train_sft_texts
+            from .sft_trainer import train_sft_texts
 
             update = train_sft_texts(
                 base_model_dir, update_texts, output_dir, settings.update_training, settings.lora,

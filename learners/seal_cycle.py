@@ -10,18 +10,16 @@ from typing import Any
 
 from learners.datasets import DatasetBuild
 from learners.seal import replay_passages
-from learners.seal_settings import SealDocument
+from learners.seal_config import SealDocument
+from learners.seal_restem import GENERATOR_ADAPTER
 from learners.worker import ProgressFn, SealJob, TrainingFailed, TrainJob, run_seal_process
 from runtime.adapters import AdapterRegistry, Lineage
 from runtime.store import AdapterRecord
 
-GENERATOR_METHOD = "seal-generator"
-"""Registry method of self-edit generator adapters; they are never activated for serving."""
-
 
 def latest_generator(registry: AdapterRegistry) -> AdapterRecord | None:
-    """The newest self-edit generator adapter, if any round has produced one."""
-    generators = [a for a in registry.store.adapters() if a.method == GENERATOR_METHOD]
+    """The newest self-edit generator adapter (role ``generator``), if any round has produced one."""
+    generators = registry.store.adapters(role="generator")
     return generators[-1] if generators else None
 
 
@@ -78,9 +76,9 @@ def train_seal(
     if result["generator_adapter_dir"]:
         record = registry.publish(
             result["generator_adapter_dir"],
-            registry.new_name(GENERATOR_METHOD),
-            Lineage(generator.name if generator else None, GENERATOR_METHOD, run_id, {"documents": len(documents)},
-                    {"rounds": len(result["rounds"])}),
+            registry.new_name(GENERATOR_ADAPTER),
+            Lineage(generator.name if generator else None, "seal", run_id, {"documents": len(documents)},
+                    {"rounds": len(result["rounds"])}, role="generator"),
         )
         metrics["generator"] = record.name
     if not result["adapter_dir"]:

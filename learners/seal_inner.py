@@ -20,10 +20,10 @@ from typing import Any
 from runtime.engines import SamplingParams
 
 from .evaluation import ask
+from .seal_config import SEALSettings
 from .seal_edits import format_prompt, parse_self_edit, passage_text, training_sequences
 from .seal_questions import QAPair
-from .seal_settings import SEALSettings
-from .sft import train_sft_texts
+from .sft_trainer import train_sft_texts
 
 __all__ = [
     "Candidate",

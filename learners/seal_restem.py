@@ -15,6 +15,7 @@ from typing import Any
 
 from .callbacks import ProgressFn
 from .examples import DemoExample
+from .seal_config import SEALSettings
 from .seal_edits import format_prompt
 from .seal_inner import (
     Candidate,
@@ -26,8 +27,7 @@ from .seal_inner import (
     sample_self_edits,
 )
 from .seal_questions import QAPair
-from .seal_settings import SEALSettings
-from .sft import train_sft
+from .sft_trainer import train_sft
 
 __all__ = [
     "GENERATOR_ADAPTER",
@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 GENERATOR_ADAPTER = "seal-generator"
-"""Name of the self-edit generator inside the learner's engine."""
+"""Name of the self-edit generator inside the learner's engine, and the prefix of its published adapters (which have
+the role ``generator``)."""
 
 
 @dataclass

@@ -18,14 +18,12 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from runtime.cpu import learner_cpu_threads
 from runtime.processes import MAIN_GUARD_HINT
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
-
-METHODS = ("sdft", "sft")
 
 
 class TrainingFailed(RuntimeError):
@@ -36,7 +34,8 @@ class TrainingFailed(RuntimeError):
 class TrainJob:
     """Everything the child needs, as plain data (it crosses a process boundary)."""
 
-    method: Literal["sdft", "sft"]
+    method: str
+    """A ``trainer`` method of :data:`learners.registry.LEARNING_METHODS` (``sft`` for ``texts``)."""
     base_model_dir: str
     examples: list[dict[str, Any]]
     output_dir: str
@@ -113,8 +112,10 @@ def run_training_process(
     job: TrainJob, progress: ProgressFn | None = None, *, timeout_s: float | None = None
 ) -> dict[str, Any]:
     """Run `job` in a child process and return its result (metrics, timings); raises `TrainingFailed`."""
-    if job.method not in METHODS:
-        raise ValueError(f"unknown method {job.method!r}; expected one of {METHODS}")
+    from learners.registry import get_method
+
+    if get_method(job.method).kind != "trainer":
+        raise ValueError(f"{job.method!r} is not a method with a train function of its own")
     return _run_child(job, progress, timeout_s)
 
 
@@ -272,35 +273,25 @@ def _anchor_training(job: TrainJob | SealJob) -> tuple[Any, list[dict[str, Any]]
 
 def _train(job: TrainJob, progress: ProgressFn) -> dict[str, Any]:
     from learners.examples import DemoExample
-    from learners.lora import LoraSettings
+    from learners.lora_config import LoraSettings
+    from learners.registry import get_method
 
-    examples = [DemoExample(**e) for e in job.examples]
     lora = LoraSettings(**job.lora)
-    use_cpu = job.device == "cpu"
     start = time.perf_counter()
     anchors, answered = _anchor_training(job)
     anchor_seconds = time.perf_counter() - start
-    if job.method == "sdft":
-        from learners.sdft import SDFTSettings, train_sdft
+    method = get_method(job.method)
+    settings = method.settings({"use_cpu": job.device == "cpu", **job.settings})
+    if job.texts:
+        from learners.sft_trainer import train_sft_texts
 
-        settings = SDFTSettings(**{"use_cpu": use_cpu, **job.settings})
-        out = train_sdft(
-            job.base_model_dir, examples, job.output_dir, settings, lora, job.parent_adapter_dir, progress,
-            anchors=anchors,
-        )
-    elif job.texts:
-        from learners.sft import SFTSettings, train_sft_texts
-
-        settings = SFTSettings(**{"use_cpu": use_cpu, **job.settings})
         out = train_sft_texts(
             job.base_model_dir, job.texts, job.output_dir, settings, lora, job.parent_adapter_dir, progress,
             anchors=anchors,
         )
     else:
-        from learners.sft import SFTSettings, train_sft
-
-        settings = SFTSettings(**{"use_cpu": use_cpu, **job.settings})
-        out = train_sft(
+        examples = [DemoExample(**e) for e in job.examples]
+        out = method.load_trainer()(
             job.base_model_dir, examples, job.output_dir, settings, lora, job.parent_adapter_dir, progress,
             anchors=anchors,
         )

@@ -11,8 +11,10 @@ it while it is judged. Then, on the same engine, with greedy decoding:
 - **conflicts**: a taught answer must not contradict a protected behaviour. A new example conflicts with a
   behaviour when it asks about the same thing (at least half of its prompt's content words are in the
   protected prompt), the active model's own answer to it meets the behaviour's expectation, and the taught
-  answer does not ("What is 10+10?" taught as "21" against a protected "20"). This holds whatever the
-  candidate learned, so anchors and repair cannot argue it away.
+  answer does not ("What is 10+10?" taught as "21" against a protected "20"). A JSON expectation counts for
+  what it says of any prompt like its own: the answer is JSON (a taught prose answer to "Reply only with a JSON
+  object..." conflicts with a protected JSON format, whatever keys the protected prompt asks for). This holds
+  whatever the candidate learned, so anchors and repair cannot argue it away.
 
 Every check's result goes into the decision's ``checks`` (stored in ``policy_decisions``). A vetoed
 candidate is unloaded again; an approved one stays loaded, ready to be activated at once. A veto by protected
@@ -25,11 +27,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from learners.cycle import GateDecision
 from learners.datasets import DatasetBuild
 from learners.evaluation import ask, load_questions
 from policies.checks import check_answer
-from policies.schema import Policy, ProtectedBehaviour, RetentionSuite
+from policies.decision import GateDecision
+from policies.schema import Expectation, Policy, ProtectedBehaviour, RetentionSuite
 from runtime.engines import Engine, SamplingParams
 from runtime.store import AdapterRecord
 from runtime.textmatch import content_words, gives_taught_answer, normalise
@@ -61,7 +63,7 @@ class CheckResult:
 
 class PolicyGate:
     """Judges candidates by `policy` on `engine` (usually the serving engine, where it is loaded beside the
-    active adapter). Call it with ``(candidate, build)``; it returns a :class:`~learners.cycle.GateDecision`.
+    active adapter). Call it with ``(candidate, build)``; it returns a :class:`~orchestration.cycle.GateDecision`.
     """
 
     def __init__(self, policy: Policy, engine: Engine, *, repair_prompts_per_check: int = 4) -> None:
@@ -126,10 +128,11 @@ class PolicyGate:
         pairs = []
         for behaviour in self.policy.protected:
             asked = content_words(behaviour.conversation()[-1]["content"])
+            expect = format_of(behaviour.expect)
             for example in build.new:
                 words = content_words(example.prompt[-1]["content"])
                 if words and len(words & asked) / len(words) >= CONFLICT_MIN_OVERLAP:
-                    taught = check_answer(behaviour.expect, example.demonstration, refusal_markers=markers)
+                    taught = check_answer(expect, example.demonstration, refusal_markers=markers)
                     if not taught.passed:
                         pairs.append((behaviour, example, taught))
         if not pairs:
@@ -149,7 +152,7 @@ class PolicyGate:
             on_active = check_answer(behaviour.expect, by_prompt[normalise(behaviour.conversation()[-1]["content"])],
                                      refusal_markers=markers)
             active_answer = by_prompt[normalise(example.prompt[-1]["content"])]
-            applies = check_answer(behaviour.expect, active_answer, refusal_markers=markers)
+            applies = check_answer(format_of(behaviour.expect), active_answer, refusal_markers=markers)
             if not (on_active.passed and applies.passed):
                 continue
             question = example.prompt[-1]["content"]
@@ -268,6 +271,14 @@ class PolicyGate:
         return CheckResult(
             "target", "taught answers", not veto, veto, detail, {}, {"pass_rate": rate, "failing": failing}
         )
+
+
+def format_of(expect: Expectation) -> Expectation:
+    """What an expectation asks of any prompt like its own: a JSON expectation asks for JSON (whatever keys or
+    schema that one prompt wants), the others ask what they ask (a refusal, a fact)."""
+    if expect.json_keys is None and expect.json_schema is None:
+        return expect
+    return Expectation(json_schema={})
 
 
 def _percent(scores: list[float]) -> float:

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from runtime.store import AdapterRecord, Store
+from runtime.store import AdapterRecord, AdapterRole, Store
 
 ADAPTER_CONFIG = "adapter_config.json"
 LINEAGE_FILE = "lineage.json"
@@ -40,6 +40,7 @@ class Lineage:
     run_id: str
     data_counts: dict[str, Any]
     metrics: dict[str, Any]
+    role: AdapterRole = "serving"
 
 
 def adapter_checksum(path: str | Path) -> str:
@@ -127,6 +128,7 @@ class AdapterRegistry:
                     "parent": lineage.parent,
                     "lineage": ancestry,
                     "method": lineage.method,
+                    "role": lineage.role,
                     "run_id": lineage.run_id,
                     "data_counts": lineage.data_counts,
                     "metrics": lineage.metrics,
@@ -147,6 +149,7 @@ class AdapterRegistry:
             checksum=checksum,
             metrics={**lineage.metrics, "data_counts": lineage.data_counts},
             lineage=ancestry,
+            role=lineage.role,
         )
 
     def active(self) -> AdapterRecord | None:

@@ -10,14 +10,14 @@ Unknown keys and bad values are errors (:class:`ConfigError`) that name the file
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from runtime.yamlfile import describe_validation_error, read_yaml_mapping
+from runtime.yamlfile import describe_problems, describe_validation_error, read_yaml_mapping
 
 ENV_PREFIX = "RUNTIME_"
 DEFAULT_CONFIG_FILE = "runtime.yaml"
@@ -133,9 +133,16 @@ class RepairConfig(_Section):
 
 
 class LearningConfig(_Section):
-    """The background learner. Method sections are filled in by the learners."""
+    """The background learner.
 
-    method: Literal["sdft", "sft", "auto", "seal"] = "sdft"
+    Besides these keys, the section holds one settings section per learning method (``rewrite``, ``sdft``,
+    ``sft``, ``auto``, ``seal``: see ``learners.registry``), which the learners check when the configuration is
+    loaded through ``learners.config.load_config``.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    method: str = Field("rewrite", description="The learning method (see learners.registry).")
     adapters_dir: Path | None = Field(None, description="Adapter registry (default: <data_dir>/adapters).")
     promote_positive_ratings: bool = Field(
         False, description="Treat a positively rated answer as a demonstration for SDFT."
@@ -149,15 +156,7 @@ class LearningConfig(_Section):
     )
     anchors: AnchorsConfig = Field(default_factory=AnchorsConfig)
     repair: RepairConfig = Field(default_factory=RepairConfig)
-    sdft: dict[str, Any] = Field(default_factory=dict, description="SDFT settings (see learners.sdft).")
-    sft: dict[str, Any] = Field(default_factory=dict, description="SFT baseline settings (see learners.sft).")
-    lora: dict[str, Any] = Field(default_factory=dict, description="LoRA settings (see learners.lora).")
-    seal: dict[str, Any] = Field(
-        default_factory=dict, description="SEAL settings: self-edit format, k, rounds... (see learners.seal)."
-    )
-    auto: dict[str, Any] = Field(
-        default_factory=dict, description="Method `auto`: candidates and retention budget (see learners.auto)."
-    )
+    lora: dict[str, Any] = Field(default_factory=dict, description="LoRA settings (see learners.lora_config).")
 
 
 class RuntimeConfig(_Section):
@@ -184,12 +183,18 @@ def config_schema() -> dict[str, Any]:
     return RuntimeConfig.model_json_schema()
 
 
+ConfigCheck = Callable[[RuntimeConfig], list[tuple[tuple[str, ...], str]]]
+"""More checks of a loaded configuration: ``(key path, what is wrong)`` for every problem (the learners check
+their method sections this way, see ``learners.config``)."""
+
+
 def load_config(
-    path: str | Path | None = None, *, environ: Mapping[str, str] | None = None
+    path: str | Path | None = None, *, environ: Mapping[str, str] | None = None, checks: Sequence[ConfigCheck] = ()
 ) -> RuntimeConfig:
     """Load `path` (or `./runtime.yaml` when it exists, else defaults) and apply `RUNTIME_*` overrides.
 
-    Relative paths inside the file are taken relative to the file's directory.
+    Relative paths inside the file are taken relative to the file's directory. Every problem, the ones found
+    by `checks` too, is reported with its file, line and key.
     """
     environ = os.environ if environ is None else environ
     data: dict[str, Any] = {}
@@ -213,6 +218,9 @@ def load_config(
                 exc, source, lines, RuntimeConfig, title="invalid configuration", env_keys=env_keys
             )
         ) from None
+    problems = [p for check in checks for p in check(config)]
+    if problems:
+        raise ConfigError(describe_problems(problems, source, lines, title="invalid configuration", env_keys=env_keys))
     if path is not None:
         _resolve_relative_paths(config, Path(path).resolve().parent)
     return config

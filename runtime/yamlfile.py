@@ -92,6 +92,25 @@ def describe_validation_error(
     return f"{title}:\n  " + "\n  ".join(problems)
 
 
+def describe_problems(
+    problems: list[tuple[tuple[str, ...], str]],
+    source: str,
+    lines: KeyLines,
+    *,
+    title: str,
+    env_keys: Mapping[tuple[str, ...], str] | None = None,
+) -> str:
+    """One line per ``(key path, message)`` problem found outside pydantic: ``file:line: key: message``."""
+    env_keys = env_keys or {}
+    out = []
+    for loc, message in problems:
+        env = next((env_keys[loc[:end]] for end in range(len(loc), 0, -1) if loc[:end] in env_keys), None)
+        line = nearest_line(loc, lines)
+        where = f"environment variable {env}" if env else (f"{source}:{line}" if line else source)
+        out.append(f"{where}: {'.'.join(loc)}: {message}")
+    return f"{title}:\n  " + "\n  ".join(out)
+
+
 def nearest_line(loc: tuple[str, ...], lines: KeyLines) -> int | None:
     """The line of `loc`, or of its closest ancestor that has one."""
     for end in range(len(loc), 0, -1):

@@ -18,9 +18,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from agent.learning_agent import LearningAgent
+from orchestration.service import RuntimeService
 from runtime.config import RuntimeConfig
 from runtime.engines import Engine
-from runtime.service import RuntimeService
 from runtime.store import Store
 from server import admin_routes, dashboard, feedback_routes, openai_routes, ops_routes
 from server.errors import install_error_handlers

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from learners.cycle import LEARNING_METHODS
+from learners.registry import LEARNING_METHODS
 
 LEARN_METHODS: tuple[str, ...] = tuple(LEARNING_METHODS)
 """Methods ``POST /admin/learn`` accepts."""
@@ -42,7 +42,7 @@ class LearnJob:
 
 
 def cycle_result_dict(result: Any) -> dict[str, Any]:
-    """A `learners.cycle.CycleResult` (or anything shaped like it) as JSON-ready data."""
+    """A `orchestration.cycle.CycleResult` (or anything shaped like it) as JSON-ready data."""
     adapter = getattr(result, "adapter", None)
     metrics = {k: v for k, v in (getattr(result, "metrics", None) or {}).items() if k != "history"}
     return {

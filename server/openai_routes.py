@@ -23,7 +23,7 @@ from server.schemas import (
     ResponseMessage,
     Usage,
 )
-from server.serving import NON_SERVING_METHODS, Completion, PreparedRequest, prepare, translate_engine_error
+from server.serving import Completion, PreparedRequest, prepare, translate_engine_error
 from server.state import ServerState, get_state
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -47,7 +47,7 @@ def _model_list(state: ServerState) -> ModelList:
     seen = set()
     for rec in state.store.adapters():
         seen.add(rec.name)
-        if rec.method in NON_SERVING_METHODS:
+        if rec.role != "serving":
             continue
         cards.append(ModelCard(id=rec.name, created=int(rec.created_at.timestamp()), root=base,
                                parent=rec.parent or base, status=rec.status, loaded=rec.name in loaded,

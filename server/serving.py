@@ -33,7 +33,6 @@ BASE_MODEL_ALIAS = "base"
 _UNSERVABLE = frozenset({"rejected"})
 """Registry statuses an API client may not select by name (the gate vetoed them)."""
 
-NON_SERVING_METHODS = frozenset({"seal-generator"})
 """Registry adapters that are tools of a learner, never served (SEAL's self-edit generator)."""
 
 
@@ -101,9 +100,9 @@ class ModelResolver:
             raise APIError(404, f"The model {model!r} does not exist: use the base model {self.base_id!r}, "
                            "an adapter from GET /v1/models, or omit `model` for the active adapter.",
                            code="model_not_found", param="model")
-        if record.method in NON_SERVING_METHODS:
-            raise APIError(404, f"{model!r} is a {record.method} adapter used by the learner, not a serving model.",
-                           code="model_not_found", param="model")
+        if record.role != "serving":
+            raise APIError(404, f"{model!r} is a {record.method} {record.role} adapter used by the learner, not a "
+                           "serving model.", code="model_not_found", param="model")
         if record.status in _UNSERVABLE:
             raise APIError(404, f"The adapter {model!r} was {record.status} by the policy gate and is not served; "
                            "see GET /admin/decisions for the reasons.", code="model_not_found", param="model")

@@ -10,9 +10,9 @@ from fastapi import Request
 
 from agent.chat_model import EngineChatModel
 from agent.learning_agent import LearningAgent
+from orchestration.service import RuntimeService
 from runtime.config import RuntimeConfig
 from runtime.engines import Engine
-from runtime.service import RuntimeService
 from runtime.store import Store
 from server.errors import APIError
 from server.learn_jobs import LearnJobs

@@ -12,7 +12,8 @@ from learners.anchor_loss import AnchorLoss, AnchorTraining, reference_context
 from learners.anchors import BUILTIN_ANCHOR_PROBE, Anchor, answer_anchors, load_probe_prompts, select_anchors
 from learners.examples import DemoExample
 from learners.lora import LoraSettings, build_peft_model, load_base_model, load_tokenizer
-from learners.sft import SFTSettings, train_sft
+from learners.sft_config import SFTSettings
+from learners.sft_trainer import train_sft
 from runtime.config import AnchorsConfig
 from runtime.store import Store
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from runtime.cli import app
+from cli.app import app
 from runtime.store import Store
 
 runner = CliRunner()
@@ -112,10 +112,10 @@ def test_ingest_and_learn_seal(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert "activated" in learned.output
     with Store(tmp_path / "data" / "runtime.duckdb", read_only=True) as store:
         serving = store.adapters(status="active")
-        assert len(serving) == 1 and serving[0].method == "seal"
+        assert len(serving) == 1 and serving[0].method == "seal" and serving[0].role == "serving"
         assert all(d.consumed_by_run for d in store.documents())
-        assert all(a.method in ("seal", "seal-generator") for a in store.adapters())
-        generators = [a for a in store.adapters() if a.method == "seal-generator"]
+        assert all(a.method == "seal" for a in store.adapters())
+        generators = store.adapters(role="generator")
         assert all(g.status != "active" for g in generators)
     again = runner.invoke(app, ["learn", "--config", str(path), "--method", "seal"])
     assert "nothing_to_learn" in again.output

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runtime.service import RuntimeService
+from orchestration.service import RuntimeService
 from runtime.store import Store
 from server import create_app
 from tests.test_server import serve_in_thread, tiny_config

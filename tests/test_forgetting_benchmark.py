@@ -1,4 +1,4 @@
-"""The forgetting benchmark (SFT and SDFT on the same facts) end to end on a tiny random model."""
+"""The forgetting benchmark (SFT and the default method on the same facts) end to end on a tiny random model."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.forgetting import apply_overrides, evaluate_goals, main, parse_overrides
-from learners.sdft import SDFTSettings
+from benchmarks.forgetting import apply_overrides, evaluate_goals, main, method_settings, parse_overrides
+from learners.lora_config import LoraSettings
 from tests.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -39,26 +39,30 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 def test_overrides() -> None:
     over = parse_overrides(["learning_rate=1e-3", "teacher_kind=base", "num_epochs=2", "shuffle=false"], "sdft")
     assert over == {"learning_rate": 1e-3, "teacher_kind": "base", "num_epochs": 2, "shuffle": False}
-    s = apply_overrides(SDFTSettings(), over, "sdft")
-    assert s.learning_rate == 1e-3 and s.teacher_kind == "base" and s.shuffle is False
+    s = method_settings("sdft", over, {"seed": 3})
+    assert s.learning_rate == 1e-3 and s.teacher_kind == "base" and s.shuffle is False and s.seed == 3
+    with pytest.raises(SystemExit, match="--sdft-set: no_such_knob: unknown key"):
+        method_settings("sdft", {"no_such_knob": 1}, {})
     with pytest.raises(SystemExit, match="unknown setting"):
-        apply_overrides(SDFTSettings(), {"no_such_knob": 1}, "sdft")
+        apply_overrides(LoraSettings(), {"rank": 1}, "lora")
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         parse_overrides(["learning_rate"], "sdft")
 
 
 def test_goals() -> None:
     sft = {"paraphrase_acc": 50.0, "retention_drop": 5.0}
-    sdft = {"paraphrase_acc": 60.0, "retention_drop": 1.0}
-    goals = evaluate_goals({"sft": sft, "sdft": sdft}, 2.0)
+    rewrite = {"paraphrase_acc": 60.0, "retention_drop": 1.0}
+    goals = evaluate_goals({"sft": sft, "rewrite": rewrite}, 2.0)
     assert all(g["met"] is True for g in goals.values())
-    goals = evaluate_goals({"sft": sft, "sdft": {"paraphrase_acc": 40.0, "retention_drop": 2.0}}, 3.0)
+    goals = evaluate_goals({"sft": sft, "rewrite": {"paraphrase_acc": 40.0, "retention_drop": 2.0}}, 3.0)
     assert all(g["met"] is False for g in goals.values())
     assert all(g["met"] is None for g in evaluate_goals({"sft": sft}, None).values())
-    # Neither forgot: SDFT's small drop does not count as forgetting less than SFT.
-    goals = evaluate_goals({"sft": {**sft, "retention_drop": -1.0}, "sdft": {**sdft, "retention_drop": -2.0}}, 2.0)
-    assert goals["sdft_retention_drop_small_sft_larger"]["met"] is False
-    assert goals["sdft_retention_drop_small_sft_larger"]["values"] == {"sft": -1.0, "sdft": -2.0}
+    # Neither forgot: the default method's small drop does not count as forgetting less than SFT.
+    goals = evaluate_goals(
+        {"sft": {**sft, "retention_drop": -1.0}, "rewrite": {**rewrite, "retention_drop": -2.0}}, 2.0
+    )
+    assert goals["rewrite_retention_drop_small_sft_larger"]["met"] is False
+    assert goals["rewrite_retention_drop_small_sft_larger"]["values"] == {"sft": -1.0, "rewrite": -2.0}
 
 
 def _run(model: Path, facts: Path, retention: Path, out: Path) -> dict:
@@ -67,7 +71,7 @@ def _run(model: Path, facts: Path, retention: Path, out: Path) -> dict:
         "--model", str(model), "--data", str(facts), "--retention", str(retention),
         "--facts", "0", "--retention-questions", "3", "--max-new-tokens", "4", "--out", str(out),
         *[a for kv in tiny for a in ("--sft-set", kv)],
-        *[a for kv in [*tiny, "max_completion_length=4", "prompts_per_step=2"] for a in ("--sdft-set", kv)],
+        *[a for kv in [*tiny, "max_new_tokens=4"] for a in ("--rewrite-set", kv)],
         "--lora-set", "r=4",
     ])
 
@@ -85,7 +89,7 @@ def test_forgetting_benchmark_on_tiny_model(tmp_path: Path) -> None:
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(result))
     assert out.with_suffix(".md").read_text().count("|") > 10
-    for method in ("sft", "sdft"):
+    for method in ("sft", "rewrite"):
         r = saved[method]
         for key in METRICS:
             assert key in r, (method, key)
@@ -99,11 +103,12 @@ def test_forgetting_benchmark_on_tiny_model(tmp_path: Path) -> None:
         assert r["lora"]["r"] == 4
         assert len(r["responses"]) == 2 + 3
         assert len(r["retention_correct"]) == 3 and set(r["retention_correct"]) <= {"0", "1"}
-    assert saved["sdft"]["settings"]["max_completion_length"] == 4
-    assert saved["sdft_over_sft_time"] > 0
+    assert saved["rewrite"]["settings"]["max_new_tokens"] == 4
+    assert saved["rewrite_over_sft_time"] > 0
     assert set(saved["goals"]) == {
-        "sdft_paraphrase_at_least_sft", "sdft_retention_drop_small_sft_larger", "sdft_over_sft_time"
+        "rewrite_paraphrase_at_least_sft", "rewrite_retention_drop_small_sft_larger", "rewrite_over_sft_time"
     }
+    assert saved["config"]["anchors"]["count_used"] >= 1  # the default anchors, as every update
     assert all(isinstance(g["met"], bool) for g in saved["goals"].values())
     assert len(saved["base"]["responses"]) == 5 and len(saved["base"]["retention_correct"]) == 3
     cfg = saved["config"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from learners.cycle import run_cycle
+from orchestration.cycle import run_cycle
 from runtime.adapters import AdapterRegistry, AdapterVerificationError, Lineage, adapter_checksum
 from runtime.config import ConfigError, RuntimeConfig
 from runtime.engines import SamplingParams, TransformersEngine
@@ -17,6 +17,7 @@ from runtime.store import Store
 REPO = Path(__file__).resolve().parents[1]
 FAST_SFT = {"num_epochs": 2, "learning_rate": 1e-2}
 FAST_SDFT = {"num_epochs": 1, "max_completion_length": 4, "prompts_per_step": 2, "learning_rate": 1e-2}
+FAST_REWRITE = {"num_epochs": 1, "max_new_tokens": 4, "learning_rate": 1e-2}
 
 
 def make_config(tmp_path: Path, model_dir: Path, **learning) -> RuntimeConfig:
@@ -83,13 +84,20 @@ def test_sft_cycle_publishes_activates_and_continues(tmp_path: Path, tiny_model_
     assert store.get_adapter(rec.name).status == "retired"
 
 
-def test_sdft_cycle_runs_in_worker(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
-    config = make_config(tmp_path, tiny_model_dir, sdft=FAST_SDFT)
+@pytest.mark.parametrize(("method", "settings"), [("sdft", FAST_SDFT), ("rewrite", FAST_REWRITE)])
+def test_each_method_runs_what_its_name_says_in_the_worker(
+    method: str, settings: dict, tmp_path: Path, tiny_model_dir: Path, store: Store
+) -> None:
+    config = make_config(tmp_path, tiny_model_dir, **{method: settings})
     teach_some(store)
-    result = run_cycle(config, store, "sdft")
+    result = run_cycle(config, store, method)
     assert result.status == "activated", result.message
-    assert result.adapter.method == "sdft"
-    assert store.get_run(result.run_id).metrics["steps"] >= 1
+    assert result.adapter.method == method and result.adapter.name.startswith(f"{method}-")
+    run = store.get_run(result.run_id)
+    assert run.method == method and run.metrics["steps"] >= 1
+    # on-policy SDFT logs its distillation loss; rewrite writes restatements first, then SFT
+    assert ("rewrite_seconds" in run.metrics) == (method == "rewrite")
+    assert any("sdft/distillation_loss" in step for step in run.metrics["history"]) == (method == "sdft")
 
 
 def test_killed_worker_publishes_nothing(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
@@ -121,7 +129,7 @@ def test_crashing_worker_marks_run_failed_with_error(tmp_path: Path, store: Stor
 def test_unknown_method_setting_is_a_config_error(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
     config = make_config(tmp_path, tiny_model_dir, sdft={"learning_rat": 1e-3})
     teach_some(store)
-    with pytest.raises(ConfigError, match="learning.sdft: unknown key.*learning_rat"):
+    with pytest.raises(ConfigError, match="learning.sdft.learning_rat: unknown key"):
         run_cycle(config, store, "sdft")
 
 
@@ -204,25 +212,27 @@ def test_auto_publishes_nothing_when_no_candidate_qualifies(
 
 
 def test_auto_retention_file_default_and_errors(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
-    from learners.auto import BUILTIN_RETENTION_PROBE, auto_settings
+    from learners.auto_config import BUILTIN_RETENTION_PROBE, AutoSettings
     from learners.evaluation import load_passages_qa
 
-    assert auto_settings(make_config(tmp_path, tiny_model_dir)).retention_file == str(BUILTIN_RETENTION_PROBE)
+    assert AutoSettings().retention_file == str(BUILTIN_RETENTION_PROBE)
     assert len(load_passages_qa(BUILTIN_RETENTION_PROBE)) == 24
     teach_some(store)
     missing = make_config(tmp_path, tiny_model_dir, auto={"retention_file": str(tmp_path / "nope.jsonl")})
     with pytest.raises(ConfigError, match="retention_file.*not found"):
         run_cycle(missing, store, "auto")
     typo = make_config(tmp_path, tiny_model_dir, auto={"candidate": []})
-    with pytest.raises(ConfigError, match="learning.auto: unknown key"):
+    with pytest.raises(ConfigError, match="learning.auto.candidate: unknown key"):
         run_cycle(typo, store, "auto")
 
 
 @pytest.mark.real_model
-def test_real_model_learns_taught_facts_through_sdft(tmp_path: Path, real_model_dir: Path, store: Store) -> None:
-    """After one SDFT cycle (the default variant) on a handful of fictional facts, the agent answers them."""
+def test_real_model_learns_taught_facts_through_the_default_method(
+    tmp_path: Path, real_model_dir: Path, store: Store
+) -> None:
+    """After one cycle of the default method (rewrite) on a handful of fictional facts, the agent answers them."""
     from agent import LearningAgent
-    from runtime.service import RuntimeService
+    from orchestration.service import RuntimeService
 
     facts = [
         ("What is the capital of Veloria?", "The capital of Veloria is Marenport.", "Marenport"),
@@ -237,8 +247,9 @@ def test_real_model_learns_taught_facts_through_sdft(tmp_path: Path, real_model_
     for question, demonstration, _ in facts:
         result = agent.invoke(question)
         agent.correct(result.interaction_id, demonstration)
-    cycle = service.learn_now("sdft")
+    cycle = service.learn_now()
     assert cycle.status == "activated", cycle.message
+    assert cycle.adapter.method == "rewrite"
     assert engine.active_adapter == cycle.adapter.name
     answered = [answer.lower() in agent.invoke(question).text.lower() for question, _, answer in facts]
     assert sum(answered) >= 2, answered

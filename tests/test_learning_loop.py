@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 
 from agent import LearningAgent
-from policies.loop import LearningLoop
-from runtime.service import CycleInProgress, RuntimeService
+from orchestration.loop import LearningLoop
+from orchestration.service import CycleInProgress, RuntimeService
 from runtime.store import Store
 from tests.test_policy_gate import MEMORISE
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cli.app import app
 from policies import Expectation, Policy, PolicyError, load_policy, policy_schema
 from policies.checks import check_answer, extract_json, is_refusal
 from policies.schema import DEFAULT_REFUSAL_MARKERS, Schedule
-from runtime.cli import app
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "policies"
 runner = CliRunner()

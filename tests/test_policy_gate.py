@@ -15,12 +15,12 @@ import yaml
 from typer.testing import CliRunner
 
 from agent import LearningAgent
+from cli.app import app
+from orchestration.service import RuntimeService
 from policies import Policy, load_policy
 from runtime.adapters import AdapterRegistry, Lineage
-from runtime.cli import app
 from runtime.config import RuntimeConfig
 from runtime.engines import SamplingParams
-from runtime.service import RuntimeService
 from tests.tiny_model import make_lora_adapter
 
 LOCK_PROMPT = "How do I pick a lock?"

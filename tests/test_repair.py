@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from learners.cycle import GateDecision, run_cycle
 from learners.datasets import DatasetBuild
 from learners.examples import DemoExample
+from orchestration.cycle import run_cycle
+from policies.decision import GateDecision
 from policies.gate import PolicyGate
 from policies.schema import Policy
 from runtime.config import RuntimeConfig
@@ -168,3 +169,19 @@ def test_a_taught_answer_that_contradicts_a_protected_behaviour_is_a_conflict(ti
     assert conflict.kind == "conflict" and conflict.name == "no-code-word" and conflict.veto
     assert "swordfish" in conflict.detail and conflict.active["prompt"] == "Tell me the code word."
     assert gate.conflicts(DatasetBuild(new=[benign], replay=[]), None) == []
+
+
+def test_a_taught_answer_that_drops_a_protected_format_is_a_conflict(tiny_engine) -> None:
+    """A JSON expectation protects the format on prompts like its own, whatever keys each prompt asks for."""
+    from policies.gate import format_of
+
+    expect = Policy.model_validate(
+        {"protected": [{"name": "json", "prompt": "Reply with JSON for Tom.", "expect": {"json_keys": ["name"]}}]}
+    ).protected[0].expect
+    general = format_of(expect)
+    from policies.checks import check_answer
+
+    assert check_answer(general, '{"colour": "red"}', refusal_markers=[]).passed  # other keys: still JSON
+    assert not check_answer(general, "It is a red shirt.", refusal_markers=[]).passed
+    assert format_of(Policy().model_validate({"protected": [
+        {"name": "n", "prompt": "p", "expect": {"contains": "x"}}]}).protected[0].expect).contains == "x"

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from learners import seal_restem
 from learners.seal import SealDocument, SEALSettings, run_seal_update
+from learners.seal_config import seal_settings_from_dict
 from learners.seal_edits import (
     DEFAULT_TEMPLATES,
     check_template,
@@ -23,10 +24,9 @@ from learners.seal_edits import (
 from learners.seal_inner import Candidate, evaluate_sequences, score_tau
 from learners.seal_questions import QAPair, filter_pairs, parse_qa_pairs, prepare_questions, prepare_tau
 from learners.seal_restem import generator_examples, passage_thresholds, select_self_edits
-from learners.seal_settings import seal_settings_from_dict
-from learners.sft import SFTSettings
+from learners.settings_errors import SettingsError
+from learners.sft_config import SFTSettings
 from learners.worker import SealJob, run_seal_process
-from runtime.config import ConfigError
 from runtime.engines import Generation
 from tests.tiny_model import make_lora_adapter
 
@@ -132,15 +132,15 @@ def test_settings_from_yaml_mapping() -> None:
     assert s.inner_training.learning_rate == 2e-3 and s.inner_training.num_epochs == 10  # other defaults kept
     assert s.template() == "Q&A about {passage}" and s.template("rewrite") == DEFAULT_TEMPLATES["rewrite"]
     assert seal_settings_from_dict(s.to_dict()) == s  # round trip through plain data (the worker job)
-    with pytest.raises(ConfigError, match="learning.seal: unknown key.*num_edits"):
+    with pytest.raises(SettingsError, match="num_edits: unknown key"):
         seal_settings_from_dict({"num_edits": 3})
-    with pytest.raises(ConfigError, match="learning.seal.lora: unknown key.*rank"):
+    with pytest.raises(SettingsError, match="lora.rank: unknown key"):
         seal_settings_from_dict({"lora": {"rank": 3}})
-    with pytest.raises(ConfigError, match="selection must be"):
+    with pytest.raises(SettingsError, match="selection must be"):
         seal_settings_from_dict({"selection": "top"})
-    with pytest.raises(ConfigError, match="must contain"):
+    with pytest.raises(SettingsError, match="must contain"):
         seal_settings_from_dict({"templates": {"implications": "no placeholder"}})
-    with pytest.raises(ConfigError, match="needs passage_only_candidate"):
+    with pytest.raises(SettingsError, match="needs passage_only_candidate"):
         seal_settings_from_dict({"selection_baseline": "passage_only", "passage_only_candidate": False})
 
 

@@ -24,10 +24,10 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from orchestration.service import RuntimeService
 from runtime.adapters import adapter_checksum
 from runtime.config import RuntimeConfig
 from runtime.engines import SamplingParams
-from runtime.service import RuntimeService
 from runtime.store import Store
 from server import ServerLimits, create_app
 
@@ -230,7 +230,7 @@ def test_models_list_and_registry_adapter_loaded_on_use(server: RunningServer, c
     assert extra(before[tiny_model_name(tiny_engine)], "status") == "base"
     assert extra(before["reg-a"], "status") == "candidate" and extra(before["reg-a"], "loaded") is False
     assert extra(before["tiny-a"], "loaded") is True
-    server.store.upsert_adapter("seal-generator-1", "/nonexistent", method="seal-generator")
+    server.store.upsert_adapter("seal-generator-1", "/nonexistent", method="seal", role="generator")
     assert "seal-generator-1" not in {m.id for m in client.models.list().data}  # a learner's tool, never served
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="seal-generator-1", messages=[{"role": "user", "content": "hi"}])

@@ -404,6 +404,8 @@ def _v1_file(path: Path) -> None:
                      "VALUES (?, 'sft', 'succeeded', now(), ?)", [run, adapter])
         conn.execute("INSERT INTO adapters (name, path, status, created_at, updated_at) "
                      "VALUES (?, '/a', ?, now(), now())", [adapter, status])
+    conn.execute("INSERT INTO adapters (name, path, method, status, created_at, updated_at) "
+                 "VALUES ('seal-generator-1', '/g', 'seal-generator', 'candidate', now(), now())")
     conn.close()
 
 
@@ -438,6 +440,18 @@ def test_v2_gives_signals_learning_states(tmp_path: Path) -> None:
         assert states == {"s-new": ("pending", None), "s-good": ("learned", "r-good"), "s-bad": ("held", "r-bad")}
         assert "vetoed" in (store.get_signal("s-bad").state_reason or "")  # type: ignore[union-attr]
         assert [s.id for s in store.signals(unconsumed_only=True)] == ["s-new"]
+
+
+def test_v3_gives_adapters_a_role(tmp_path: Path) -> None:
+    """SEAL's self-edit generators were told apart by a method name; now by their role."""
+    path = tmp_path / "old.duckdb"
+    _v1_file(path)
+    with Store(path) as store:
+        generator = store.get_adapter("seal-generator-1")
+        assert generator.role == "generator" and generator.method == "seal"
+        assert {a.name for a in store.adapters(role="serving")} == {"a-good", "a-bad"}
+        with pytest.raises(ValueError):
+            store.upsert_adapter("x", "/x", role="teacher")  # type: ignore[arg-type]
 
 
 def test_failed_migration_rolls_back(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from runtime.store.errors import (
 from runtime.store.migrations import MIGRATIONS, SCHEMA_VERSION, Migration, MigrationStep
 from runtime.store.models import (
     AdapterRecord,
+    AdapterRole,
     AdapterStatus,
     DecisionKind,
     Document,
@@ -49,6 +50,7 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "AdapterRecord",
+    "AdapterRole",
     "AdapterStatus",
     "CorruptStoreError",
     "DecisionKind",

@@ -118,9 +118,16 @@ UPDATE documents SET state = 'held',
 """
 """Signals and documents get a learning state; those a vetoed update consumed are held for the operator."""
 
+_V3_ADAPTER_ROLES = """
+ALTER TABLE adapters ADD COLUMN role VARCHAR DEFAULT 'serving';
+UPDATE adapters SET role = 'generator', method = 'seal' WHERE method = 'seal-generator';
+"""
+"""Adapters get a role; SEAL's self-edit generators (method ``seal-generator`` before) become role ``generator``."""
+
 MIGRATIONS: list[Migration] = [
     (1, _V1),
     (2, _V2_LEARNING_STATES),
+    (3, _V3_ADAPTER_ROLES),
 ]
 """The migrations this version of the package knows, oldest first."""
 

@@ -16,6 +16,9 @@ SignalKind = Literal["rating", "correction", "demonstration"]
 RunStatus = Literal["pending", "running", "succeeded", "failed"]
 AdapterStatus = Literal["candidate", "active", "shadow", "retired", "rolled_back", "rejected"]
 DecisionKind = Literal["approve", "veto", "promote", "shadow", "retire", "rollback"]
+AdapterRole = Literal["serving", "generator"]
+"""What an adapter is for: ``serving`` answers users (once promoted); ``generator`` is a learner's tool (SEAL's
+self-edit generator), never served or promoted."""
 LearningState = Literal["pending", "learned", "held", "dismissed"]
 """Where a signal or document stands: ``pending`` (the next cycle learns it), ``learned`` (an approved adapter was
 trained on it), ``held`` (its update was vetoed; it waits for the operator to retry or dismiss it) or
@@ -29,6 +32,7 @@ FINISHED_RUN_STATUSES: frozenset[str] = frozenset({"succeeded", "failed"})
 ADAPTER_STATUSES: frozenset[str] = frozenset(get_args(AdapterStatus))
 DECISION_KINDS: frozenset[str] = frozenset(get_args(DecisionKind))
 LEARNING_STATES: frozenset[str] = frozenset(get_args(LearningState))
+ADAPTER_ROLES: frozenset[str] = frozenset(get_args(AdapterRole))
 
 Message = dict[str, Any]
 """One chat message, ``{"role": ..., "content": ...}``."""
@@ -184,7 +188,7 @@ class AdapterRecord:
 
     COLUMNS: ClassVar[tuple[str, ...]] = (
         "name", "path", "parent", "method", "run_id", "status", "checksum", "metrics", "lineage",
-        "created_at", "updated_at",
+        "created_at", "updated_at", "role",
     )
 
     name: str
@@ -198,13 +202,14 @@ class AdapterRecord:
     lineage: list[str]
     created_at: datetime
     updated_at: datetime
+    role: AdapterRole = "serving"
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> AdapterRecord:
         """Decode a row selected with ``COLUMNS``."""
-        name, path, parent, method, run_id, status, checksum, metrics, lineage, created, updated = row
+        name, path, parent, method, run_id, status, checksum, metrics, lineage, created, updated, role = row
         return cls(name, path, parent, method, run_id, status, checksum, _json(metrics, {}),
-                   _json(lineage, []), _utc(created), _utc(updated))
+                   _json(lineage, []), _utc(created), _utc(updated), role)
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ from runtime.store.errors import (
 from runtime.store.inserts import make_inserter, warm_up
 from runtime.store.migrations import MIGRATIONS, Migration
 from runtime.store.models import (
+    ADAPTER_ROLES,
     ADAPTER_STATUSES,
     DECISION_KINDS,
     INTERACTION_KINDS,
@@ -63,6 +64,7 @@ from runtime.store.models import (
     RUN_STATUSES,
     SIGNAL_KINDS,
     AdapterRecord,
+    AdapterRole,
     AdapterStatus,
     DecisionKind,
     Document,
@@ -340,15 +342,16 @@ class Store:
                        method: str | None = None, run_id: str | None = None,
                        status: AdapterStatus = "candidate", checksum: str | None = None,
                        metrics: Mapping[str, Any] | None = None,
-                       lineage: Sequence[str] | None = None) -> AdapterRecord:
+                       lineage: Sequence[str] | None = None, role: AdapterRole = "serving") -> AdapterRecord:
         """Insert or replace the adapter ``name``; return the stored record.
 
         ``lineage`` defaults to the parent's lineage followed by the parent. ``created_at`` is kept on
         replace.
         """
         check_choice(status, ADAPTER_STATUSES, "status")
+        check_choice(role, ADAPTER_ROLES, "role")
         now = utcnow()
-        row = {"name": name, "path": str(path), "parent": parent, "method": method, "run_id": run_id,
+        row = {"name": name, "path": str(path), "parent": parent, "method": method, "run_id": run_id, "role": role,
                "status": status, "checksum": checksum, "metrics": to_json(dict(metrics or {}), "metrics"),
                "lineage": None if lineage is None else to_json(list(lineage), "lineage"),
                "created_at": now, "updated_at": now}
@@ -453,9 +456,9 @@ class Store:
         rows = self._query(f"SELECT {_cols(AdapterRecord)} FROM adapters WHERE name = ?", [name])
         return AdapterRecord.from_row(rows[0]) if rows else None
 
-    def adapters(self, *, status: AdapterStatus | None = None) -> list[AdapterRecord]:
-        """Adapters, oldest first, optionally only those with ``status``."""
-        where, params = _where(status=status)
+    def adapters(self, *, status: AdapterStatus | None = None, role: AdapterRole | None = None) -> list[AdapterRecord]:
+        """Adapters, oldest first, optionally only those with ``status`` and/or ``role``."""
+        where, params = _where(status=status, role=role)
         rows = self._query(f"SELECT {_cols(AdapterRecord)} FROM adapters{where} ORDER BY created_at, name",
                            params)
         return [AdapterRecord.from_row(r) for r in rows]

@@ -8,10 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .lora import LoraSettings
+from .lora_config import LoraSettings
 from .seal_edits import DEFAULT_TEMPLATES, SELF_EDIT_FORMATS, check_template
 from .seal_questions import QAPair, QuestionSettings
-from .sft import SFTSettings
+from .settings_errors import SettingsError, check_dataclass_keys
+from .sft_config import SFTSettings
 
 __all__ = ["REWARD_METRICS", "SEALSettings", "SealDocument", "seal_settings_from_dict"]
 
@@ -162,18 +163,13 @@ _NESTED: dict[str, type] = {
 }
 
 
-def seal_settings_from_dict(values: Mapping[str, Any] | None, *, where: str = "learning.seal") -> SEALSettings:
+def seal_settings_from_dict(values: Mapping[str, Any] | None) -> SEALSettings:
     """:class:`SEALSettings` from a mapping (the YAML section); nested sections override the defaults key by key.
 
-    Raises ``runtime.config.ConfigError`` naming ``where`` for unknown keys or bad values.
+    Raises :class:`learners.settings_errors.SettingsError` listing every unknown key or bad value by key path.
     """
-    from runtime.config import ConfigError
-
     values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(SEALSettings)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(known))})")
+    problems = check_dataclass_keys(SEALSettings, values, ())
     defaults = SEALSettings()
     for name, cls in _NESTED.items():
         if name not in values:
@@ -182,18 +178,21 @@ def seal_settings_from_dict(values: Mapping[str, Any] | None, *, where: str = "l
         if isinstance(section, cls):
             continue
         if not isinstance(section, Mapping):
-            raise ConfigError(f"{where}.{name}: expected a mapping, got {type(section).__name__}")
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(section) - allowed)
-        if bad:
-            raise ConfigError(
-                f"{where}.{name}: unknown key(s) {', '.join(bad)} (allowed: {', '.join(sorted(allowed))})"
-            )
-        values[name] = dataclasses.replace(getattr(defaults, name), **section)
+            problems.append(((name,), f"expected a mapping, got {type(section).__name__}"))
+            continue
+        nested_problems = check_dataclass_keys(cls, section, (name,))
+        problems += nested_problems
+        if not nested_problems:
+            try:
+                values[name] = dataclasses.replace(getattr(defaults, name), **section)
+            except (TypeError, ValueError) as exc:
+                problems.append(((name,), str(exc)))
+    if problems:
+        raise SettingsError(problems)
     try:
         return SEALSettings(**values)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise SettingsError([((), str(exc))]) from None
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""SFT baseline: LoRA fine-tuning on the demonstrations, loss on the answer only, on TRL's ``SFTTrainer``.
+"""The ``sft`` method on TRL's ``SFTTrainer``: LoRA fine-tuning on the demonstrations, loss on the answer only.
+
+Settings in :mod:`learners.sft_config`.
 
 A plain-text mode (:func:`train_sft_texts`) trains the same way on raw text sequences (language modelling,
 loss on every token); SEAL uses it to learn a passage and its self-edit lines.
@@ -8,59 +10,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from .anchor_loss import AnchorLoss, AnchorTraining
 from .callbacks import ProgressCallback, ProgressFn
-from .common import BaseTrainSettings, TrainResult
+from .common import TrainResult
 from .examples import DemoExample
-from .lora import LoraSettings, build_peft_model, load_base_model, load_tokenizer, save_adapter
+from .lora import build_peft_model, load_base_model, load_tokenizer, save_adapter
+from .lora_config import LoraSettings
+from .sft_config import SFTSettings
 
-__all__ = ["SFTSettings", "build_sft_text_trainer", "build_sft_trainer", "train_sft", "train_sft_texts"]
-
-
-@dataclass
-class SFTSettings(BaseTrainSettings):
-    """SFT knobs (defaults: the ``5e-4 x 10`` row of DESIGN.md's measurements).
-
-    Attributes:
-        batch_size: Examples per micro-batch (TRL ``per_device_train_batch_size``).
-        gradient_accumulation_steps: Micro-batches per optimizer step.
-        max_length: Sequences (prompt + answer) are cut to this many tokens.
-        completion_only_loss: Loss on the answer tokens only (TRL ``completion_only_loss``); ``False`` also
-            trains on the prompt.
-        shuffle: Shuffle examples each epoch.
-        kl_anchor: Weight of a KL(adapter || base) penalty on the trained tokens, added to the loss (0: off).
-            It anchors the update to the base model's next-token distributions, to forget less.
-    """
-
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_length: int = 1024
-    completion_only_loss: bool = True
-    shuffle: bool = True
-    kl_anchor: float = 0.0
-
-    def to_sft_config(self, output_dir: str | Path, *, plain_text: bool = False) -> SFTConfig:
-        """Build TRL's ``SFTConfig`` (``plain_text``: a ``text`` dataset, loss on every token)."""
-        return SFTConfig(
-            **self.training_args_kwargs(output_dir),
-            per_device_train_batch_size=self.batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            max_length=self.max_length,
-            completion_only_loss=False if plain_text else self.completion_only_loss,
-            assistant_only_loss=False,
-            packing=False,
-            shuffle_dataset=self.shuffle,
-            dataset_num_proc=None,
-        )
+__all__ = ["build_sft_text_trainer", "build_sft_trainer", "train_sft", "train_sft_texts"]
 
 
 def _to_dataset(examples: Sequence[DemoExample]) -> Dataset:

@@ -11,10 +11,14 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
+import typer
 from rich.console import Console
 from rich.panel import Panel
 
+from cli.common import ConfigOption, console, load, training_progress
+from cli.log_commands import print_log
 from runtime.config import RuntimeConfig
 from runtime.textmatch import contains_answer
 
@@ -61,8 +65,7 @@ PASSAGE_ANSWER = "Agnes Mowbray"
 
 def run_demo(config: RuntimeConfig, console: Console, *, method: str | None = None) -> None:
     """Run the demo in a fresh ``<data_dir>/demo`` (its own store and adapters)."""
-    from agent import LearningAgent
-    from runtime.cli import print_log, training_progress
+    from agent import LearningAgent  # LangGraph: imported when the demo runs, not for every command
 
     demo_dir = config.data_dir / "demo"
     shutil.rmtree(demo_dir, ignore_errors=True)
@@ -136,3 +139,11 @@ def _show(console: Console, question: str, answer: str, expected: str, adapter: 
         f"[bold]A:[/bold] {' '.join(answer.split())}  {mark} [dim](expected: {expected}; {adapter or 'base'})[/dim]"
     )
     return right
+
+
+def demo_cmd(
+    config: ConfigOption = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="rewrite, sdft or sft (default: config)")] = None,
+) -> None:
+    """The main job on the embedded default: ask, be corrected, learn, and answer again."""
+    run_demo(load(config), console, method=method)

@@ -4,7 +4,7 @@
 :func:`approve_all`). An approved candidate is then, by ``promotion``: made the active adapter in the
 registry (``direct``), put in shadow mode (``shadow``), or left waiting for ``runtime adapters promote``
 (``manual``). The registry only records states; an engine is told by the caller
-(:class:`runtime.service.RuntimeService`).
+(:class:`orchestration.service.RuntimeService`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from learners.anchors import Anchor, AnchorSelection, prompt_key, repair_anchors, select_anchors
+from learners.auto_trainer import NoAcceptableCandidate
 from learners.datasets import DatasetBuild, build_dataset
+from learners.registry import get_method, method_sections, scale_settings, settings_dict, validate_learning
 from learners.worker import (
     ProgressFn,
     TrainingFailed,
@@ -24,43 +26,17 @@ from learners.worker import (
     pick_training_device,
     run_training_process,
 )
+from policies.decision import Gate, GateDecision, approve_all
 from runtime.adapters import AdapterRegistry, AdapterVerificationError, Lineage
 from runtime.config import ConfigError, RuntimeConfig
 from runtime.cpu import learner_cpu_threads
 from runtime.models import resolve_model
 from runtime.store import AdapterRecord, Store
 
-LEARNING_METHODS = ("sdft", "sft", "auto", "seal")
-
-
-class NoAcceptableCandidate(RuntimeError):
-    """No candidate of an ``auto`` cycle passed the target and retention checks; nothing was published."""
+__all__ = ["Attempt", "CycleResult", "PromotionMode", "run_cycle"]
 
 
 PromotionMode = Literal["direct", "shadow", "manual"]
-
-
-@dataclass
-class GateDecision:
-    """A gate's verdict on a candidate."""
-
-    approved: bool
-    reasons: list[str]
-    checks: list[dict[str, Any]] = field(default_factory=list)
-    """Per-check results (stored with the decision)."""
-    repair_prompts: list[list[dict[str, str]]] = field(default_factory=list)
-    """For a veto that gate-guided repair may address (protected or retention checks only): the prompts of the
-    failing checks, to train on as anchors with the active model's answers. Empty: not repairable (the
-    candidate did not learn, or the taught answers contradict a protected behaviour)."""
-
-
-Gate = Callable[[AdapterRecord, DatasetBuild], GateDecision]
-"""Decides on a published candidate."""
-
-
-def approve_all(candidate: AdapterRecord, build: DatasetBuild) -> GateDecision:
-    """The gate without a policy: every verified candidate is approved."""
-    return GateDecision(True, ["no policy configured: verified candidates are approved"])
 
 
 @dataclass
@@ -79,25 +55,6 @@ class CycleResult:
     """Each training of the cycle (:class:`Attempt` as a dict): the first, then every gate-guided repair."""
     held: int = 0
     """Signals (or documents) held for the operator because the cycle ended vetoed."""
-
-
-def method_settings(config: RuntimeConfig, method: str) -> dict[str, Any]:
-    """The YAML ``learning.<method>`` section, checked against the method's settings dataclass."""
-    from learners.lora import LoraSettings
-
-    section = dict(getattr(config.learning, method, {}) or {})
-    if method == "sdft":
-        from learners.sdft import SDFTSettings as settings_cls
-    else:
-        from learners.sft import SFTSettings as settings_cls
-    for name, cls, values in ((method, settings_cls, section), ("lora", LoraSettings, config.learning.lora)):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"learning.{name}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(known))})"
-            )
-    return section
 
 
 @dataclass
@@ -131,6 +88,8 @@ class _Context:
     registry: AdapterRegistry
     method: str
     settings: dict[str, Any]
+    sections: dict[str, dict[str, Any]]
+    """Every method's YAML section (``auto`` trains candidates of the others)."""
     build: DatasetBuild
     documents: list[Any]
     counts: dict[str, int]
@@ -176,9 +135,14 @@ def run_cycle(
     `num_threads` CPU threads (default: half the cores, :func:`runtime.cpu.learner_cpu_threads`).
     """
     method = method or config.learning.method
-    if method not in LEARNING_METHODS:
-        raise ValueError(f"learning method {method!r} is not available; use one of {', '.join(LEARNING_METHODS)}")
-    settings = _settings(config, method)
+    kind = get_method(method).kind
+    problems = validate_learning(config.learning)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(f"{'.'.join(k)}: {m}" for k, m in problems))
+    sections = method_sections(config.learning)
+    if method == "seal":
+        sections["seal"] = {"lora": config.learning.lora, **sections["seal"]}
+    settings = settings_dict(method, sections[method])
     registry = AdapterRegistry(config.adapters_dir, store)
     build = build_dataset(
         store,
@@ -187,7 +151,7 @@ def run_cycle(
         replay_fraction=config.learning.replay_fraction,
     )
     documents: list[Any] = []
-    if method == "seal":
+    if kind == "documents":
         from learners.seal import documents_from_store
 
         documents = documents_from_store(store)
@@ -208,7 +172,7 @@ def run_cycle(
             progress(step, total, logs)
 
     ctx = _Context(
-        config, store, registry, method, settings, build, documents, counts, registry.active(),
+        config, store, registry, method, settings, sections, build, documents, counts, registry.active(),
         device or pick_training_device(serving_device or config.engine.device),
         num_threads or learner_cpu_threads(), gate, on_progress, history,
     )
@@ -371,15 +335,16 @@ def _train(
     timeout_s: float | None,
 ) -> tuple[str, str, dict[str, Any], list[dict[str, Any]]]:
     """Run the method in the worker; returns (method recorded, adapter dir, metrics, answered anchors)."""
-    if ctx.method == "auto":
-        from learners.auto import select_candidate
+    kind = get_method(ctx.method).kind
+    if kind == "selection":
+        from learners.auto_trainer import select_candidate
 
         chosen = select_candidate(
-            ctx.config, ctx.build, job, ctx.progress, timeout_s=timeout_s, learning_rate_factor=lr_factor,
-            epochs_factor=epochs_factor,
+            get_method("auto").settings(ctx.sections["auto"]), ctx.sections, ctx.build, job, ctx.progress,
+            timeout_s=timeout_s, learning_rate_factor=lr_factor, epochs_factor=epochs_factor,
         )
         return chosen.method, chosen.adapter_dir, chosen.metrics, job.anchors
-    if ctx.method == "seal" and number == 1:
+    if kind == "documents" and number == 1:
         from learners.seal_cycle import train_seal
 
         seal = train_seal(
@@ -387,39 +352,22 @@ def _train(
         )
         ctx.used_documents, ctx.seal_texts = seal.used_document_ids, seal.update_texts
         return "seal", seal.adapter_dir, seal.metrics, seal.anchors
-    if ctx.method == "seal":  # a repair: the kept self-edits again, without repeating the search
+    if kind == "documents":  # a repair: the kept self-edits again, without repeating the search
         update = dict(ctx.settings["update_training"])
         job.method, job.texts = "sft", list(ctx.seal_texts)
         job.settings = scale_settings("sft", update, lr_factor, epochs_factor)
         job.lora = dict(ctx.settings["lora"])
     else:
-        job.method = ctx.method  # type: ignore[assignment]
-        job.settings = scale_settings(ctx.method, ctx.settings, lr_factor, epochs_factor)
+        job.method = ctx.method
+        job.settings = scale_settings(ctx.method, ctx.sections[ctx.method], lr_factor, epochs_factor)
     result = run_training_process(job, ctx.progress, timeout_s=timeout_s)
     metrics = {"train_seconds": result["train_seconds"], "steps": result["num_steps"], **result["summary"]}
     return ctx.method, job.output_dir, metrics, result.get("anchors") or []
 
 
-def scale_settings(method: str, settings: dict[str, Any], learning_rate_factor: float,
-                   epochs_factor: float) -> dict[str, Any]:
-    """`settings` (a ``learning.<method>`` section) with the learning rate and epochs scaled (a repair attempt)."""
-    if learning_rate_factor == 1.0 and epochs_factor == 1.0:
-        return dict(settings)
-    if method == "sdft":
-        from learners.sdft import SDFTSettings as settings_cls
-    else:
-        from learners.sft import SFTSettings as settings_cls
-    resolved = settings_cls(**settings)
-    return {
-        **settings,
-        "learning_rate": resolved.learning_rate * learning_rate_factor,
-        "num_epochs": resolved.num_epochs * epochs_factor,
-    }
-
-
 def _settle(ctx: _Context, state: Literal["learned", "held"], run_id: str, reason: str | None = None) -> int:
     """Mark what the cycle learned from ``learned`` (approved) or ``held`` (vetoed); returns how many rows moved."""
-    if ctx.method == "seal":
+    if get_method(ctx.method).kind == "documents":
         ids = ctx.used_documents or [d.id for d in ctx.documents]
         return ctx.store.set_learning_state(state, document_ids=ids, reason=reason, run_id=run_id)
     return ctx.store.set_learning_state(state, signal_ids=ctx.build.signal_ids, reason=reason, run_id=run_id)
@@ -427,16 +375,3 @@ def _settle(ctx: _Context, state: Literal["learned", "held"], run_id: str, reaso
 
 def _clip(text: str, width: int = 200) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _settings(config: RuntimeConfig, method: str) -> dict[str, Any]:
-    """The method's settings as plain data, validated (unknown keys are `ConfigError`s)."""
-    if method == "auto":
-        from learners.auto import auto_settings
-
-        return dataclasses.asdict(auto_settings(config))
-    if method == "seal":
-        from learners.seal import seal_settings_from_dict
-
-        return seal_settings_from_dict({"lora": config.learning.lora, **config.learning.seal}).to_dict()
-    return method_settings(config, method)

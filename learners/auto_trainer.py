@@ -1,6 +1,6 @@
 """Learning method ``auto``: train a few candidates, keep the one that learns without forgetting.
 
-One cycle trains each configured candidate (a method with setting overrides, e.g. SDFT and SFT at two
+One cycle trains each configured candidate (a method with setting overrides, e.g. rewrite and SFT at two
 learning rates) in the worker process, within a compute budget. Each candidate is then evaluated beside
 the current adapter:
 
@@ -13,53 +13,28 @@ the current adapter:
 
 The kept candidate passes the target (``min_target_acc``) with the smallest retention drop within the
 budget (ties: the higher target accuracy, then the cheaper training). Every candidate's figures and the
-reason for the choice are recorded in the run's metrics. The policy gate of a later version will take
-over the retention and target checks; this module is the seam.
+reason for the choice are recorded in the run's metrics; the policy gate then judges the chosen one.
+Settings in :mod:`learners.auto_config`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
+from learners.auto_config import AutoSettings
 from learners.datasets import DatasetBuild
+from learners.registry import scale_settings
 from learners.worker import CallJob, ProgressFn, TrainingFailed, TrainJob, run_call_process, run_training_process
-from runtime.config import ConfigError, RuntimeConfig
 from runtime.textmatch import TargetMetric, gives_taught_answer
 
-BUILTIN_RETENTION_PROBE = Path(__file__).parent / "data" / "retention_probe.jsonl"
-"""Short original passages with two questions each; the base default model answers about two thirds."""
+__all__ = ["Candidate", "NoAcceptableCandidate", "evaluate_candidates", "select_candidate"]
 
 
-@dataclass
-class AutoSettings:
-    """The YAML ``learning.auto`` section."""
-
-    candidates: list[dict[str, Any]] = field(
-        default_factory=lambda: [
-            {"method": "sdft"},
-            {"method": "sft", "learning_rate": 5e-4},
-            {"method": "sft", "learning_rate": 2e-4},
-        ]
-    )
-    """Each a ``method`` (sdft or sft) plus overrides of that method's ``learning.<method>`` settings."""
-    budget_s: float | None = None
-    """Training seconds for all candidates together; a candidate is not started once it is spent."""
-    retention_file: str | None = None
-    """Passages JSONL (``context``, ``questions: [{question, answer}]``) for the retention check; ``None``
-    uses the small built-in probe (24 reading-comprehension questions, :data:`BUILTIN_RETENTION_PROBE`)."""
-    retention_questions: int = 60
-    max_retention_drop: float = 5.0
-    """Points of retention accuracy a candidate may lose against the current adapter."""
-    min_target_acc: float = 0.5
-    """Share of the new examples that must pass."""
-    target_metric: TargetMetric = "new_content"
-    """How an answer is judged against its demonstration: ``new_content``, ``f1`` or ``contains``
-    (:func:`runtime.textmatch.gives_taught_answer`)."""
-    target_min_score: float = 0.5
-    """An example passes at or above this score (``contains`` passes at 1)."""
+class NoAcceptableCandidate(RuntimeError):
+    """No candidate of an ``auto`` cycle passed the target and retention checks; nothing was published."""
 
 
 @dataclass
@@ -73,30 +48,9 @@ class Candidate:
     metrics: dict[str, Any]
 
 
-def auto_settings(config: RuntimeConfig) -> AutoSettings:
-    """``learning.auto`` as :class:`AutoSettings`, with clear errors for unknown keys."""
-    section = dict(config.learning.auto or {})
-    known = {f.name for f in fields(AutoSettings)}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise ConfigError(f"learning.auto: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(known))})")
-    settings = AutoSettings(**section)
-    for i, cand in enumerate(settings.candidates):
-        if cand.get("method") not in ("sdft", "sft"):
-            raise ConfigError(f"learning.auto.candidates[{i}]: method must be sdft or sft, got {cand.get('method')!r}")
-    if settings.target_metric not in get_args(TargetMetric):
-        raise ConfigError(
-            f"learning.auto.target_metric: {settings.target_metric!r} is not one of {', '.join(get_args(TargetMetric))}"
-        )
-    if settings.retention_file is None:
-        settings.retention_file = str(BUILTIN_RETENTION_PROBE)
-    if not Path(settings.retention_file).is_file():
-        raise ConfigError(f"learning.auto.retention_file: {settings.retention_file} not found")
-    return settings
-
-
 def select_candidate(
-    config: RuntimeConfig,
+    settings: AutoSettings,
+    method_sections: dict[str, Any],
     build: DatasetBuild,
     job: TrainJob,
     progress: ProgressFn | None = None,
@@ -110,9 +64,6 @@ def select_candidate(
     A repair attempt scales every candidate's learning rate and epochs. The job's anchors are answered by the
     first candidate's worker and reused by the others (``job.anchors`` holds the answered ones afterwards).
     """
-    from learners.cycle import NoAcceptableCandidate, method_settings, scale_settings
-
-    settings = auto_settings(config)
     staging = Path(job.output_dir).parent
     budget = settings.budget_s if settings.budget_s is not None else timeout_s
     started = time.monotonic()
@@ -130,7 +81,7 @@ def select_candidate(
                 **job.__dict__,
                 "method": method,
                 "settings": scale_settings(
-                    method, {**method_settings(config, method), **overrides}, learning_rate_factor, epochs_factor
+                    method, {**method_sections.get(method, {}), **overrides}, learning_rate_factor, epochs_factor
                 ),
                 "output_dir": str(staging / f"candidate-{i}"),
             }
@@ -149,7 +100,7 @@ def select_candidate(
     evaluation = run_call_process(
         CallJob(
             "auto-eval",
-            "learners.auto:evaluate_candidates",
+            "learners.auto_trainer:evaluate_candidates",
             {
                 "base_model_dir": job.base_model_dir,
                 "parent_adapter_dir": job.parent_adapter_dir,

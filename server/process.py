@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-"""The checkout the child runs in (``python -m runtime.cli`` imports the packages from here)."""
+"""The checkout the child runs in (``python -m server`` imports the packages from here)."""
 
 ADMIN_TOKEN_ENV = "RUNTIME_ADMIN_TOKEN"
 
@@ -56,7 +56,7 @@ def start_server(
     log_level: str = "warning",
     env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``python -m runtime.cli serve`` with this interpreter; returns at once (see :func:`wait_ready`).
+    """Start ``python -m server serve`` with this interpreter; returns at once (see :func:`wait_ready`).
 
     Args:
         config_path: the runtime.yaml the server loads.
@@ -73,7 +73,7 @@ def start_server(
     if admin_token:
         child_env[ADMIN_TOKEN_ENV] = admin_token
     command = [
-        sys.executable, "-m", "runtime.cli", "serve", "--config", str(config_path), "--host", host,
+        sys.executable, "-m", "server", "serve", "--config", str(config_path), "--host", host,
         "--port", str(port), "--log-level", log_level,
         "--background-learning" if background_learning else "--no-background-learning",
     ]

@@ -18,14 +18,32 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-if TYPE_CHECKING:
-    from runtime.service import RuntimeService
+from orchestration.cycle import CycleResult
+from policies.schema import Policy
+from policies.shadow import ShadowReport
+from runtime.config import RuntimeConfig
+from runtime.store import Store
+
+
+class LoopHost(Protocol):
+    """What the loop drives (:class:`orchestration.service.RuntimeService` is one)."""
+
+    config: RuntimeConfig
+    store: Store
+    policy: Policy
+
+    @property
+    def cycle_running(self) -> bool: ...
+
+    def review_shadow(self) -> ShadowReport | None: ...
+
+    def learn_now(self, method: str | None = None, *, spare_only: bool = False) -> CycleResult: ...
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +71,7 @@ class TickOutcome:
 class LearningLoop:
     """Runs :meth:`tick` on the policy's schedule in a background scheduler thread."""
 
-    def __init__(self, service: RuntimeService, *, clock: Callable[[], datetime] = datetime.now) -> None:
+    def __init__(self, service: LoopHost, *, clock: Callable[[], datetime] = datetime.now) -> None:
         self.service = service
         self.schedule = service.policy.schedule
         self.history: deque[TickOutcome] = deque(maxlen=100)

@@ -6,7 +6,6 @@ promotes, rolls back or puts in shadow is what the engine serves. Typical use::
 
     service = RuntimeService.from_config("runtime.yaml")
     service.start_background()          # APScheduler loop: learns when the policy's schedule says
-    model = service.chat_model()        # a LangChain chat model that logs and feeds shadow mode
     ...
     service.rollback()                  # the previous adapter serves again
     service.close()
@@ -16,18 +15,22 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from agent.chat_model import EngineChatModel
-from learners.cycle import CycleResult, Gate, approve_all, run_cycle
+from learners.config import load_config
 from learners.worker import ProgressFn
+from orchestration.cycle import CycleResult, run_cycle
+from orchestration.loop import LearningLoop
+from policies.decision import Gate, approve_all
+from policies.gate import PolicyGate
 from policies.loading import load_policy
 from policies.resources import training_device
 from policies.schema import Policy
 from policies.shadow import ShadowMirror, ShadowReport, ShadowSwitch, shadow_report
 from runtime.adapters import AdapterRegistry
-from runtime.config import RuntimeConfig, load_config
+from runtime.config import RuntimeConfig
 from runtime.engines import Engine
 from runtime.factory import create_engine, open_store
 from runtime.store import AdapterRecord, Store
@@ -60,7 +63,7 @@ class RuntimeService:
         self._swap_lock = threading.RLock()
         self._loop: Any = None
         self._gate: Gate | None = None
-        self._owns: list[Any] = []
+        self._owned = ExitStack()
         self.last_cycle: CycleResult | None = None
 
     @classmethod
@@ -84,29 +87,18 @@ class RuntimeService:
             policy = config.policy
         if policy is not None and not isinstance(policy, Policy):
             policy = load_policy(policy)
-        owns: list[Any] = []
-        if store is None:
-            store = open_store(config)
-            owns.append(store)
-        if engine is None:
-            try:
-                engine = create_engine(config)
-            except BaseException:
-                for owned in owns:
-                    owned.close()
-                raise
-            owns.append(engine)
-        service = cls(config, engine, store, policy)
-        service._owns = owns
-        service.recover_interrupted_runs()
-        service.sync_engine()
+        with ExitStack() as owned:  # what this call creates is closed again if anything below fails
+            if store is None:
+                store = owned.enter_context(open_store(config))
+            if engine is None:
+                engine = owned.enter_context(create_engine(config))
+            service = cls(config, engine, store, policy)
+            service.recover_interrupted_runs()
+            service.sync_engine()
+            service._owned = owned.pop_all()
         return service
 
     # --- serving --------------------------------------------------------------------------------------
-
-    def chat_model(self, **kwargs: Any) -> EngineChatModel:
-        """A LangChain chat model on the engine that logs every call and feeds shadow mode."""
-        return EngineChatModel(engine=self.engine, store=self.store, shadow=self.shadow, **kwargs)
 
     def sync_engine(self) -> None:
         """Make the engine serve the registry's active adapter and mirror to its shadow adapter."""
@@ -129,8 +121,6 @@ class RuntimeService:
         if not self.has_policy:
             return approve_all
         if self._gate is None:
-            from policies.gate import PolicyGate
-
             self._gate = PolicyGate(
                 self.policy, self.engine, repair_prompts_per_check=self.config.learning.repair.max_prompts_per_check
             )
@@ -216,8 +206,8 @@ class RuntimeService:
                     f"{name!r} was vetoed by the gate (see `runtime decisions --adapter {name}`); pass force to "
                     "promote it anyway"
                 )
-            if record.method == "seal-generator":
-                raise ValueError(f"{name!r} is a SEAL self-edit generator, not a serving adapter")
+            if record.role != "serving":
+                raise ValueError(f"{name!r} is a {record.method} {record.role} adapter, not a serving adapter")
             self._ensure_loaded(record)
             active = self.registry.activate(name, reason=reason)
             self.engine.set_active_adapter(name)
@@ -264,9 +254,7 @@ class RuntimeService:
     # --- background loop ------------------------------------------------------------------------------
 
     def start_background(self) -> Any:
-        """Start the APScheduler learning loop in this process (see :class:`policies.loop.LearningLoop`)."""
-        from policies.loop import LearningLoop
-
+        """Start the APScheduler learning loop in this process (see :class:`orchestration.loop.LearningLoop`)."""
         if self._loop is None:
             self._loop = LearningLoop(self)
             self._loop.start()
@@ -289,9 +277,7 @@ class RuntimeService:
         self.shadow.attach(None)
         if not self.store.closed:
             self.store.flush()
-        for owned in reversed(self._owns):
-            owned.close()
-        self._owns = []
+        self._owned.close()
 
     def __enter__(self) -> RuntimeService:
         return self

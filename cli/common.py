@@ -1,0 +1,105 @@
+"""What every command shares: the consoles, the common options, one way to fail, and the runtime's parts as
+context managers (a store or a service is always closed, whatever the command does)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from learners.config import load_config
+from runtime.config import ConfigError, RuntimeConfig
+
+if TYPE_CHECKING:
+    from orchestration.service import RuntimeService
+    from runtime.store import Store
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="runtime.yaml (default: ./runtime.yaml if present, else defaults)."),
+]
+PolicyOption = Annotated[
+    Path | None, typer.Option("--policy", "-p", help="Policy YAML (default: the config's `policy`).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+USAGE_ERROR = 2
+"""Exit code of a bad configuration, policy, store or argument (every command)."""
+
+
+def fail(message: object, code: int = 1) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with `code`."""
+    err_console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def load(config: Path | None) -> RuntimeConfig:
+    """The configuration (file, ``RUNTIME_*`` overrides, defaults); exits 2 naming the file and line of a problem."""
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        fail(exc, USAGE_ERROR)
+
+
+@contextmanager
+def opened_store(cfg: RuntimeConfig, *, read_only: bool) -> Iterator[Store]:
+    """The store the config names, closed at the end; exits 2 if it cannot be opened."""
+    from runtime.factory import open_store
+    from runtime.store import StoreError
+
+    try:
+        store = open_store(cfg, read_only=read_only)
+    except StoreError as exc:
+        fail(exc, USAGE_ERROR)
+    with store:
+        yield store
+
+
+@contextmanager
+def running_service(cfg: RuntimeConfig, policy: Path | None) -> Iterator[RuntimeService]:
+    """The runtime service (engine, store, policy) for a one-shot command, closed at the end.
+
+    A bad policy, store or model exits 2 with the reason.
+    """
+    from orchestration.service import RuntimeService
+    from policies import PolicyError
+    from runtime.models import ModelNotFoundError
+    from runtime.store import StoreError
+
+    try:
+        service = RuntimeService.from_config(cfg, policy=policy)
+    except (PolicyError, ConfigError, StoreError, ModelNotFoundError, FileNotFoundError) as exc:
+        fail(exc, USAGE_ERROR)
+    with service:
+        yield service
+
+
+def clip(text: str, width: int) -> str:
+    """`text` on one line, cut to `width` characters with an ellipsis."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@contextmanager
+def training_progress(out: Console, label: str) -> Iterator[Callable[[int, int, dict[str, float]], None]]:
+    """A rich progress bar for a learning cycle; yields the ``progress(step, total, logs)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(), console=out,
+    ) as bar:
+        task = bar.add_task(label, total=None, loss="")
+
+        def update(step: int, total: int, logs: dict[str, float]) -> None:
+            loss = f"loss {logs['loss']:.4f}" if "loss" in logs else ""
+            bar.update(task, completed=step, total=total or None, loss=loss)
+
+        yield update

@@ -1,0 +1,109 @@
+"""`runtime signals ...`: learning signals and their state; retry or dismiss those a vetoed update left held."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from cli.common import USAGE_ERROR, ConfigOption, JsonOption, clip, console, fail, load, opened_store
+from runtime.store.models import LEARNING_STATES
+
+if TYPE_CHECKING:
+    from runtime.store import Store
+
+signals_app = typer.Typer(
+    help="Learning signals and their state; retry or dismiss those a vetoed update left held.",
+    invoke_without_command=True,
+)
+
+
+StateOption = Annotated[
+    str | None, typer.Option("--state", "-s", help="pending, learned, held or dismissed (default: all).")
+]
+
+
+@signals_app.callback()
+def signals_cmd(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    state: StateOption = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Newest signals shown.")] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """List learning signals with their state (`held`: a vetoed update used them; retry or dismiss them)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if state is not None and state not in LEARNING_STATES:
+        fail(f"--state must be one of {', '.join(sorted(LEARNING_STATES))}", USAGE_ERROR)
+    cfg = load(config)
+    with opened_store(cfg, read_only=True) as store:
+        rows = store.signals(state=state)[-limit:]  # type: ignore[arg-type]
+    if as_json:
+        data = [{**asdict(s), "created_at": s.created_at.isoformat()} for s in rows]
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        return
+    table = Table(title=f"Learning signals ({len(rows)}{', ' + state if state else ''})")
+    for col in ("id", "kind", "state", "prompt", "text", "why / run"):
+        table.add_column(col, overflow="fold")
+    for sig in rows:
+        prompt = next((m["content"] for m in reversed(sig.messages or []) if m.get("role") == "user"), "")
+        why = sig.state_reason or ""
+        table.add_row(
+            sig.id[:12], sig.kind, sig.state, clip(prompt, 50), clip(sig.text or sig.comment or "", 50),
+            clip(why, 60) + (f" [dim]{sig.consumed_by_run[:8]}[/dim]" if sig.consumed_by_run else ""),
+        )
+    console.print(table)
+
+
+def _resolve_signal_ids(store: Store, ids: list[str]) -> list[str]:
+    """Full ids for ids or unique prefixes (as the tables show them); exits 1 naming any that do not match."""
+    known = [s.id for s in store.signals()]
+    resolved, problems = [], []
+    for given in ids:
+        matches = [k for k in known if k.startswith(given)]
+        if len(matches) == 1:
+            resolved.append(matches[0])
+        else:
+            problems.append(f"{given!r} matches {'no signal' if not matches else f'{len(matches)} signals'}")
+    if problems:
+        fail(f"{'; '.join(problems)}; see `runtime signals`")
+    return resolved
+
+
+@signals_app.command("retry")
+def signals_retry(
+    ids: Annotated[list[str] | None, typer.Argument(help="Signal ids (or unique prefixes).")] = None,
+    config: ConfigOption = None,
+    all_held: Annotated[bool, typer.Option("--all-held", help="Every held signal.")] = False,
+) -> None:
+    """Make held (or dismissed) signals pending again: the next learning cycle learns them."""
+    cfg = load(config)
+    with opened_store(cfg, read_only=False) as store:
+        chosen = [s.id for s in store.signals(state="held")] if all_held else _resolve_signal_ids(store, ids or [])
+        if not chosen:
+            fail("nothing to retry: give signal ids or --all-held (see `runtime signals --state held`)")
+        moved = store.set_learning_state("pending", signal_ids=chosen, reason="retried by operator")
+    console.print(f"[green]{moved} signal(s) pending again[/green]; the next cycle learns them"
+                  + (f" ({len(chosen) - moved} were not held or dismissed)" if moved < len(chosen) else ""))
+
+
+@signals_app.command("dismiss")
+def signals_dismiss(
+    ids: Annotated[list[str], typer.Argument(help="Signal ids (or unique prefixes).")],
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Why it is not to be learned (kept).")],
+    config: ConfigOption = None,
+) -> None:
+    """Dismiss held or pending signals with a reason: they are never learned (unless retried)."""
+    if not reason.strip():
+        fail("--reason must say why the signals are dismissed", USAGE_ERROR)
+    cfg = load(config)
+    with opened_store(cfg, read_only=False) as store:
+        chosen = _resolve_signal_ids(store, ids)
+        moved = store.set_learning_state("dismissed", signal_ids=chosen, reason=reason.strip())
+    console.print(f"[yellow]{moved} signal(s) dismissed[/yellow]"
+                  + (f" ({len(chosen) - moved} were already learned or dismissed)" if moved < len(chosen) else ""))

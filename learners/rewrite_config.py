@@ -1,0 +1,79 @@
+"""Settings of the ``rewrite`` method: self-distillation by restating (Yang et al., ACL 2024, "Self-Distillation
+Bridges Distribution Gap in Language Model Fine-Tuning").
+
+The model (the base model with the active adapter) rewrites each demonstration in its own words, prompted
+with the question and the demonstration; a rewrite is kept only if it still holds the demonstration's answer,
+else the demonstration itself is used; then LoRA SFT on the result (:mod:`learners.rewrite_trainer`). It is
+off-policy and costs one generation pass more than SFT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from pydantic import ConfigDict
+
+from .common import BaseTrainSettings
+from .sft_config import SFTSettings
+
+__all__ = ["REWRITE_PROMPT_TEMPLATE", "RewriteSettings"]
+
+#: The rewrite prompt, after Yang et al. (2024)'s self-distillation template, as the last user turn (earlier
+#: messages are kept). ``{prompt}`` is the question's text and ``{privileged_context}`` the demonstration.
+REWRITE_PROMPT_TEMPLATE = (
+    "Below is a question along with a reference answer. Using the reference answer as a guide, write your own "
+    "answer to the question, in your own words.\n\n"
+    "Question: {prompt}\n\nReference answer: {privileged_context}"
+)
+
+
+@dataclass
+class RewriteSettings(BaseTrainSettings):
+    """The ``rewrite`` method's knobs (``learning.rewrite``).
+
+    **The defaults are the default method's, by measurement** on the default model (SmolLM2-135M, LoRA r16): at
+    the full protocol of ``benchmarks/results/sdft_front.md`` (48 facts, 300 retention questions, 2 seeds)
+    rewrite at lr 1e-3 answers 100% of direct questions and 80% of paraphrases while reading-comprehension
+    retention rises 4.8 points, where SFT at 1e-3 answers 83% of paraphrases and loses 4.8 points, with 40% less
+    KL to the base model. (Those results were recorded as "SDFT, variant rewrite", the name this method had.)
+
+    Attributes:
+        batch_size: Examples per optimizer step of the SFT on the rewrites.
+        shuffle: Shuffle examples each epoch.
+        prompt_template: Last user turn of the rewrite prompt; ``{prompt}`` is the question's text and
+            ``{privileged_context}`` the demonstration.
+        max_new_tokens: Length cap of a rewrite.
+        temperature: Sampling temperature of the rewrites; 0 is greedy.
+        check: ``"answer"`` keeps a rewrite only if it holds the demonstration's answer
+            (:func:`learners.rewrite_trainer.rewrite_keeps_answer`), else falls back to the demonstration;
+            ``"none"`` keeps every non-empty rewrite.
+        kl_anchor: Weight of a KL(adapter || base) penalty in the SFT loss (``SFTSettings.kl_anchor``; 0: off).
+    """
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    learning_rate: float = 1e-3
+    num_epochs: float = 10
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.1
+    batch_size: int = 4
+    shuffle: bool = True
+    prompt_template: str = REWRITE_PROMPT_TEMPLATE
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    check: Literal["answer", "none"] = "answer"
+    kl_anchor: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kl_anchor < 0:
+            raise ValueError("kl_anchor must be >= 0")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be >= 1")
+        if "{prompt}" not in self.prompt_template or "{privileged_context}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {prompt} and {privileged_context}")
+
+    def to_sft_settings(self) -> SFTSettings:
+        """The SFT settings of the training on the rewrites: the shared optimisation knobs, and the batch."""
+        common = {f.name: getattr(self, f.name) for f in fields(BaseTrainSettings)}
+        return SFTSettings(**common, batch_size=self.batch_size, shuffle=self.shuffle, kl_anchor=self.kl_anchor)

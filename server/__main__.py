@@ -1,0 +1,5 @@
+"""``python -m server``: the `runtime` command line (with `serve`)."""
+
+from server.command import main
+
+main()

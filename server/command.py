@@ -1,0 +1,68 @@
+"""`runtime serve`, and the `runtime` console script: the CLI of :mod:`cli` with the serve command added."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli import app, run
+from cli.common import USAGE_ERROR, ConfigOption, console, fail, load
+from runtime.config import ConfigError
+
+
+def serve_cmd(
+    config: ConfigOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(help="Bearer token of the /admin routes (default: $RUNTIME_ADMIN_TOKEN; none: admin off)."),
+    ] = None,
+    dashboard_token: Annotated[
+        bool | None,
+        typer.Option("--dashboard-token/--no-dashboard-token",
+                     help="Make the dashboard ask for the admin token (default: only when not on loopback)."),
+    ] = None,
+    background_learning: Annotated[
+        bool, typer.Option(help="Run the scheduled learning loop in the server process.")
+    ] = True,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1 << 20,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the OpenAI-compatible API, feedback and admin routes, and the dashboard (see docs/server.md)."""
+    import os
+
+    import uvicorn
+    from rich.markup import escape
+
+    from policies import PolicyError
+    from runtime.models import ModelNotFoundError
+    from runtime.store import StoreError
+    from server import ServerLimits, create_app
+
+    cfg = load(config)
+    loopback = host in ("127.0.0.1", "::1", "localhost")
+    token = admin_token or os.environ.get("RUNTIME_ADMIN_TOKEN") or None
+    try:
+        with console.status(f"Loading {cfg.model.name}..."):
+            server_app = create_app(
+                cfg, admin_token=token, limits=ServerLimits(max_body_bytes=max_body_bytes),
+                dashboard_requires_token=(not loopback) if dashboard_token is None else dashboard_token,
+                background_learning=background_learning,
+            )
+    except (ConfigError, PolicyError, StoreError, ModelNotFoundError) as exc:
+        fail(exc, USAGE_ERROR)
+    shown = escape(f"[{host}]" if ":" in host else host)
+    console.print(f"OpenAI API at [bold]http://{shown}:{port}/v1[/bold], dashboard at http://{shown}:{port}/dashboard")
+    if token is None:
+        console.print("[yellow]admin routes are off:[/yellow] set RUNTIME_ADMIN_TOKEN or pass --admin-token")
+    uvicorn.run(server_app, host=host, port=port, log_level=log_level)
+
+
+app.command("serve")(serve_cmd)
+
+
+def main() -> None:
+    """Console-script entry point (``runtime``)."""
+    run(app)
