@@ -49,7 +49,7 @@ from learners.evaluation import (  # noqa: E402
     ask,
     kl_to_base,
     load_facts,
-    load_passages_qa,
+    load_questions,
     retention_accuracy,
 )
 from learners.lora import load_base_model, load_tokenizer  # noqa: E402
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lora = apply_overrides(LoraSettings(), parse_overrides(args.lora_set, "lora"), "lora")
 
     facts = load_facts(args.data, args.facts or None)
-    retention: list[QAItem] = load_passages_qa(args.retention, args.retention_questions or None)
+    retention: list[QAItem] = load_questions(args.retention, args.retention_questions or None)
     if not facts:
         raise SystemExit(f"{args.data}: no facts")
     if not retention:

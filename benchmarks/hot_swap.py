@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.chat_model import EngineChatModel  # noqa: E402
 from benchmarks.serving_overhead import read_prompts  # noqa: E402
+from benchmarks.stats import percentile  # noqa: E402
 from orchestration.service import RuntimeService  # noqa: E402
 from runtime.adapters import Lineage  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
@@ -67,13 +68,6 @@ def make_random_adapter(model_dir: Path, out: Path, seed: int) -> Path:
                 param.mul_(0.01)
     peft_model.save_pretrained(out)
     return out
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 class Clients:
@@ -206,11 +200,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "swaps": len(warm_ms) + len(cold_ms),
-        "activate_ms_p50": percentile(warm_ms, 0.5),
-        "activate_ms_p95": percentile(warm_ms, 0.95),
+        "activate_ms_p50": percentile(warm_ms, 50),
+        "activate_ms_p95": percentile(warm_ms, 95),
         "activate_ms_max": max(warm_ms) if warm_ms else float("nan"),
-        "load_and_activate_ms_p50": percentile(cold_ms, 0.5),
+        "load_and_activate_ms_p50": percentile(cold_ms, 50),
         "load_and_activate_ms_max": max(cold_ms) if cold_ms else float("nan"),
+        "activate_ms": warm_ms,
+        "load_and_activate_ms": cold_ms,
         "requests": len(clients.records) + len(clients.errors),
         "failed_requests": len(clients.errors) + torn_requests,
         "raised": clients.errors[:5],

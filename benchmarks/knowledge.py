@@ -63,6 +63,7 @@ from learners.seal_questions import QAPair  # noqa: E402
 from learners.seal_restem import GENERATOR_ADAPTER, SearchDocument, run_rest_em  # noqa: E402
 from learners.settings_errors import SettingsError  # noqa: E402
 from runtime.engines import TransformersEngine  # noqa: E402
+from runtime.jsonl import JSONLError, read_jsonl  # noqa: E402
 from runtime.textmatch import contains_answer  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "squad_knowledge_dev.jsonl"
@@ -83,15 +84,15 @@ class Passage:
 def load_passages(path: str | Path, questions: int | None = None) -> list[Passage]:
     """Rows of a passages JSONL file; ``questions`` keeps the first N questions of each."""
     out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            pairs = [QAPair(q["question"], q["answer"]) for q in row["questions"]]
-            out.append(Passage(str(row.get("id", n)), row.get("title"), row["context"], pairs[:questions]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise SystemExit(f"{path}:{n}: not a passage row ({exc})") from None
+    try:
+        for n, row in read_jsonl(path):
+            try:
+                pairs = [QAPair(q["question"], q["answer"]) for q in row["questions"]]
+                out.append(Passage(str(row.get("id", n)), row.get("title"), row["context"], pairs[:questions]))
+            except (KeyError, TypeError) as exc:
+                raise SystemExit(f"{path}:{n}: not a passage row ({exc})") from None
+    except JSONLError as exc:
+        raise SystemExit(str(exc)) from None
     return [p for p in out if p.pairs]
 
 

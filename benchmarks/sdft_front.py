@@ -43,7 +43,7 @@ from learners.evaluation import (  # noqa: E402
     fact_accuracy,
     kl_to_base,
     load_facts,
-    load_passages_qa,
+    load_questions,
     retention_accuracy,
 )
 from learners.lora_config import LoraSettings  # noqa: E402
@@ -58,6 +58,7 @@ from learners.sdft_trainer import train_sdft  # noqa: E402
 from learners.sft_config import SFTSettings  # noqa: E402
 from learners.sft_trainer import train_sft  # noqa: E402
 from runtime.engines import TransformersEngine  # noqa: E402
+from runtime.jsonl import read_jsonl  # noqa: E402
 from runtime.models import resolve_model  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "facts_dev.jsonl"
@@ -151,7 +152,7 @@ def _logged_key(record: dict[str, Any]) -> str:
 def _read_log(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for _n, row in read_jsonl(path)]
 
 
 def _evaluate(engine: TransformersEngine, facts, items, adapter: str | None, base_responses=None) -> dict[str, Any]:
@@ -296,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     log_path = args.log or args.out.with_name(args.out.name + "_runs.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     facts = load_facts(args.data, args.facts)
-    items = load_passages_qa(args.retention, args.retention_questions)
+    items = load_questions(args.retention, args.retention_questions)
     all_facts = len(load_facts(args.data))
-    full_data = args.facts in (None, all_facts) and len(items) >= min(300, len(load_passages_qa(args.retention)))
+    full_data = args.facts in (None, all_facts) and len(items) >= min(300, len(load_questions(args.retention)))
     params = {
         "data": str(args.data),
         "retention": str(args.retention),

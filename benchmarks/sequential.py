@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.overrides import parse_overrides  # noqa: E402
-from learners.evaluation import Fact, fact_accuracy, load_facts, load_passages_qa, retention_accuracy  # noqa: E402
+from learners.evaluation import Fact, fact_accuracy, load_facts, load_questions, retention_accuracy  # noqa: E402
 from learners.registry import DEFAULT_METHOD, LEARNING_METHODS  # noqa: E402
 from orchestration.cycle import run_cycle  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if len(facts) < need:
         raise SystemExit(f"{args.data}: {len(facts)} facts, {need} needed for {args.batches} batches")
     batches = [facts[i * args.batch_size : (i + 1) * args.batch_size] for i in range(args.batches)]
-    items = load_passages_qa(args.retention)
+    items = load_questions(args.retention)
     auto_items, measured = items[: args.auto_retention_questions], items[args.auto_retention_questions :]
     measured = measured[: args.retention_questions]
     model_dir = resolve_model(args.model)

@@ -39,6 +39,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.stats import percentile  # noqa: E402
+from runtime.jsonl import read_jsonl  # noqa: E402
 from runtime.models import DEFAULT_MODEL  # noqa: E402
 from server.process import ServerStartError, free_port, start_server, stop_server, wait_ready  # noqa: E402
 
@@ -48,8 +50,7 @@ TOKEN = "server-load-benchmark"
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("question")]
+    rows = [row for _n, row in read_jsonl(path) if row.get("question")]
     if not rows:
         raise SystemExit(f"{path}: no rows with a 'question' field")
     return rows
@@ -82,16 +83,6 @@ class PhaseResult:
             "mean_ms": round(statistics.fmean(ms), 1) if ms else None,
             "max_ms": round(ms[-1], 1) if ms else None,
         }
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolated percentile of already sorted values."""
-    if len(sorted_values) == 1:
-        return sorted_values[0]
-    pos = (len(sorted_values) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def run_phase(url: str, prompts: list[str], *, clients: int, duration_s: float, max_tokens: int,

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from agent import LearningAgent  # noqa: E402
 from benchmarks.store_ingest import measure_store_ingest  # noqa: E402
 from runtime.engines import SamplingParams, TransformersEngine  # noqa: E402
+from runtime.jsonl import read_jsonl  # noqa: E402
 from runtime.store import Store  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "facts_dev.jsonl"
@@ -33,16 +34,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def read_prompts(path: Path, limit: int) -> list[str]:
-    prompts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
-            row = json.loads(line)
-            prompts.append(str(row.get("question") or row.get("prompt") or row.get("text")))
-        else:
-            prompts.append(line)
+    prompts = [str(row.get("question") or row.get("prompt") or row.get("text")) for _n, row in read_jsonl(path)]
     if not prompts:
         raise SystemExit(f"{path}: no prompts found")
     return prompts[:limit]

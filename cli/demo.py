@@ -143,7 +143,9 @@ def _show(console: Console, question: str, answer: str, expected: str, adapter: 
 
 def demo_cmd(
     config: ConfigOption = None,
-    method: Annotated[str | None, typer.Option("--method", "-m", help="rewrite, sdft or sft (default: config)")] = None,
+    method: Annotated[
+        str | None, typer.Option("--method", "-m", help="a learning method, e.g. rewrite, sdft, sft (default: config)")
+    ] = None,
 ) -> None:
     """The main job on the embedded default: ask, be corrected, learn, and answer again."""
     run_demo(load(config), console, method=method)

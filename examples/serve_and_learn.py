@@ -8,7 +8,8 @@ Nothing here calls the runtime in-process: the script starts the real server (``
 on a free loopback port and talks to it over HTTP only, as an app would:
 
 1. writes a runtime.yaml into a fresh ``--data-dir`` (the default model, ``engine.max_new_tokens`` 40, learning
-   method sdft with its default settings), starts the server with an admin token and waits for ``/healthz``;
+   method rewrite (the default) with its default settings), starts the server with an admin token and waits for
+   ``/healthz``;
 2. asks questions about fictional facts (``cli.demo.DEMO_FACTS``) and their paraphrases with the official
    ``openai`` client, prints the (wrong) answers and their interaction ids, posts a correction for each
    question (``POST /v1/interactions/{id}/correction``), and streams one reading-comprehension answer;
@@ -170,7 +171,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model alias or local model directory")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                         help="fresh directory for the config, log, store and adapters (removed at start)")
-    parser.add_argument("--method", default="sdft", help="learning method: sdft (default), sft or auto")
+    parser.add_argument("--method", default="rewrite", help="learning method: rewrite (default), sdft, sft or auto")
     parser.add_argument("--max-new-tokens", type=int, default=40, help="engine.max_new_tokens of the server")
     parser.add_argument("--threads", type=int, default=None,
                         help="engine.num_threads of the server (default: torch's; 1 helps on a busy 2-core machine)")

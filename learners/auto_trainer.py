@@ -176,10 +176,10 @@ def evaluate_candidates(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Target and retention figures of each candidate beside the current adapter (runs in the worker)."""
-    from learners.evaluation import ask, load_passages_qa, retention_accuracy
+    from learners.evaluation import ask, load_questions, retention_accuracy
     from runtime.engines import TransformersEngine
 
-    items = load_passages_qa(retention_file, limit=retention_questions)
+    items = load_questions(retention_file, limit=retention_questions)
     engine = TransformersEngine(base_model_dir, device="cpu" if device == "cpu" else "cuda")
     try:
         reference_adapter = None

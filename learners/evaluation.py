@@ -11,13 +11,13 @@ File formats are those of ``facts_dev.jsonl`` and ``squad_retention_dev.jsonl`` 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from learners.examples import DemoExample
 from runtime.engines import AdapterChoice, SamplingParams, TransformersEngine
+from runtime.jsonl import read_jsonl
 from runtime.textmatch import contains_answer, token_f1
 
 RC_INSTRUCTION = "Answer the question using the passage. Reply with the answer only."
@@ -56,11 +56,8 @@ class QAItem:
 def load_facts(path: str | Path, limit: int | None = None) -> list[Fact]:
     """Facts from a JSONL file with ``id, demonstration, question, answer, paraphrases``."""
     facts = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, row in read_jsonl(path):
         try:
-            row = json.loads(line)
             facts.append(
                 Fact(
                     str(row.get("id", n)),
@@ -70,29 +67,21 @@ def load_facts(path: str | Path, limit: int | None = None) -> list[Fact]:
                     tuple(row.get("paraphrases", ())),
                 )
             )
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ValueError(f"{path}:{n}: not a fact row ({exc})") from None
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{n}: not a fact row (missing {exc})") from None
     return facts[:limit]
-
-
-def load_passages_qa(path: str | Path, limit: int | None = None) -> list[QAItem]:
-    """Questions of a passages JSONL file (``context`` and ``questions: [{question, answer}]``), flattened."""
-    return load_questions(path, limit)
 
 
 def load_questions(path: str | Path, limit: int | None = None) -> list[QAItem]:
     """Questions from a JSONL file of passages (``context``, ``questions``) or of ``{question, answer}`` rows."""
     items: list[QAItem] = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, row in read_jsonl(path):
         try:
-            row = json.loads(line)
             if "questions" in row:
                 items.extend(QAItem(q["question"], q["answer"], row.get("context")) for q in row["questions"])
             else:
                 items.append(QAItem(row["question"], row["answer"], row.get("context")))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:
             raise ValueError(
                 f"{path}:{n}: not a question row; expected {{question, answer}} or {{context, questions}} ({exc})"
             ) from None

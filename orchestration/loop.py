@@ -14,6 +14,7 @@ coalesce into one. Every tick's outcome is kept in :attr:`LearningLoop.history`.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ class LearningLoop:
         self.history: deque[TickOutcome] = deque(maxlen=100)
         self._clock = clock
         self._scheduler: BackgroundScheduler | None = None
+        self._ticked = threading.Condition()
 
     def start(self) -> None:
         """Start the scheduler thread (the first tick comes after one interval)."""
@@ -116,9 +118,16 @@ class LearningLoop:
         except Exception as exc:  # a failed tick must not kill the scheduler thread
             log.exception("learning loop tick failed")
             outcome = TickOutcome(self._clock(), "error", f"{type(exc).__name__}: {exc}")
-        self.history.append(outcome)
+        with self._ticked:
+            self.history.append(outcome)
+            self._ticked.notify_all()
         log.info("learning loop: %s (%s)", outcome.action, outcome.reason)
         return outcome
+
+    def wait_for(self, predicate: Callable[[list[TickOutcome]], bool], timeout: float | None = None) -> bool:
+        """Block until ``predicate(history)`` holds after a tick (or already holds); ``False`` on `timeout`."""
+        with self._ticked:
+            return self._ticked.wait_for(lambda: predicate(list(self.history)), timeout)
 
     def _tick(self) -> TickOutcome:
         now = self._clock()

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from learners.registry import LEARNING_METHODS
 from runtime.textmatch import TargetMetric
 
 DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
@@ -235,10 +236,19 @@ class Schedule(_Section):
     quiet_hours: list[str] = Field(
         default_factory=list, description="Local time ranges 'HH:MM-HH:MM' (may wrap midnight) with no learning."
     )
-    method: Literal["sdft", "sft", "auto", "seal"] | None = Field(
-        None, description="Learning method for scheduled cycles (default: the config's learning.method)."
+    method: str | None = Field(
+        None,
+        description=f"Learning method for scheduled cycles ({', '.join(LEARNING_METHODS)}; default: the config's "
+        "learning.method).",
     )
     timeout_s: float | None = Field(3600.0, gt=0, description="Time budget of one cycle's training.")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str | None) -> str | None:
+        if value is not None and value not in LEARNING_METHODS:
+            raise ValueError(f"unknown learning method {value!r}; use one of {', '.join(LEARNING_METHODS)}")
+        return value
 
     @field_validator("cron")
     @classmethod

@@ -7,7 +7,6 @@ is kept when the service reports it.
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 import uuid
@@ -96,11 +95,8 @@ class LearnJobs:
         def progress(step: int, total: int, logs: dict[str, float]) -> None:
             job.progress = {"step": step, "total": total, **{k: v for k, v in logs.items() if k == "loss"}}
 
-        kwargs: dict[str, Any] = {"method": job.method}
-        if _accepts(learn_now, "progress"):
-            kwargs["progress"] = progress
         try:
-            result = learn_now(**kwargs)
+            result = learn_now(method=job.method, progress=progress)
             job.result = cycle_result_dict(result)
             job.status = "finished"
         except Exception as exc:  # noqa: BLE001 - reported through the job
@@ -108,11 +104,3 @@ class LearnJobs:
             job.status = "error"
         finally:
             job.ended_at = time.time()
-
-
-def _accepts(fn: Any, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from learners.registry import LEARNING_METHODS
+
 # --- OpenAI chat completions ---------------------------------------------------------------------------
 
 
@@ -210,7 +212,9 @@ class LearnRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: str | None = Field(None, description="sdft, sft, auto or seal (default: the config's).")
+    method: str | None = Field(
+        None, description=f"{', '.join(LEARNING_METHODS)} (default: the policy's schedule, then the config's)."
+    )
 
 
 class SignalRetryRequest(BaseModel):

@@ -4,7 +4,9 @@ Each is a small FastAPI app, served by uvicorn on a free loopback port in a back
 follows the HTTP protocol the real server documents, so that the real client code of ``VLLMEngine`` and
 ``SGLangEngine`` can be tested quickly without a GPU or a network:
 
-- ``GET /v1/models`` (vLLM lists loaded adapters with a ``parent``; SGLang lists only the base model);
+- ``GET /v1/models``: the base model, then the loaded adapters as cards whose ``parent`` is the base model's
+  id and whose ``root`` is the adapter's path (vLLM; SGLang since it lists adapters, with ``max_model_len``
+  null); ``StandinState.lists_adapters`` off imitates an older SGLang that lists only the base model;
 - ``POST /v1/chat/completions`` and ``/v1/completions``, non-streaming and streaming as server-sent events
   (``data: {chunk}\\n\\n`` ... ``data: [DONE]\\n\\n``, a final usage chunk when ``stream_options.include_usage``);
   ``max_tokens``, ``stop`` (cut before the stop string, finish_reason ``stop``) and the other sampling
@@ -16,11 +18,17 @@ follows the HTTP protocol the real server documents, so that the real client cod
   ``return_logprob`` + ``logprob_start_len`` (``meta_info.input_token_logprobs`` triples);
 - runtime LoRA: vLLM ``/v1/load_lora_adapter`` (``load_inplace``), ``/v1/unload_lora_adapter`` and
   ``/reset_prefix_cache``, each absent (FastAPI's ``{"detail": "Not Found"}``) unless the matching server
-  setting is on; SGLang ``/load_lora_adapter`` and ``/unload_lora_adapter`` answering
-  ``{"success", "error_message", "loaded_adapters"}``;
+  setting is on; SGLang ``/load_lora_adapter`` and ``/unload_lora_adapter`` answering SGLang's
+  ``LoRAUpdateOutput`` ``{"success", "error_message", "loaded_adapters"}`` (400 when ``success`` is false),
+  where ``loaded_adapters`` maps each loaded name to its path, as SGLang's
+  ``LoRAManager.create_lora_update_result`` builds it (the engines do not read it);
 - errors in each server's shape: vLLM ``{"error": {"message", "type", "param", "code"}}``, SGLang's flat
-  ``{"object": "error", "message", "type", "param", "code"}``; 404 for an unknown vLLM model, 400 for a
-  request longer than the context (with each server's wording), 400/404 for a bad adapter path.
+  ``{"object": "error", "message", "type", "param", "code"}`` on its OpenAI routes and ``{"error": {"message"}}``
+  on ``/generate``; 404 for an unknown vLLM model, 400 for a request longer than the context (with each
+  server's wording), 400/404 for a bad adapter path; SGLang's wording for an adapter that is not loaded
+  ("The following requested LoRA adapters are not loaded: ..."), for loading a loaded name ("... because
+  it is already loaded") and for unloading an unknown one ("LoRA with name ... does not exist"), from its
+  ``LoRARegistry`` and ``LoRAManager``.
 
 The toy "model": text is split into tokens at whitespace (``"\\s*\\S+"``), token ids come from a growing
 vocabulary (``<s>`` = 1 is the BOS that ``add_special_tokens`` prepends), a chat answer is
@@ -62,6 +70,8 @@ class StandinState:
     max_model_len: int = 512
     runtime_lora: bool = True
     """vLLM: VLLM_ALLOW_RUNTIME_LORA_UPDATING (the LoRA routes exist); SGLang: dynamic LoRA available."""
+    lists_adapters: bool = True
+    """``GET /v1/models`` lists the loaded adapters (off: an SGLang from before it did)."""
     dev_mode: bool = True
     """vLLM: VLLM_SERVER_DEV_MODE (``/reset_prefix_cache`` exists)."""
     load_inplace: bool = True
@@ -154,8 +164,8 @@ def create_app(state: StandinState) -> FastAPI:
             return _error(kind, 400, f"Model {base!r} is not served.")  # assumption: SGLang's wording
         if not adapter:
             return None
-        if adapter not in state.adapters:  # assumption: SGLang's wording for an unloaded adapter
-            return _error(kind, 400, f"LoRA adapter '{adapter}' is not loaded.")
+        if adapter not in state.adapters:
+            return _error(kind, 400, _sglang_not_loaded(adapter, state))
         return adapter
 
     def too_long(prompt_tokens: int, max_tokens: int) -> JSONResponse | None:
@@ -208,8 +218,9 @@ def create_app(state: StandinState) -> FastAPI:
     async def models() -> dict[str, Any]:
         cards = [{"id": BASE_MODEL, "object": "model", "root": BASE_MODEL, "parent": None,
                   "max_model_len": state.max_model_len, "owned_by": kind}]
-        if kind == "vllm":
-            cards += [{"id": name, "object": "model", "root": path, "parent": BASE_MODEL, "owned_by": "vllm"}
+        if state.lists_adapters:
+            extra = {"owned_by": "vllm"} if kind == "vllm" else {"max_model_len": None, "owned_by": "sglang"}
+            cards += [{"id": name, "object": "model", "root": path, "parent": BASE_MODEL, **extra}
                       for name, path in state.adapters.items()]
         return {"object": "list", "data": cards}
 
@@ -364,10 +375,15 @@ def _add_vllm_lora_routes(app: FastAPI, state: StandinState) -> None:
         return Response(status_code=200)
 
 
+def _sglang_not_loaded(adapter: str, state: StandinState) -> str:
+    """SGLang's LoRARegistry message for a request naming an adapter it does not have."""
+    return f"The following requested LoRA adapters are not loaded: {adapter}\nLoaded adapters: {state.adapters.keys()}."
+
+
 def _add_sglang_routes(app: FastAPI, state: StandinState) -> None:
-    def result(success: bool, message: str = "", status: int = 200) -> JSONResponse:
+    def result(success: bool, message: str = "") -> JSONResponse:
         body = {"success": success, "error_message": message, "loaded_adapters": dict(state.adapters)}
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=200 if success else 400)
 
     @app.post("/load_lora_adapter")
     async def load(request: Request) -> Response:
@@ -376,10 +392,10 @@ def _add_sglang_routes(app: FastAPI, state: StandinState) -> None:
         body = await request.json()
         state.requests.append(("/load_lora_adapter", body))
         name, path = body["lora_name"], body["lora_path"]
-        if name in state.adapters:  # assumption: SGLang's wording
-            return result(False, f"The LoRA adapter with name '{name}' is already loaded.", 400)
-        if not _is_adapter_dir(path):
-            return result(False, f"Failed to load LoRA adapter {name}: can't find adapter_config.json in {path}", 400)
+        if name in state.adapters:
+            return result(False, f"Failed to load LoRA adapter {name} because it is already loaded")
+        if not _is_adapter_dir(path):  # assumption: the wording of the error SGLang reports here
+            return result(False, f"Failed to load LoRA adapter {name}: can't find adapter_config.json in {path}")
         state.adapters[name] = path
         state.events.append(f"load {name} {path}")
         return result(True)
@@ -391,8 +407,8 @@ def _add_sglang_routes(app: FastAPI, state: StandinState) -> None:
         body = await request.json()
         state.requests.append(("/unload_lora_adapter", body))
         name = body["lora_name"]
-        if name not in state.adapters:
-            return result(False, f"LoRA adapter '{name}' is not loaded.", 400)
+        if name not in state.adapters:  # assumption: answered as a failed update, not a 500
+            return result(False, f"LoRA with name {name} does not exist. Loaded LoRAs: {state.adapters.keys()}")
         del state.adapters[name]
         state.events.append(f"unload {name}")
         return result(True)
@@ -402,8 +418,8 @@ def _add_sglang_routes(app: FastAPI, state: StandinState) -> None:
         body = await request.json()
         state.requests.append(("/generate", body))
         adapter = body.get("lora_path")
-        if adapter is not None and adapter not in state.adapters:
-            return _error("sglang", 400, f"LoRA adapter '{adapter}' is not loaded.")
+        if adapter is not None and adapter not in state.adapters:  # /generate's own error shape
+            return JSONResponse({"error": {"message": _sglang_not_loaded(adapter, state)}}, status_code=400)
         ids = body["input_ids"]
         pieces = state.detokenize(ids)
         start = body.get("logprob_start_len", -1)

@@ -463,3 +463,62 @@ def test_oversized_request_is_refused_clearly(engine: TransformersEngine) -> Non
     with pytest.raises(ContextLengthError):
         engine.stream_chat([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=limit + 1))
     assert engine.chat([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=2))  # still serves
+
+
+# -- the helpers both engines share (runtime/engines/base.py, decoding.py) ---------------------------------
+def test_stream_deltas_hold_back_a_possible_stop_string() -> None:
+    from runtime.engines.decoding import StreamDeltas
+
+    deltas = StreamDeltas(["###"])
+    assert deltas.update("Hello") == ("Hello", False)
+    assert deltas.update("Hello #") == (" ", False)  # "#" could start "###"
+    assert deltas.update("Hello ##") == ("", False)
+    assert deltas.update("Hello ##x") == ("##x", False)  # it did not
+    assert deltas.update("Hello ##x##") == ("", False)
+    assert deltas.update("Hello ##x###, rest") == ("", True)  # the stop string is never emitted
+    assert deltas.emitted == len("Hello ##x")
+    assert deltas.rest("Hello ##x") == ""
+    assert deltas.rest("Hello ##x and more") == " and more"
+
+
+def test_stream_deltas_wait_for_a_whole_character_and_emit_the_rest_at_the_end() -> None:
+    from runtime.engines.decoding import StreamDeltas
+
+    deltas = StreamDeltas(None)
+    assert deltas.update("caf\ufffd") == ("caf", False)  # the bytes of "é" are still arriving
+    assert deltas.update("café") == ("é", False)
+    assert deltas.update("caf") == ("", False)  # a shorter text never takes back what was emitted
+    assert deltas.rest("café!") == "!"
+
+
+def test_align_completion_scores_the_tokens_after_the_shared_prefix() -> None:
+    from runtime.engines.base import align_completion
+
+    def no_context() -> list[int]:
+        raise AssertionError("only needed when nothing is shared")
+
+    assert align_completion([1, 5, 6], [1, 5, 7, 8], no_context) == ([1, 5, 7, 8], 2)  # 6 -> 7: a merged token
+    assert align_completion([1, 5], [1, 5], no_context) == ([1, 5], 2)  # nothing to score
+    assert align_completion([], [5, 6], lambda: [1]) == ([1, 5, 6], 1)
+    assert align_completion([9], [5, 6], lambda: [1, 2]) == ([1, 2, 5, 6], 2)
+    assert align_completion([], [], no_context) == ([], 0)
+
+
+def test_adapter_choices_resolve_per_row() -> None:
+    from runtime.engines.base import resolve_per_row, selected_adapter
+
+    assert selected_adapter(ACTIVE, "a") == "a" and selected_adapter(ACTIVE, None) is None
+    assert selected_adapter(None, "a") is None and selected_adapter("b", "a") == "b"
+    with pytest.raises(TypeError, match="not int"):
+        selected_adapter(3, None)  # type: ignore[arg-type]
+    calls: list[object] = []
+
+    def resolve(choice: object) -> str:
+        calls.append(choice)
+        return f"<{choice}>"
+
+    assert resolve_per_row("a", 3, resolve) == ["<a>"] * 3 and calls == ["a"]  # one choice resolved once
+    assert resolve_per_row(ACTIVE, 0, resolve) == [] and calls[-1] is ACTIVE  # even for no rows
+    assert resolve_per_row([None, "b"], 2, resolve) == ["<None>", "<b>"]
+    with pytest.raises(ValueError, match="2 adapter choices for 3 rows"):
+        resolve_per_row(["a", "b"], 3, resolve)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from learners.evaluation import QAItem, ask, fact_accuracy, kl_to_base, load_facts, load_passages_qa
+from learners.evaluation import QAItem, ask, fact_accuracy, kl_to_base, load_facts, load_questions
 from runtime.textmatch import (
     contains_answer,
     gives_taught_answer,
@@ -54,7 +54,7 @@ def test_loaders(tmp_path: Path) -> None:
     assert fact.paraphrases == ("P?",) and fact.example().demonstration == "D."
     passages = tmp_path / "p.jsonl"
     passages.write_text(json.dumps({"context": "C", "questions": [{"question": "q", "answer": "a"}] * 3}) + "\n")
-    assert len(load_passages_qa(passages)) == 3 and len(load_passages_qa(passages, limit=2)) == 2
+    assert len(load_questions(passages)) == 3 and len(load_questions(passages, limit=2)) == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "no answer"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):

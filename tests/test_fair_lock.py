@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -63,3 +64,60 @@ def test_a_releasing_thread_does_not_jump_the_queue() -> None:
     lock.release()
     waiter.join()
     assert got == ["waiter", "releaser"]
+
+
+class _InterruptingCondition(threading.Condition):
+    """A condition whose ``wait`` raises ``KeyboardInterrupt`` in the thread named ``victim`` once ``interrupt``
+    is set, as a Ctrl-C arriving while that thread waits would; ``queued[name]`` is set whenever the thread of
+    that name waits."""
+
+    def __init__(self, victim: str, names: list[str]) -> None:
+        super().__init__(threading.Lock())
+        self.victim = victim
+        self.interrupt = threading.Event()
+        self.queued = {name: threading.Event() for name in names}
+
+    def wait(self, timeout: float | None = None) -> bool:
+        name = threading.current_thread().name
+        if name in self.queued:
+            self.queued[name].set()  # still holding the lock: a release can only come once this thread waits
+        woken = super().wait(timeout)
+        if name == self.victim and self.interrupt.is_set():
+            raise KeyboardInterrupt
+        return woken
+
+
+def test_an_interrupted_waiter_gives_up_its_place() -> None:
+    lock = FairRLock()
+    cond = _InterruptingCondition("victim", ["victim", "next"])
+    lock._cond = cond  # type: ignore[assignment]
+    outcome: dict[str, Any] = {}
+    next_acquired = threading.Event()
+
+    def victim() -> None:
+        try:
+            with lock:
+                outcome["victim"] = "acquired"
+        except KeyboardInterrupt:
+            outcome["victim"] = "interrupted"
+
+    def next_in_line() -> None:
+        with lock:
+            next_acquired.set()
+
+    lock.acquire()
+    first = threading.Thread(target=victim, name="victim", daemon=True)
+    first.start()
+    assert cond.queued["victim"].wait(timeout=10)
+    second = threading.Thread(target=next_in_line, name="next", daemon=True)
+    second.start()
+    assert cond.queued["next"].wait(timeout=10)  # queued behind the victim
+    cond.interrupt.set()
+    lock.release()  # wakes both; the victim, first in line, is interrupted instead of taking the lock
+    first.join(timeout=10)
+    second.join(timeout=10)  # a safety net: without the fix the second thread waits forever
+    assert outcome == {"victim": "interrupted"}
+    assert next_acquired.is_set()
+    assert not lock._waiting
+    with lock:  # and the lock is still free for anyone
+        pass

@@ -350,23 +350,53 @@ def test_a_server_without_runtime_lora_says_how_to_enable_it(
 
 
 def test_a_name_the_server_already_has_is_taken_over(server: Standin, v1: Path, v2: Path) -> None:
-    server.state.adapters["a"] = str(v1)  # loaded by an earlier process (SGLang does not list it)
+    server.state.adapters["a"] = str(v1)  # loaded by an earlier process
     with ENGINES[server.state.kind](server.url) as engine:
-        if server.state.kind == "vllm":
-            assert engine.list_adapters() == ["a"]  # adopted from GET /v1/models
-            engine.unload_adapter("a")
-            server.state.adapters["a"] = str(v1)
+        assert engine.list_adapters() == ["a"]  # adopted from GET /v1/models
+        engine.unload_adapter("a")
+        server.state.adapters["a"] = str(v1)  # loaded again behind the engine's back
         engine.load_adapter("a", v2)
         assert engine.list_adapters() == ["a"]
         assert "lora[v2]" in engine.chat([HI], adapter="a")[0].text
 
 
-def test_vllm_adopts_listed_adapters_with_their_latest_revision(vllm: Standin, v1: Path, v2: Path) -> None:
-    vllm.state.adapters.update({"pre": str(v1), "x@r2": str(v2)})
-    with VLLMEngine(vllm.url) as engine:
+def test_an_older_sglang_that_lists_no_adapters_has_a_loaded_name_taken_over(
+    sglang: Standin, v1: Path, v2: Path
+) -> None:
+    sglang.state.lists_adapters = False
+    sglang.state.adapters["a"] = str(v1)
+    with SGLangEngine(sglang.url) as engine:
+        assert engine.list_adapters() == []
+        engine.load_adapter("a", v2)  # SGLang answers "already loaded": loaded under a new name instead
+        assert sglang.state.events == [f"load a@r1 {v2}", "unload a"]
+        assert engine.list_adapters() == ["a"]
+        assert engine.chat([HI], adapter="a")[0].text == "lora[v2] says: Hi"
+        assert sglang.state.bodies(CHAT_PATH)[-1]["model"] == f"{BASE_MODEL}:a@r1"
+
+
+def test_sglang_adopts_the_adapters_it_lists_with_a_parent(sglang: Standin, v1: Path, v2: Path) -> None:
+    sglang.state.adapters["pre"] = str(v1)  # e.g. from --lora-paths, or loaded by an earlier runtime
+    with SGLangEngine(sglang.url) as engine:
+        assert engine.list_adapters() == ["pre"] and engine.adapter_path("pre") == str(v1)
+        [answer] = engine.chat([HI], adapter="pre")
+        assert answer.adapter == "pre" and answer.text == "lora[v1] says: Hi"
+        assert sglang.state.bodies(CHAT_PATH)[-1]["model"] == f"{BASE_MODEL}:pre"
+        with pytest.raises(AdapterExistsError):
+            engine.load_adapter("pre", v2)
+        engine.load_adapter("pre", v2, replace=True)
+        assert sglang.state.events == [f"load pre@r1 {v2}", "unload pre"]
+        assert sglang.state.adapters == {"pre@r1": str(v2)}
+        assert engine.score(["Hello"], [" world"], adapter="pre") == [pytest.approx([-1.0])]  # under the adapter
+        assert sglang.state.bodies("/generate")[-1]["lora_path"] == "pre@r1"
+
+
+def test_listed_adapters_are_adopted_with_their_latest_revision(server: Standin, v1: Path, v2: Path) -> None:
+    kind = server.state.kind
+    server.state.adapters.update({"pre": str(v1), "x@r2": str(v2)})
+    with ENGINES[kind](server.url) as engine:
         assert engine.list_adapters() == ["pre", "x"] and engine.adapter_path("x") == str(v2)
         assert engine.chat([HI], adapter="x")[0].adapter == "x"
-        assert vllm.state.bodies(CHAT_PATH)[-1]["model"] == "x@r2"
+        assert server.state.bodies(CHAT_PATH)[-1]["model"] == _model_field(kind, "x@r2")
 
 
 # -- scoring and tokens -----------------------------------------------------------------------------------
@@ -454,6 +484,8 @@ def test_an_adapter_the_server_lost_is_an_unknown_adapter(engine: OpenAIHTTPEngi
     with pytest.raises(UnknownAdapterError, match="does not have adapter 'a'") as failure:
         engine.chat([HI], adapter="a")
     assert "replace=True" in str(failure.value)
+    with pytest.raises(UnknownAdapterError, match="does not have adapter 'a'"):
+        engine.score(["Hello"], [" world"], adapter="a")  # SGLang: /generate, with its own error shape
 
 
 def test_a_closed_engine_refuses_requests(server: Standin) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from orchestration.cycle import run_cycle
 from runtime.adapters import AdapterRegistry, AdapterVerificationError, Lineage, adapter_checksum
-from runtime.config import ConfigError, RuntimeConfig
+from runtime.config import AnchorsConfig, ConfigError, RuntimeConfig
 from runtime.engines import SamplingParams, TransformersEngine
 from runtime.store import Store
 
@@ -213,10 +213,10 @@ def test_auto_publishes_nothing_when_no_candidate_qualifies(
 
 def test_auto_retention_file_default_and_errors(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
     from learners.auto_config import BUILTIN_RETENTION_PROBE, AutoSettings
-    from learners.evaluation import load_passages_qa
+    from learners.evaluation import load_questions
 
     assert AutoSettings().retention_file == str(BUILTIN_RETENTION_PROBE)
-    assert len(load_passages_qa(BUILTIN_RETENTION_PROBE)) == 24
+    assert len(load_questions(BUILTIN_RETENTION_PROBE)) == 24
     teach_some(store)
     missing = make_config(tmp_path, tiny_model_dir, auto={"retention_file": str(tmp_path / "nope.jsonl")})
     with pytest.raises(ConfigError, match="retention_file.*not found"):
@@ -242,6 +242,7 @@ def test_real_model_learns_taught_facts_through_the_default_method(
     engine = TransformersEngine(real_model_dir, device="cpu")
     config = make_config(tmp_path, real_model_dir)
     config.learning.lora = {}
+    config.learning.anchors = AnchorsConfig()  # the defaults: every update trains with anchors
     service = RuntimeService(config, engine, store)
     agent = LearningAgent(engine, store=store, max_new_tokens=32, service=service)
     for question, demonstration, _ in facts:

@@ -7,16 +7,11 @@ from pathlib import Path
 import pytest
 
 import learners.rewrite_trainer as rewrite_trainer
-from learners import DemoExample, LoraSettings, RewriteSettings, SFTSettings, train_rewrite, train_sft
+from learners import DemoExample, RewriteSettings, SFTSettings, train_rewrite, train_sft
 from learners.rewrite_config import REWRITE_PROMPT_TEMPLATE
 from learners.rewrite_trainer import Rewrite, rewrite_demonstrations, rewrite_keeps_answer
+from tests.learner_examples import EXAMPLES, LORA
 from tests.tiny_model import build_tiny_model
-
-EXAMPLES = [
-    DemoExample.from_question("What is the capital of France?", "Paris is the capital.", source_id="s1"),
-    DemoExample.from_question("Who founded Melbexquin?", "Melbexquin was founded by Kasgri Renkasnor.", source_id="s2"),
-]
-LORA = LoraSettings(r=8, alpha=16)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 

@@ -6,15 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from learners import DemoExample, LoraSettings, SDFTSettings, build_sdft_trainer, train_sdft
+from learners import SDFTSettings, build_sdft_trainer, train_sdft
 from learners.sdft_config import DIRECT_TEACHER_PROMPT_TEMPLATE
+from tests.learner_examples import EXAMPLES, LORA
 from tests.tiny_model import build_tiny_model
-
-EXAMPLES = [
-    DemoExample.from_question("What is the capital of France?", "Paris is the capital.", source_id="s1"),
-    DemoExample.from_question("Who founded Melbexquin?", "Melbexquin was founded by Kasgri Renkasnor.", source_id="s2"),
-]
-LORA = LoraSettings(r=8, alpha=16)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 

@@ -21,7 +21,7 @@ from runtime.engines.errors import (
     EngineError,
     UnknownAdapterError,
 )
-from runtime.engines.openai_http import (
+from runtime.engines.http_errors import (
     ServerConnectionError,
     ServerContextLengthError,
     ServerError,

@@ -9,11 +9,13 @@ actually served a request is reported in :attr:`Generation.adapter`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
+
+from runtime.engines.errors import EngineError
 
 __all__ = [
     "ACTIVE",
@@ -24,7 +26,12 @@ __all__ = [
     "Generation",
     "SamplingParams",
     "StreamResult",
+    "align_completion",
+    "resolve_per_row",
+    "selected_adapter",
 ]
+
+_T = TypeVar("_T")
 
 Conversation = Sequence[Mapping[str, str]]
 """A chat: messages as ``{"role": ..., "content": ...}`` dicts."""
@@ -105,6 +112,61 @@ AdapterChoices = AdapterChoice | Sequence[AdapterChoice]
 """One :data:`AdapterChoice` for a whole batch, or a list with one per row (rows may differ)."""
 
 
+def selected_adapter(adapter: AdapterChoice, active: str | None) -> str | None:
+    """The adapter name a choice selects: ``active`` for :data:`ACTIVE`, ``None`` (the base model) for
+    ``None``, else the name itself (not checked to be loaded).
+
+    Raises:
+        TypeError: ``adapter`` is none of these.
+    """
+    if isinstance(adapter, _Active):
+        return active
+    if adapter is None:
+        return None
+    if not isinstance(adapter, str):
+        raise TypeError(f"adapter must be a name, None or ACTIVE, not {type(adapter).__name__}")
+    return adapter
+
+
+def resolve_per_row(adapter: AdapterChoices, n: int, resolve: Callable[[AdapterChoice], _T]) -> list[_T]:
+    """``resolve`` applied to the choice of each of ``n`` rows.
+
+    A single choice is resolved once (so an unknown name fails even for an empty batch) and shared by all
+    rows; a list must have one choice per row.
+    """
+    if adapter is None or isinstance(adapter, (str, _Active)):
+        return [resolve(adapter)] * n
+    choices = list(adapter)
+    if len(choices) != n:
+        raise ValueError(f"{len(choices)} adapter choices for {n} rows")
+    return [resolve(c) for c in choices]
+
+
+def align_completion(
+    prompt_ids: Sequence[int], full_ids: Sequence[int], context: Callable[[], list[int]]
+) -> tuple[list[int], int]:
+    """The tokens to score and the index of the first completion token, as :meth:`Engine.score` defines it.
+
+    Args:
+        prompt_ids: the tokenised prompt.
+        full_ids: the tokenised prompt + completion.
+        context: tokens to put first when the two share no prefix (e.g. an empty prompt), because the first
+            scored token needs something to be predicted from; usually the tokenizer's BOS. Called only then.
+
+    The completion's tokens are those of ``full_ids`` after its longest prefix shared with ``prompt_ids``.
+    """
+    start = 0
+    for a, b in zip(prompt_ids, full_ids, strict=False):
+        if a != b:
+            break
+        start += 1
+    full = list(full_ids)
+    if start == 0 and full:
+        bos = context()
+        full, start = [*bos, *full], len(bos)
+    return full, start
+
+
 class StreamResult(Iterator[str]):
     """A streamed generation: iterate it for text deltas; afterwards :attr:`generation` holds the result.
 
@@ -170,6 +232,9 @@ class Engine(ABC):
 
     model_name: str
     """Name of the served base model (an alias, a path or a server-side name)."""
+
+    _closed: bool = False
+    """Set by :meth:`close` in implementations; requests and adapter calls then raise :class:`EngineError`."""
 
     # -- requests -------------------------------------------------------------------------------------
     @abstractmethod
@@ -262,6 +327,11 @@ class Engine(ABC):
     # -- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the model and its resources; the engine cannot be used afterwards."""
+
+    def _check_open(self) -> None:
+        """Raise :class:`EngineError` if the engine is closed."""
+        if self._closed:
+            raise EngineError("The engine is closed.")
 
     def __enter__(self) -> Engine:
         return self

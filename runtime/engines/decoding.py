@@ -11,7 +11,7 @@ import torch
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-__all__ = ["CancelCriteria", "TokenQueueStreamer", "cut_at_stop", "safe_stream_length"]
+__all__ = ["CancelCriteria", "StreamDeltas", "TokenQueueStreamer", "cut_at_stop", "safe_stream_length"]
 
 
 def cut_at_stop(text: str, stops: Sequence[str] | None) -> tuple[str, bool]:
@@ -35,6 +35,34 @@ def safe_stream_length(text: str, stops: Sequence[str] | None) -> int:
                 held = k
                 break
     return end - held
+
+
+class StreamDeltas:
+    """Turns a growing generated text into the deltas a stream may emit, holding back what could still turn
+    out to be a stop string (or an unfinished character) and never emitting a stop string or what follows it.
+
+    Feed the whole text so far to :meth:`update` after each new piece; once generation is over, emit
+    :meth:`rest` of the final text (its deltas then concatenate to the final text).
+    """
+
+    def __init__(self, stops: Sequence[str] | None) -> None:
+        self._stops = stops
+        self.emitted = 0
+        """Characters emitted so far."""
+
+    def update(self, text: str) -> tuple[str, bool]:
+        """The delta to emit now for the text so far (``""`` when none) and whether it reached a stop string
+        (then the text is complete: stop generating)."""
+        shown, cut = cut_at_stop(text, self._stops)
+        end = len(shown) if cut else safe_stream_length(shown, self._stops)
+        if end <= self.emitted:
+            return "", cut
+        delta, self.emitted = shown[self.emitted : end], end
+        return delta, cut
+
+    def rest(self, final_text: str) -> str:
+        """What of ``final_text`` was not emitted yet (``""`` when nothing)."""
+        return final_text[self.emitted :] if len(final_text) > self.emitted else ""
 
 
 class TokenQueueStreamer(BaseStreamer):

@@ -22,6 +22,11 @@ class FairRLock:
         self._waiting: deque[object] = deque()
 
     def acquire(self) -> bool:
+        """Wait for the lock (behind the threads that asked first) and take it; always returns ``True``.
+
+        A wait interrupted by an exception (``KeyboardInterrupt``, an asynchronous exception) gives up the
+        place in the queue and raises it.
+        """
         me = threading.get_ident()
         with self._cond:
             if self._owner == me:
@@ -29,13 +34,19 @@ class FairRLock:
                 return True
             ticket = object()
             self._waiting.append(ticket)
-            while self._owner is not None or self._waiting[0] is not ticket:
-                self._cond.wait()
+            try:
+                while self._owner is not None or self._waiting[0] is not ticket:
+                    self._cond.wait()
+            except BaseException:  # e.g. KeyboardInterrupt: a ticket left at the head would block everyone
+                self._waiting.remove(ticket)
+                self._cond.notify_all()
+                raise
             self._waiting.popleft()
             self._owner, self._depth = me, 1
             return True
 
     def release(self) -> None:
+        """Release one level of ownership; the lock is free once every ``acquire`` was released."""
         with self._cond:
             if self._owner != threading.get_ident():
                 raise RuntimeError("cannot release a FairRLock held by another thread")

@@ -4,9 +4,14 @@
 ``/v1/completions``, streaming as server-sent events), token counting (``/tokenize``), a local registry of
 the adapters this engine loaded (``ACTIVE`` is resolved against it when a request starts), runtime LoRA
 loading, and the translation of transport and HTTP failures into engine errors that say what to do.
-:mod:`runtime.engines.vllm_engine` and :mod:`runtime.engines.sglang_engine` fill in what differs: the LoRA
-routes, how a request names its adapter, how prompt log-probabilities are obtained, and how a loaded name
-is reloaded with new weights.
+:mod:`runtime.engines.vllm_engine` and :mod:`runtime.engines.sglang_engine` fill in what differs through the
+hooks the class docstring lists: the LoRA routes, how a request names its adapter, how prompt
+log-probabilities are obtained, and how a loaded name is reloaded with new weights.
+
+Built on: :mod:`runtime.engines.openai_client` (the HTTP conversation with the server and its error
+translation), :mod:`runtime.engines.openai_protocol` (request bodies, answer parsing),
+:mod:`runtime.engines.served_adapters` (the adapter registry and server-side names) and
+:mod:`runtime.engines.http_errors` (the error classes).
 
 The server's filesystem is the one that matters for adapter paths: ``load_adapter`` sends the path to the
 server, which reads the adapter itself.
@@ -14,20 +19,17 @@ server, which reads the adapter itself.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import threading
 from abc import abstractmethod
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import httpx
 
+import runtime.engines.openai_protocol as protocol
 from runtime.engines.base import (
     ACTIVE,
     AdapterChoice,
@@ -37,15 +39,26 @@ from runtime.engines.base import (
     Generation,
     SamplingParams,
     StreamResult,
-    _Active,
+    align_completion,
+    resolve_per_row,
 )
-from runtime.engines.decoding import cut_at_stop, safe_stream_length
-from runtime.engines.errors import (
-    AdapterExistsError,
-    AdapterLoadError,
-    ContextLengthError,
-    EngineError,
-    UnknownAdapterError,
+from runtime.engines.decoding import StreamDeltas
+from runtime.engines.errors import AdapterExistsError, EngineError
+from runtime.engines.http_errors import (
+    ServerAdapterExistsError,
+    ServerConnectionError,
+    ServerContextLengthError,
+    ServerError,
+    ServerTimeoutError,
+    UnsupportedOperationError,
+)
+from runtime.engines.openai_client import OpenAIServerClient
+from runtime.engines.served_adapters import (
+    AdapterTable,
+    RequestTarget,
+    ServedAdapter,
+    check_adapter_name,
+    load_next_revision,
 )
 
 __all__ = [
@@ -61,74 +74,6 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
-
-# Adapters reloaded by swapping (see OpenAIHTTPEngine._swap) are served under "<name>@r<revision>".
-_REVISION = re.compile(r"^(?P<name>.+)@r(?P<revision>\d+)$")
-_CONTEXT_WORDS = re.compile(r"context length|context window|max_model_len|maximum model length", re.IGNORECASE)
-_ALREADY_WORDS = re.compile(r"already (?:been )?loaded|already exists", re.IGNORECASE)
-_MISSING_WORDS = re.compile(r"does not exist|not found|not loaded|cannot be found|unknown|no such", re.IGNORECASE)
-
-
-# -- errors -----------------------------------------------------------------------------------------------
-class ServerConnectionError(EngineError):
-    """The server could not be reached (refused, unresolvable, dropped connection)."""
-
-
-class ServerTimeoutError(EngineError):
-    """The server did not answer within the engine's timeout."""
-
-
-class ServerError(EngineError):
-    """The server answered with an HTTP error; ``status_code`` and ``server_message`` keep what it said."""
-
-    def __init__(self, message: str, *, status_code: int | None = None, server_message: str | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.server_message = server_message
-
-
-class UnsupportedOperationError(EngineError, NotImplementedError):
-    """The server offers no endpoint for this operation; the message says what to use instead."""
-
-
-class ServerContextLengthError(ContextLengthError):
-    """The server refused a request that does not fit the model's context window.
-
-    ``context`` and ``prompt_tokens`` are what the server's message states (``None`` when it does not say).
-    """
-
-    def __init__(
-        self, server_message: str, *, prompt_tokens: int | None, max_new_tokens: int, context: int | None
-    ) -> None:
-        self.prompt_tokens, self.max_new_tokens, self.context = prompt_tokens, max_new_tokens, context  # type: ignore[assignment]
-        self.server_message = server_message
-        EngineError.__init__(
-            self,
-            f"The request does not fit the model's context window (asked for {max_new_tokens} new tokens): "
-            f"shorten the conversation or lower max_new_tokens. The server said: {server_message}",
-        )
-
-
-class _AlreadyLoaded(Exception):
-    """The server already has an adapter under the name a load asked for."""
-
-
-# -- the engine -------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Served:
-    """An adapter this engine knows: the path the server loaded it from and the name the server uses."""
-
-    path: str
-    server_name: str
-    revision: int = 0
-
-
-@dataclass(frozen=True)
-class _Target:
-    """What serves one request: the engine's adapter name and the server's (both ``None`` for the base)."""
-
-    name: str | None
-    server_name: str | None
 
 
 class OpenAIHTTPEngine(Engine):
@@ -150,6 +95,35 @@ class OpenAIHTTPEngine(Engine):
 
     Thread-safe: adapter changes are serialised; requests resolve their adapter when they start and run
     concurrently. ``close()`` closes the connections; adapters stay loaded on the server.
+
+    Hooks for subclasses. A subclass for a server sets the class attributes ``server_kind``, ``start_hint``,
+    ``load_route``, ``unload_route`` and ``lora_setup_hint`` and overrides:
+
+    - ``_model_field(target)`` (abstract): the ``model`` field of a chat or completions request served by
+      ``target`` (a :class:`~runtime.engines.served_adapters.RequestTarget`; both its names are ``None`` for
+      the base model). Called once per request, chat, completions and streams alike.
+    - ``_prompt_logprobs(token_ids, target)`` (abstract): the log-prob of each of ``token_ids`` given the
+      ones before it (``None`` for the first), read from the server. Called by :meth:`score` once per row,
+      with the aligned tokens; it may return more values than tokens (extra ones are ignored).
+    - ``_reload(name, path, current)``: give the loaded ``name`` (``current``, a
+      :class:`~runtime.engines.served_adapters.ServedAdapter`) the weights in ``path``; returns the new entry
+      and the server name to unload once requests no longer pick it (``None`` when nothing needs
+      unloading). Called by :meth:`load_adapter` for ``replace=True`` on a loaded name, and when the server
+      already has the name (then ``current`` has an empty path); adapter changes are serialised around it.
+      When the new weights cannot be loaded it raises :class:`AdapterLoadError`, and the engine keeps
+      ``current``. The default calls ``_swap``; vLLM's reloads in place when the server allows it.
+
+    Overridable too, for a server whose adapter routes differ from ``{"lora_name", "lora_path"}`` on
+    ``load_route`` / ``{"lora_name"}`` on ``unload_route``: ``_server_load(name, server_name, path, **extra)``
+    (raises :class:`~runtime.engines.http_errors.ServerAdapterExistsError` when the server already has
+    ``server_name``, :class:`AdapterLoadError` for any other refusal) and ``_server_unload(name,
+    server_name, missing_ok=...)``; and ``_discover(model)``, called once by the constructor, which returns
+    the base model's name, sets ``context_length`` and adopts the adapters ``/v1/models`` lists.
+
+    Helpers for subclasses to call: ``_send(method, path, body, **httpx_kwargs)`` (a request whose transport
+    failures become engine errors), ``_json(response, path)``, ``_request_error(response, method, path,
+    target, max_new_tokens)`` and ``_http_error(response, method, path)`` (the engine error to raise for an
+    HTTP error answer), and ``_swap(name, path, current)`` (reload under a fresh server name).
     """
 
     server_kind: ClassVar[str] = "OpenAI-compatible"
@@ -174,28 +148,30 @@ class OpenAIHTTPEngine(Engine):
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
-        self.base_url = _normalise_base_url(base_url)
+        self.base_url = protocol.normalise_base_url(base_url)
         self.timeout = timeout
         self._max_concurrency = max_concurrency
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=max_concurrency + 4, max_keepalive_connections=max_concurrency),
+        self._server = OpenAIServerClient(
+            self.base_url,
+            kind=self.server_kind,
+            start_hint=self.start_hint,
+            lora_setup_hint=self.lora_setup_hint,
+            api_key=api_key,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_concurrency=max_concurrency,
             transport=transport,
         )
-        self._lock = threading.RLock()  # the registry, the active adapter, closed
+        self._lock = threading.RLock()  # the adapter table (with the active adapter), closed
         self._admin = threading.Lock()  # one adapter change at a time (held across its HTTP calls)
-        self._adapters: dict[str, _Served] = {}
-        self._active: str | None = None
+        self._table = AdapterTable()
         self._closed = False
         self.context_length: int | None = None
         """Tokens the model attends to (prompt and completion together), when the server says."""
         try:
             self.model_name = self._discover(model)
         except BaseException:
-            self._client.close()
+            self._server.close()
             raise
 
     # -- requests ---------------------------------------------------------------------------------------
@@ -208,15 +184,15 @@ class OpenAIHTTPEngine(Engine):
         """Answer a batch of conversations (the server applies the chat template); one request each, sent
         concurrently. ``adapter`` may also be a list, one choice per conversation."""
         params = params or SamplingParams()
-        messages = [_messages(c) for c in conversations]
+        messages = [protocol.chat_messages(c) for c in conversations]
         targets = self._targets(adapter, len(messages))
 
         def one(i: int) -> Generation:
-            body = {"model": self._model_field(targets[i]), "messages": messages[i], **_sampling_body(params)}
+            body = {"model": self._model_field(targets[i]), "messages": messages[i], **protocol.sampling_body(params)}
             data = self._request_json("/v1/chat/completions", body, targets[i], params)
-            choice = _first_choice(data, "/v1/chat/completions")
+            choice = protocol.first_choice(data, "/v1/chat/completions")
             text = (choice.get("message") or {}).get("content") or ""
-            return _generation(text, choice.get("finish_reason"), data.get("usage"), params, targets[i].name)
+            return protocol.to_generation(text, choice.get("finish_reason"), data.get("usage"), params, targets[i].name)
 
         return self._map(one, range(len(messages)))
 
@@ -235,10 +211,10 @@ class OpenAIHTTPEngine(Engine):
         targets = self._targets(adapter, len(prompts))
 
         def one(i: int) -> Generation:
-            body = {"model": self._model_field(targets[i]), "prompt": prompts[i], **_sampling_body(params)}
+            body = {"model": self._model_field(targets[i]), "prompt": prompts[i], **protocol.sampling_body(params)}
             data = self._request_json("/v1/completions", body, targets[i], params)
-            choice = _first_choice(data, "/v1/completions")
-            return _generation(
+            choice = protocol.first_choice(data, "/v1/completions")
+            return protocol.to_generation(
                 choice.get("text") or "", choice.get("finish_reason"), data.get("usage"), params, targets[i].name
             )
 
@@ -257,11 +233,11 @@ class OpenAIHTTPEngine(Engine):
         generation on the server.
         """
         params = params or SamplingParams()
-        messages = _messages(conversation)
+        messages = protocol.chat_messages(conversation)
         with self._lock:
             self._check_open()
             if adapter is not ACTIVE:
-                self._resolve(adapter)
+                self._table.target(adapter)
         return StreamResult(self._stream(messages, params, adapter))
 
     def score(
@@ -311,12 +287,12 @@ class OpenAIHTTPEngine(Engine):
             AdapterExistsError: ``name`` is loaded and ``replace`` is false.
             AdapterLoadError: the server could not load it (or could not be reached); nothing changed.
         """
-        _check_name(name)
-        server_path = _server_path(path)
+        check_adapter_name(name)
+        sent_path = protocol.server_path(path)
         with self._admin:
             with self._lock:
                 self._check_open()
-                current = self._adapters.get(name)
+                current = self._table.get(name)
             if current is not None and not replace:
                 raise AdapterExistsError(
                     f"An adapter named {name!r} is already loaded; unload it first or pass replace=True."
@@ -324,16 +300,14 @@ class OpenAIHTTPEngine(Engine):
             retired: str | None = None
             if current is None:
                 try:
-                    self._server_load(name, name, server_path)
-                    served = _Served(server_path, name)
-                except _AlreadyLoaded:  # loaded on the server before this engine started, or by someone else
-                    served, retired = self._reload(name, server_path, _Served("", name))
+                    self._server_load(name, name, sent_path)
+                    served = ServedAdapter(sent_path, name)
+                except ServerAdapterExistsError:  # loaded before this engine started, or by someone else
+                    served, retired = self._reload(name, sent_path, ServedAdapter("", name))
             else:
-                served, retired = self._reload(name, server_path, current)
+                served, retired = self._reload(name, sent_path, current)
             with self._lock:
-                self._adapters[name] = served
-                if activate:
-                    self._active = name
+                self._table.put(name, served, activate=activate)
             if retired is not None:
                 self._retire(retired)
 
@@ -342,40 +316,32 @@ class OpenAIHTTPEngine(Engine):
         with self._admin:
             with self._lock:
                 self._check_open()
-                served = self._adapters.get(name)
-                if served is None:
-                    raise UnknownAdapterError(name, list(self._adapters))
+                served = self._table.require(name)
             self._server_unload(name, served.server_name, missing_ok=True)
             with self._lock:
-                del self._adapters[name]
-                if self._active == name:
-                    self._active = None
+                self._table.remove(name)
 
     def set_active_adapter(self, name: str | None) -> None:
         """Make ``name`` (or the base model, for ``None``) the default for requests."""
         with self._lock:
             self._check_open()
-            if name is not None and name not in self._adapters:
-                raise UnknownAdapterError(name, list(self._adapters))
-            self._active = name
+            self._table.set_active(name)
 
     @property
     def active_adapter(self) -> str | None:
         """The default adapter for requests (``None`` = the base model)."""
-        return self._active
+        return self._table.active
 
     def list_adapters(self) -> list[str]:
         """Loaded adapter names, in load order."""
         with self._lock:
-            return list(self._adapters) if not self._closed else []
+            return self._table.names() if not self._closed else []
 
     def adapter_path(self, name: str) -> str:
         """The path the server loaded adapter ``name`` from (as sent to it)."""
         with self._lock:
             self._check_open()
-            if name not in self._adapters:
-                raise UnknownAdapterError(name, list(self._adapters))
-            return self._adapters[name].path
+            return self._table.require(name).path
 
     def close(self) -> None:
         """Close the connections; later calls raise :class:`EngineError`. The server keeps its adapters."""
@@ -383,61 +349,37 @@ class OpenAIHTTPEngine(Engine):
             if self._closed:
                 return
             self._closed = True
-            self._active = None
-            self._client.close()
+            self._table.active = None
+            self._server.close()
 
-    # -- what the servers differ in ---------------------------------------------------------------------
+    # -- hooks: what the servers differ in (see the class docstring) -------------------------------------
     @abstractmethod
-    def _model_field(self, target: _Target) -> str:
+    def _model_field(self, target: RequestTarget) -> str:
         """The ``model`` field of a request served by ``target``."""
 
     @abstractmethod
-    def _prompt_logprobs(self, token_ids: list[int], target: _Target) -> list[float | None]:
+    def _prompt_logprobs(self, token_ids: list[int], target: RequestTarget) -> list[float | None]:
         """Log-prob of each of ``token_ids`` given the ones before it (``None`` for the first)."""
 
-    def _reload(self, name: str, path: str, current: _Served) -> tuple[_Served, str | None]:
+    def _reload(self, name: str, path: str, current: ServedAdapter) -> tuple[ServedAdapter, str | None]:
         """Give the loaded ``name`` the weights in ``path``; returns the new entry and the server name to
         unload once requests no longer pick it (``None`` when nothing needs unloading)."""
         return self._swap(name, path, current)
 
-    def _swap(self, name: str, path: str, current: _Served) -> tuple[_Served, str | None]:
+    def _swap(self, name: str, path: str, current: ServedAdapter) -> tuple[ServedAdapter, str | None]:
         """Reload by loading the new weights under a fresh server name; the engine switches to it only
         after it loaded (so requests see the old or the new weights, and a failed load changes nothing)."""
-        for revision in range(current.revision + 1, current.revision + 21):
-            server_name = f"{name}@r{revision}"
-            try:
-                self._server_load(name, server_name, path)
-            except _AlreadyLoaded:  # left on the server by an earlier process; it stays there
-                log.warning("The %s server already has %r; trying the next revision", self.server_kind, server_name)
-                continue
-            return _Served(path, server_name, revision), current.server_name
-        raise AdapterLoadError(
-            f"Could not reload adapter {name!r}: the server already has revisions {current.revision + 1} to "
-            f"{current.revision + 20} of it loaded. Unload them on the server (POST {self.unload_route}) or restart it."
+        served = load_next_revision(
+            name, path, current, lambda server_name: self._server_load(name, server_name, path),
+            server_kind=self.server_kind, unload_route=self.unload_route,
         )
+        return served, current.server_name
 
     # -- internals: requests ----------------------------------------------------------------------------
-    def _targets(self, adapter: AdapterChoices, n: int) -> list[_Target]:
+    def _targets(self, adapter: AdapterChoices, n: int) -> list[RequestTarget]:
         with self._lock:
             self._check_open()
-            if adapter is None or isinstance(adapter, (str, _Active)):
-                return [self._resolve(adapter)] * n
-            choices = list(adapter)
-            if len(choices) != n:
-                raise ValueError(f"{len(choices)} adapter choices for {n} rows")
-            return [self._resolve(c) for c in choices]
-
-    def _resolve(self, adapter: AdapterChoice) -> _Target:
-        """The target of one choice (caller holds the lock)."""
-        name = self._active if isinstance(adapter, _Active) else adapter
-        if name is None:
-            return _Target(None, None)
-        if not isinstance(name, str):
-            raise TypeError(f"adapter must be a name, None or ACTIVE, not {type(name).__name__}")
-        served = self._adapters.get(name)
-        if served is None:
-            raise UnknownAdapterError(name, list(self._adapters))
-        return _Target(name, served.server_name)
+            return resolve_per_row(adapter, n, self._table.target)
 
     def _map(self, fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
         items = list(items)
@@ -446,11 +388,13 @@ class OpenAIHTTPEngine(Engine):
         with ThreadPoolExecutor(min(len(items), self._max_concurrency), thread_name_prefix="http-engine") as pool:
             return list(pool.map(fn, items))
 
-    def _request_json(self, path: str, body: Mapping[str, Any], target: _Target, params: SamplingParams) -> Any:
+    def _request_json(
+        self, path: str, body: Mapping[str, Any], target: RequestTarget, params: SamplingParams
+    ) -> Any:
         response = self._send("POST", path, body)
         if response.is_error:
             raise self._request_error(response, "POST", path, target, params.max_new_tokens)
-        return _json(response, self, path)
+        return self._json(response, path)
 
     def _stream(
         self, messages: list[dict[str, str]], params: SamplingParams, adapter: AdapterChoice
@@ -458,24 +402,24 @@ class OpenAIHTTPEngine(Engine):
         path = "/v1/chat/completions"
         with self._lock:
             self._check_open()
-            target = self._resolve(adapter)
+            target = self._table.target(adapter)
         body = {
             "model": self._model_field(target),
             "messages": messages,
-            **_sampling_body(params),
+            **protocol.sampling_body(params),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        text, emitted, chunks = "", 0, 0
+        text, chunks = "", 0
+        deltas = StreamDeltas(params.stop)
         finish: str | None = None
         usage: Mapping[str, Any] | None = None
-        with self._transport_errors("POST", path), self._client.stream("POST", path, json=body) as response:
+        with self._server.stream(path, body) as response:
             if response.is_error:
                 response.read()
                 raise self._request_error(response, "POST", path, target, params.max_new_tokens)
-            for event in _sse_events(response.iter_lines(), self, path):
-                if "error" in event or event.get("object") == "error":
-                    message = _error_message(event)
+            for event in self._server.events(response, path):
+                if (message := protocol.stream_error(event)) is not None:
                     raise ServerError(
                         f"The {self.server_kind} server at {self.base_url} failed while streaming: {message}",
                         server_message=message,
@@ -487,92 +431,44 @@ class OpenAIHTTPEngine(Engine):
                         text += delta
                         chunks += 1
                     finish = choice.get("finish_reason") or finish
-                shown, cut = cut_at_stop(text, params.stop)
-                end = len(shown) if cut else safe_stream_length(shown, params.stop)
-                if end > emitted:
-                    yield shown[emitted:end]
-                    emitted = end
+                shown, cut = deltas.update(text)
+                if shown:
+                    yield shown
                 if cut:
                     finish = "stop"
                     break  # leaving the block closes the connection: the server stops generating
-        result = _generation(text, finish, usage, params, target.name, streamed_chunks=chunks)
-        if len(result.text) > emitted:
-            yield result.text[emitted:]
+        result = protocol.to_generation(text, finish, usage, params, target.name, streamed_chunks=chunks)
+        if rest := deltas.rest(result.text):
+            yield rest
         return result
 
     def _align(self, prompt: str, completion: str) -> tuple[list[int], int]:
         """Tokens of prompt+completion and the index of the first completion token (see Engine.score)."""
         prompt_ids = self._tokenize(prompt, add_special_tokens=True)
         full = self._tokenize(prompt + completion, add_special_tokens=True)
-        start = 0
-        for a, b in zip(prompt_ids, full, strict=False):
-            if a != b:
-                break
-            start += 1
-        if start == 0 and full:  # the first token needs some context: the tokenizer's BOS, if it has one
-            bos = self._tokenize("", add_special_tokens=True)
-            if not bos:
-                raise ValueError("Empty prompt, and the tokenizer adds no BOS token to start from")
-            full, start = [*bos, *full], len(bos)
-        return full, start
+        return align_completion(prompt_ids, full, self._bos)
+
+    def _bos(self) -> list[int]:
+        """What the tokenizer puts before any text: context for a completion that has no prompt."""
+        bos = self._tokenize("", add_special_tokens=True)
+        if not bos:
+            raise ValueError("Empty prompt, and the tokenizer adds no BOS token to start from")
+        return bos
 
     def _tokenize(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        path = "/tokenize"
-        body = {"model": self.model_name, "prompt": text, "add_special_tokens": add_special_tokens}
-        response = self._send("POST", path, body)
-        if _route_missing(response):
-            raise UnsupportedOperationError(
-                f"The {self.server_kind} server at {self.base_url} has no {path} endpoint, so count_tokens() and "
-                f"score() cannot run on it: update the server, or use TransformersEngine with the same model."
-            )
-        if response.is_error:
-            raise self._http_error(response, "POST", path)
-        data = _json(response, self, path)
-        if isinstance(data.get("max_model_len"), int) and data["max_model_len"] > 0 and self.context_length is None:
-            self.context_length = data["max_model_len"]
-        tokens = data.get("tokens")
-        if not isinstance(tokens, list):
-            raise ServerError(f"The {self.server_kind} server's {path} answer has no token list: {str(data)[:300]}")
-        return [int(t) for t in tokens]
+        tokens, context = self._server.tokenize(self.model_name, text, add_special_tokens=add_special_tokens)
+        if context is not None and self.context_length is None:
+            self.context_length = context
+        return tokens
 
     # -- internals: adapters ----------------------------------------------------------------------------
     def _server_load(self, name: str, server_name: str, path: str, **extra: Any) -> None:
         """Ask the server to load ``path`` as ``server_name``; AdapterLoadError (nothing changed) if not."""
-        route = self.load_route
-        try:
-            response = self._send("POST", route, {"lora_name": server_name, "lora_path": path, **extra})
-        except EngineError as exc:
-            raise AdapterLoadError(f"Could not load adapter {name!r} from {path}: {exc}") from exc
-        if _route_missing(response):
-            raise AdapterLoadError(self._lora_disabled(route, response.status_code))
-        message = _response_message(response)
-        if response.is_success and _reported_success(response):
-            return
-        if _ALREADY_WORDS.search(message):
-            raise _AlreadyLoaded(message)
-        raise AdapterLoadError(
-            f"The {self.server_kind} server at {self.base_url} could not load adapter {name!r} from {path} "
-            f"(HTTP {response.status_code}): {message}. The path must exist on the server's machine and the "
-            f"adapter's rank must not exceed the server's --max-lora-rank; the engine's adapters are unchanged."
-        )
+        self._server.load_lora(self.load_route, name, server_name, path, **extra)
 
     def _server_unload(self, name: str, server_name: str, *, missing_ok: bool) -> None:
-        route = self.unload_route
-        response = self._send("POST", route, {"lora_name": server_name})
-        if _route_missing(response):
-            raise EngineError(self._lora_disabled(route, response.status_code))
-        if response.is_success and _reported_success(response):
-            return
-        message = _response_message(response)
-        if missing_ok and _MISSING_WORDS.search(message):
-            log.info("The %s server no longer had adapter %r (%s)", self.server_kind, server_name, message)
-            return
-        raise ServerError(
-            f"The {self.server_kind} server at {self.base_url} could not unload adapter {name!r} "
-            f"(HTTP {response.status_code}): {message}",
-            status_code=response.status_code,
-            server_message=message,
-        )
+        """Ask the server to unload ``server_name`` (``missing_ok``: it may not have it any more)."""
+        self._server.unload_lora(self.unload_route, name, server_name, missing_ok=missing_ok)
 
     def _retire(self, server_name: str) -> None:
         """Unload a server name no request picks any more; a failure only leaves it loaded on the server."""
@@ -581,307 +477,35 @@ class OpenAIHTTPEngine(Engine):
         except EngineError as exc:
             log.warning("Could not unload the replaced adapter %r from the server: %s", server_name, exc)
 
-    def _lora_disabled(self, route: str, status: int) -> str:
-        return (
-            f"The {self.server_kind} server at {self.base_url} does not offer runtime LoRA loading "
-            f"(POST {route} answered HTTP {status}). {self.lora_setup_hint}"
-        )
-
     def _discover(self, model: str | None) -> str:
         """The served base model's name; also adopts adapters the server lists and reads its context size."""
-        path = "/v1/models"
-        response = self._send("GET", path)
-        if response.is_error:
-            raise self._http_error(response, "GET", path)
-        data = _json(response, self, path)
-        listed = data.get("data") if isinstance(data, dict) else None
-        cards = [c for c in listed or [] if isinstance(c, dict) and "id" in c]
-        bases = [c for c in cards if not c.get("parent")]
-        if not bases:
-            raise EngineError(f"The {self.server_kind} server at {self.base_url} lists no models at {path}.")
-        if model is None:
-            card = bases[0]
-        else:
-            matches = [c for c in bases if c["id"] == model]
-            if not matches:
-                served = ", ".join(repr(c["id"]) for c in bases)
-                raise EngineError(
-                    f"The {self.server_kind} server at {self.base_url} does not serve {model!r}; it serves "
-                    f"{served}. Pass one of these as model=, or leave model unset to use the first."
-                )
-            card = matches[0]
+        card, adapters = self._server.base_model(model)
         if isinstance(card.get("max_model_len"), int):
             self.context_length = card["max_model_len"]
-        for adapter in cards:
-            if adapter.get("parent") == card["id"]:
-                self._adopt(str(adapter["id"]), str(adapter.get("root") or ""))
+        for adapter in adapters:
+            self._table.adopt(str(adapter["id"]), str(adapter.get("root") or ""))
         return str(card["id"])
 
-    def _adopt(self, server_name: str, path: str) -> None:
-        match = _REVISION.match(server_name)
-        name, revision = (match["name"], int(match["revision"])) if match else (server_name, 0)
-        current = self._adapters.get(name)
-        if current is None or revision > current.revision:
-            self._adapters[name] = _Served(path, server_name, revision)
-
-    # -- internals: HTTP --------------------------------------------------------------------------------
+    # -- internals: HTTP (helpers for subclasses) ------------------------------------------------------
     def _send(self, method: str, path: str, body: Mapping[str, Any] | None = None, **kwargs: Any) -> httpx.Response:
-        with self._transport_errors(method, path):
-            return self._client.request(method, path, json=body, **kwargs)
+        """Send a request; transport failures raise engine errors, HTTP errors are returned."""
+        return self._server.send(method, path, body, **kwargs)
 
-    @contextmanager
-    def _transport_errors(self, method: str, path: str) -> Iterator[None]:
-        """Translate httpx's transport failures into engine errors that say what to do."""
-        try:
-            yield
-        except httpx.TimeoutException as exc:
-            raise ServerTimeoutError(
-                f"The {self.server_kind} server at {self.base_url} did not answer {method} {path} within "
-                f"{self.timeout:g}s ({type(exc).__name__}): it may be overloaded or stuck (see its log), or the "
-                f"request needs longer; raise the engine's timeout."
-            ) from exc
-        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            raise ServerConnectionError(
-                f"Cannot reach the {self.server_kind} server at {self.base_url} ({method} {path}: {exc}). "
-                f"Is it running? Start it with: {self.start_hint}"
-            ) from exc
-        except httpx.HTTPError as exc:
-            if self._closed:
-                raise EngineError("The engine is closed.") from exc
-            raise ServerConnectionError(
-                f"HTTP failure talking to the {self.server_kind} server at {self.base_url} ({method} {path}): "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        except RuntimeError as exc:  # httpx raises this for a request on a closed client
-            if self._closed and not isinstance(exc, EngineError):
-                raise EngineError("The engine is closed.") from exc
-            raise
-
-    def _request_error(
-        self, response: httpx.Response, method: str, path: str, target: _Target, max_new_tokens: int
-    ) -> EngineError:
-        """The engine error for a failed generation or scoring request."""
-        message = _response_message(response)
-        status = response.status_code
-        if status in (400, 413, 422) and _CONTEXT_WORDS.search(message):
-            return ServerContextLengthError(
-                message,
-                prompt_tokens=_prompt_tokens_in(message),
-                max_new_tokens=max_new_tokens,
-                context=_context_in(message),
-            )
-        if (
-            target.server_name is not None
-            and status in (400, 404, 500)
-            and target.server_name in message
-            and _MISSING_WORDS.search(message)
-        ):
-            with self._lock:
-                loaded = list(self._adapters)
-            error = UnknownAdapterError(target.name or target.server_name, loaded)
-            error.args = (
-                f"The {self.server_kind} server at {self.base_url} does not have adapter {target.name!r} "
-                f"(served as {target.server_name!r}) loaded: {message}. Was the server restarted? Load it "
-                f"again with load_adapter(name, path, replace=True).",
-            )
-            return error
-        return self._http_error(response, method, path)
+    def _json(self, response: httpx.Response, path: str) -> Any:
+        """The JSON body of the answer to ``path``; :class:`ServerError` when it is not JSON."""
+        return self._server.json(response, path)
 
     def _http_error(self, response: httpx.Response, method: str, path: str) -> ServerError:
-        message = _response_message(response)
-        status = response.status_code
-        if _route_missing(response):
-            hint = f" The server has no {path} endpoint: is {self.base_url} a {self.server_kind} server?"
-        elif status in (401, 403):
-            hint = " Check the API key (the server was started with --api-key)."
-        elif status >= 500:
-            hint = " This is a server-side failure: see the server's log."
-        else:
-            hint = ""
-        return ServerError(
-            f"The {self.server_kind} server at {self.base_url} answered {method} {path} with HTTP {status}: "
-            f"{message}.{hint}",
-            status_code=status,
-            server_message=message,
-        )
+        """The engine error for an HTTP error answer, with a hint for the usual causes."""
+        return self._server.http_error(response, method, path)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EngineError("The engine is closed.")
+    def _request_error(
+        self, response: httpx.Response, method: str, path: str, target: RequestTarget, max_new_tokens: int
+    ) -> EngineError:
+        """The engine error for a failed generation or scoring request served by ``target``."""
 
+        def loaded() -> list[str]:
+            with self._lock:
+                return self._table.names()
 
-# -- helpers ----------------------------------------------------------------------------------------------
-def _normalise_base_url(base_url: str) -> str:
-    url = base_url.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
-
-
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or name != name.strip() or ":" in name or _REVISION.match(name):
-        raise ValueError(
-            f"Invalid adapter name {name!r}: use a non-empty name without ':', surrounding spaces or an "
-            f"'@r<number>' suffix (reserved for reloads)."
-        )
-
-
-def _server_path(path: str | Path) -> str:
-    """The path to send: absolute when it exists here (the server may share this filesystem), else as is."""
-    local = Path(path).expanduser()
-    return str(local.resolve()) if local.exists() else str(path)
-
-
-def _messages(conversation: Conversation) -> list[dict[str, str]]:
-    if isinstance(conversation, str):
-        raise TypeError("a conversation is a list of {'role': ..., 'content': ...} messages, not a string")
-    return [dict(m) for m in conversation]
-
-
-def _sampling_body(params: SamplingParams) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "max_tokens": params.max_new_tokens,
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-    }
-    if params.stop:
-        body["stop"] = list(params.stop)
-    if params.seed is not None:
-        body["seed"] = params.seed
-    return body
-
-
-def _generation(
-    text: str,
-    finish_reason: str | None,
-    usage: Mapping[str, Any] | None,
-    params: SamplingParams,
-    adapter: str | None,
-    *,
-    streamed_chunks: int | None = None,
-) -> Generation:
-    text, cut = cut_at_stop(text, params.stop)  # servers cut already; this keeps the engine contract if not
-    usage = usage or {}
-    completion_tokens = usage.get("completion_tokens")
-    if not isinstance(completion_tokens, int):  # a server that reports no usage: one token per chunk
-        completion_tokens = streamed_chunks or 0
-    prompt_tokens = usage.get("prompt_tokens")
-    return Generation(
-        text=text,
-        prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else 0,
-        completion_tokens=completion_tokens,
-        finish_reason="length" if finish_reason == "length" and not cut else "stop",
-        adapter=adapter,
-    )
-
-
-def _first_choice(data: Any, path: str) -> Mapping[str, Any]:
-    choices = data.get("choices") if isinstance(data, dict) else None
-    if not choices or not isinstance(choices[0], dict):
-        raise ServerError(f"The server's answer to {path} has no choices: {str(data)[:300]}")
-    return choices[0]
-
-
-def _json(response: httpx.Response, engine: OpenAIHTTPEngine, path: str) -> Any:
-    try:
-        return response.json()
-    except ValueError as exc:
-        raise ServerError(
-            f"The {engine.server_kind} server at {engine.base_url} answered {path} with something that is not "
-            f"JSON: {response.text[:300]!r}"
-        ) from exc
-
-
-def _sse_events(lines: Iterator[str], engine: OpenAIHTTPEngine, path: str) -> Iterator[dict[str, Any]]:
-    """The JSON payloads of a server-sent event stream (``data: {...}`` lines, ending at ``data: [DONE]``)."""
-    for line in lines:
-        if not line.startswith("data:"):
-            continue  # blank separators, comments (":"), "event:" lines
-        payload = line[len("data:") :].strip()
-        if payload == "[DONE]":
-            return
-        if not payload:
-            continue
-        try:
-            event = json.loads(payload)
-        except json.JSONDecodeError as exc:
-            raise ServerError(
-                f"The {engine.server_kind} server at {engine.base_url} sent a malformed {path} stream chunk: "
-                f"{payload[:300]!r}"
-            ) from exc
-        if isinstance(event, dict):
-            yield event
-
-
-def _route_missing(response: httpx.Response) -> bool:
-    """Whether the server has no such route (FastAPI's own 404/405), as opposed to an error it returned."""
-    if response.status_code == 405:
-        return True
-    if response.status_code != 404:
-        return False
-    try:
-        return response.json() == {"detail": "Not Found"}
-    except ValueError:
-        return True
-
-
-def _reported_success(response: httpx.Response) -> bool:
-    """False for a 200 whose JSON body says ``"success": false`` (SGLang's adapter routes)."""
-    try:
-        data = response.json()
-    except ValueError:
-        return True
-    return not (isinstance(data, dict) and data.get("success") is False)
-
-
-def _response_message(response: httpx.Response) -> str:
-    try:
-        data = response.json()
-    except ValueError:
-        return response.text.strip()[:1000] or response.reason_phrase
-    return _error_message(data)
-
-
-def _error_message(data: Any) -> str:
-    """The message in an error body: vLLM's ``{"error": {"message"}}``, the flat OpenAI-style
-    ``{"message"}`` (SGLang, older vLLM), SGLang's ``{"error_message"}`` or FastAPI's ``{"detail"}``."""
-    if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        if isinstance(error, str) and error:
-            return error
-        for key in ("message", "error_message", "detail"):
-            value = data.get(key)
-            if isinstance(value, str) and value:
-                return value
-            if value:
-                return json.dumps(value)[:1000]
-    return str(data)[:1000]
-
-
-def _context_in(message: str) -> int | None:
-    return _first_int(message, (
-        r"maximum context length (?:is|of) (\d+)",
-        r"context length \((\d+) tokens?\)",
-        r"maximum model length (?:is |of )?(\d+)",
-        r"max_model_len[^\d]{0,5}(\d+)",
-    ))
-
-
-def _prompt_tokens_in(message: str) -> int | None:
-    return _first_int(message, (
-        r"(\d+) (?:tokens )?in the messages",
-        r"(\d+) tokens from the input",
-        r"(\d+) input tokens",
-        r"input \((\d+) tokens?\)",
-        r"prompt \(length (\d+)\)",
-    ))
-
-
-def _first_int(message: str, patterns: Sequence[str]) -> int | None:
-    """The number captured by the first of `patterns` that matches `message` (case-insensitive)."""
-    for pattern in patterns:
-        if match := re.search(pattern, message, re.IGNORECASE):
-            return int(match.group(1))
-    return None
+        return self._server.request_error(response, method, path, target, max_new_tokens, loaded=loaded)

@@ -12,7 +12,9 @@ log-probs for scoring), ``POST /load_lora_adapter`` and ``/unload_lora_adapter``
 
 from __future__ import annotations
 
-from runtime.engines.openai_http import OpenAIHTTPEngine, ServerError, _json, _Target
+from runtime.engines.http_errors import ServerError
+from runtime.engines.openai_http import OpenAIHTTPEngine
+from runtime.engines.served_adapters import RequestTarget
 
 __all__ = ["SGLangEngine"]
 
@@ -30,6 +32,11 @@ class SGLangEngine(OpenAIHTTPEngine):
     SGLang cannot load new weights under a name it already serves, so reloading a name (``replace=True``)
     loads them under a fresh server name ``<name>@r<n>``, switches requests to it, then unloads the old
     one: atomic, and SGLang's prefix cache, keyed by adapter, holds nothing stale for the new name.
+
+    Current SGLang lists its loaded adapters in ``GET /v1/models`` with the base model as ``parent``; the
+    engine adopts them when it starts (as :class:`~runtime.engines.vllm_engine.VLLMEngine` does). With an
+    older SGLang that lists only the base model, loading a name it still holds takes that name over as a
+    reload. The ``loaded_adapters`` field of SGLang's load and unload answers is not read, whatever its shape.
     """
 
     server_kind = "SGLang"
@@ -44,10 +51,10 @@ class SGLangEngine(OpenAIHTTPEngine):
         "--lora-target-modules all (R at least your adapters' rank), e.g.: " + start_hint
     )
 
-    def _model_field(self, target: _Target) -> str:
+    def _model_field(self, target: RequestTarget) -> str:
         return f"{self.model_name}:{target.server_name}" if target.server_name else self.model_name
 
-    def _prompt_logprobs(self, token_ids: list[int], target: _Target) -> list[float | None]:
+    def _prompt_logprobs(self, token_ids: list[int], target: RequestTarget) -> list[float | None]:
         # SGLang's native /generate returns input-token log-probs from logprob_start_len on, as
         # [logprob, token_id, text] triples (the first token's log-prob is None).
         path = "/generate"
@@ -61,7 +68,7 @@ class SGLangEngine(OpenAIHTTPEngine):
         response = self._send("POST", path, body)
         if response.is_error:
             raise self._request_error(response, "POST", path, target, max_new_tokens=1)
-        data = _json(response, self, path)
+        data = self._json(response, path)
         meta = data.get("meta_info") if isinstance(data, dict) else None
         triples = meta.get("input_token_logprobs") if isinstance(meta, dict) else None
         if not isinstance(triples, list):

@@ -22,9 +22,11 @@ from runtime.engines.base import (
     Generation,
     SamplingParams,
     StreamResult,
-    _Active,
+    align_completion,
+    resolve_per_row,
+    selected_adapter,
 )
-from runtime.engines.decoding import CancelCriteria, TokenQueueStreamer, cut_at_stop, safe_stream_length
+from runtime.engines.decoding import CancelCriteria, StreamDeltas, TokenQueueStreamer, cut_at_stop
 from runtime.engines.errors import ContextLengthError, EngineError
 from runtime.engines.fair_lock import FairRLock
 from runtime.engines.peft_adapters import AdapterSet
@@ -306,27 +308,14 @@ class TransformersEngine(Engine):
         if self.context_length is not None and prompt_tokens + max_new_tokens > self.context_length:
             raise ContextLengthError(prompt_tokens, max_new_tokens, self.context_length)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EngineError("The engine is closed.")
-
     def _resolve(self, adapter: AdapterChoice) -> str | None:
-        if isinstance(adapter, _Active):
-            return self._active
-        if adapter is None:
-            return None
-        if not isinstance(adapter, str):
-            raise TypeError(f"adapter must be a name, None or ACTIVE, not {type(adapter).__name__}")
-        self._adapters.check(adapter)
-        return adapter
+        name = selected_adapter(adapter, self._active)
+        if name is not None and adapter is not ACTIVE:  # the active one is loaded: unloading it resets it
+            self._adapters.check(name)
+        return name
 
     def _resolve_many(self, adapter: AdapterChoices, n: int) -> list[str | None]:
-        if adapter is None or isinstance(adapter, (str, _Active)):
-            return [self._resolve(adapter)] * n
-        choices = list(adapter)
-        if len(choices) != n:
-            raise ValueError(f"{len(choices)} adapter choices for {n} rows")
-        return [self._resolve(c) for c in choices]
+        return resolve_per_row(adapter, n, self._resolve)
 
     def _encode(self, text: str) -> list[int]:
         bos = self._tokenizer.bos_token
@@ -340,17 +329,9 @@ class TransformersEngine(Engine):
         return [self._tokenizer.bos_token_id]
 
     def _align(self, prompt: str, completion: str) -> tuple[list[int], int]:
-        """Tokens of prompt+completion and the index of the first completion token."""
-        prompt_ids = self._encode(prompt)
-        full = self._encode(prompt + completion)
-        start = 0
-        for a, b in zip(prompt_ids, full, strict=False):
-            if a != b:
-                break
-            start += 1
-        if start == 0 and len(full) > 0:  # the first token needs some context: use BOS
-            full, start = [*self._bos_only(), *full], 1
-        return full, start
+        """Tokens of prompt+completion and the index of the first completion token (BOS gives the context
+        when they share no prefix)."""
+        return align_completion(self._encode(prompt), self._encode(prompt + completion), self._bos_only)
 
     def _pad(self, rows: Sequence[list[int]], *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
@@ -495,15 +476,12 @@ class TransformersEngine(Engine):
         thread.start()
         try:
             generated: list[int] = []
-            emitted = 0
+            deltas = StreamDeltas(params.stop)
             while (chunk := streamer.tokens.get()) is not None:
                 generated.extend(chunk)
-                text = self._tokenizer.decode(generated, skip_special_tokens=True)
-                text, cut = cut_at_stop(text, params.stop)
-                end = len(text) if cut else safe_stream_length(text, params.stop)
-                if end > emitted:
-                    yield text[emitted:end]
-                    emitted = end
+                delta, cut = deltas.update(self._tokenizer.decode(generated, skip_special_tokens=True))
+                if delta:
+                    yield delta
                 if cut:
                     cancel.set()
                     break
@@ -511,8 +489,8 @@ class TransformersEngine(Engine):
             if "error" in box:
                 raise box["error"]
             result = self._finish(len(ids), box["ids"], params, box["adapter"])
-            if len(result.text) > emitted:
-                yield result.text[emitted:]
+            if rest := deltas.rest(result.text):
+                yield rest
             return result
         finally:
             cancel.set()

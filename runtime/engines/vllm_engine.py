@@ -15,15 +15,10 @@ from __future__ import annotations
 
 import logging
 
-from runtime.engines.openai_http import (
-    OpenAIHTTPEngine,
-    ServerError,
-    _AlreadyLoaded,
-    _json,
-    _route_missing,
-    _Served,
-    _Target,
-)
+from runtime.engines.http_errors import ServerAdapterExistsError, ServerError
+from runtime.engines.openai_http import OpenAIHTTPEngine
+from runtime.engines.openai_protocol import route_missing
+from runtime.engines.served_adapters import RequestTarget, ServedAdapter
 
 __all__ = ["VLLMEngine"]
 
@@ -64,10 +59,10 @@ class VLLMEngine(OpenAIHTTPEngine):
     _prefix_reset_available: bool | None = None
     """Whether ``POST /reset_prefix_cache`` exists on the server (``None`` until first needed)."""
 
-    def _model_field(self, target: _Target) -> str:
+    def _model_field(self, target: RequestTarget) -> str:
         return target.server_name or self.model_name
 
-    def _prompt_logprobs(self, token_ids: list[int], target: _Target) -> list[float | None]:
+    def _prompt_logprobs(self, token_ids: list[int], target: RequestTarget) -> list[float | None]:
         # The legacy completions API echoes the prompt with each prompt token's log-prob; one token is
         # generated (and ignored) because not every vLLM version accepts max_tokens=0.
         path = "/v1/completions"
@@ -82,7 +77,7 @@ class VLLMEngine(OpenAIHTTPEngine):
         response = self._send("POST", path, body)
         if response.is_error:
             raise self._request_error(response, "POST", path, target, max_new_tokens=1)
-        data = _json(response, self, path)
+        data = self._json(response, path)
         choices = data.get("choices") if isinstance(data, dict) else None
         logprobs = (choices[0].get("logprobs") or {}) if choices else {}
         values = logprobs.get("token_logprobs")
@@ -93,16 +88,16 @@ class VLLMEngine(OpenAIHTTPEngine):
             )
         return values[: len(token_ids)]
 
-    def _reload(self, name: str, path: str, current: _Served) -> tuple[_Served, str | None]:
+    def _reload(self, name: str, path: str, current: ServedAdapter) -> tuple[ServedAdapter, str | None]:
         if not self._can_reset_prefix_cache():
             log.info("vLLM at %s has no /reset_prefix_cache: reloading %r under a new name", self.base_url, name)
             return self._swap(name, path, current)
         try:
             self._server_load(name, current.server_name, path, load_inplace=True)
-        except _AlreadyLoaded:  # a vLLM from before load_inplace
+        except ServerAdapterExistsError:  # a vLLM from before load_inplace
             return self._swap(name, path, current)
         self._reset_prefix_cache()
-        return _Served(path, current.server_name, current.revision), None
+        return ServedAdapter(path, current.server_name, current.revision), None
 
     def _can_reset_prefix_cache(self) -> bool:
         """Probe the reset route once: resetting an extra time only costs some recomputation."""
@@ -124,7 +119,7 @@ class VLLMEngine(OpenAIHTTPEngine):
         path = "/reset_prefix_cache"
         # reset_running_requests: without it vLLM skips the reset while any request holds cache blocks.
         response = self._send("POST", path, None, params={"reset_running_requests": "true"})
-        if _route_missing(response):
+        if route_missing(response):
             return None
         if response.is_error:
             raise self._http_error(response, "POST", path)
