@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -21,6 +21,7 @@ from agent.learning_agent import LearningAgent
 from orchestration.service import RuntimeService
 from runtime.config import RuntimeConfig
 from runtime.engines import Engine
+from runtime.factory import create_engine, open_store
 from runtime.store import Store
 from server import admin_routes, dashboard, feedback_routes, openai_routes, ops_routes
 from server.errors import install_error_handlers
@@ -61,23 +62,17 @@ def create_app(
         dashboard_requires_token: make the dashboard's data route require the admin token too.
         background_learning: start the service's scheduled learning loop with the app (lifespan).
     """
-    owned: list[Any] = []
     if service is not None:
         engine = engine or service.engine
         store = store or service.store
-    if store is None:
-        from runtime.factory import open_store
-
-        store = open_store(config)
-        owned.append(store)
-    if engine is None:
-        from runtime.factory import create_engine
-
-        engine = create_engine(config)
-        owned.append(engine)
-    owns_service = service is None
-    if service is None:
-        service = RuntimeService.from_config(config, engine=engine, store=store)
+    with ExitStack() as building:  # what this call creates is closed again if anything below fails
+        if store is None:
+            store = building.enter_context(open_store(config))
+        if engine is None:
+            engine = building.enter_context(create_engine(config))
+        if service is None:
+            service = building.enter_context(RuntimeService.from_config(config, engine=engine, store=store))
+        owned = building.pop_all()
     token = admin_token if admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV) or None
 
     # The agent's chat model logs every call and, with a service, feeds shadow mode.
@@ -103,7 +98,7 @@ def create_app(
         try:
             yield
         finally:
-            _shutdown(state, service if owns_service else None, started)
+            _shutdown(state, started)
 
     app = FastAPI(
         title="learning-runtime",
@@ -131,22 +126,16 @@ def _snapshot(state: ServerState) -> dict[str, Any]:
     }
 
 
-def _shutdown(state: ServerState, owned_service: RuntimeService | None, started_background: bool) -> None:
-    """Stop the learning loop, flush the log and close what the app created."""
+def _shutdown(state: ServerState, started_background: bool) -> None:
+    """Stop the learning loop, flush the log and close what the app created (the service, the engine, the store)."""
     try:
-        if owned_service is not None:
-            owned_service.close()
-        elif started_background:
+        if started_background:
             state.service.stop_background()
-    except Exception:  # noqa: BLE001 - shutdown goes on
-        log.exception("stopping the runtime service failed")
-    try:
         if not state.store.closed:
             state.store.flush()
+    except Exception:  # noqa: BLE001 - shutdown goes on
+        log.exception("stopping the learning loop or flushing the store at shutdown failed")
+    try:
+        state.owned.close()  # every callback runs even if one raises
     except Exception:  # noqa: BLE001
-        log.exception("flushing the store at shutdown failed")
-    for resource in reversed(state.owned):  # the engine, then the store
-        try:
-            resource.close()
-        except Exception:  # noqa: BLE001
-            log.exception("closing %r failed", resource)
+        log.exception("closing what the server created failed")

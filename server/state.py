@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import secrets
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import Request
 
@@ -56,7 +56,7 @@ class ServerState:
     learn_jobs: LearnJobs
     admin_token: str | None
     dashboard_requires_token: bool
-    owned: list[Any] = field(default_factory=list)
+    owned: ExitStack = field(default_factory=ExitStack)
 
     @property
     def chat_model(self) -> EngineChatModel:

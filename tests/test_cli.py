@@ -199,3 +199,37 @@ def test_a_vetoed_cycle_exits_3_and_its_signals_can_be_retried_or_dismissed(
     assert listed.exit_code == 0 and "dismissed" in listed.output and "pending" in listed.output
     decisions = runner.invoke(app, ["decisions", "--config", str(path)])
     assert decisions.exit_code == 0 and "first" in decisions.output and "veto" in decisions.output
+
+
+def test_learn_method_flag_runs_what_its_name_says(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`--method rewrite` restates then SFT; `--method sdft` is on-policy self-distillation; a typo is refused."""
+    path = write_config(tmp_path, tiny_model_dir)
+    config = yaml.safe_load(path.read_text())
+    config["learning"].update(
+        anchors={"enabled": False}, rewrite={"num_epochs": 1, "max_new_tokens": 4},
+        sdft={"num_epochs": 1, "max_completion_length": 4, "prompts_per_step": 2},
+    )
+    path.write_text(yaml.safe_dump(config))
+    unknown = runner.invoke(app, ["learn", "--config", str(path), "--method", "sdft-rewrite"])
+    assert unknown.exit_code == 2 and "rewrite, sdft, sft, auto, seal" in " ".join(unknown.output.split())
+    for method in ("rewrite", "sdft"):
+        with Store(tmp_path / "data" / "runtime.duckdb") as store:
+            store.add_signal("demonstration", text=f"{method} answer", messages=[{"role": "user", "content": "q?"}])
+        learned = runner.invoke(app, ["learn", "--config", str(path), "--method", method])
+        assert learned.exit_code == 0, learned.output
+        with Store(tmp_path / "data" / "runtime.duckdb", read_only=True) as store:
+            (active,) = store.adapters(status="active")
+            run = store.get_run(active.run_id)
+        assert active.method == method and active.name.startswith(f"{method}-") and run.method == method
+        assert ("rewrite_seconds" in run.metrics) == (method == "rewrite")
+        assert any("sdft/distillation_loss" in s for s in run.metrics["history"]) == (method == "sdft")
+
+
+def test_an_old_config_with_the_sdft_rewrite_variant_is_told_what_to_write(tmp_path: Path) -> None:
+    path = tmp_path / "runtime.yaml"
+    path.write_text("learning:\n  sdft:\n    variant: rewrite\n    learning_rate: 1.0e-3\n  sfft: {}\n")
+    shown = runner.invoke(app, ["config", "show", "--config", str(path)])
+    assert shown.exit_code == 2
+    text = " ".join(shown.output.split())  # the console wraps long lines
+    assert "runtime.yaml:3: learning.sdft.variant" in text and "learning.method: rewrite" in text
+    assert "runtime.yaml:5: learning.sfft: unknown key" in text
