@@ -18,7 +18,9 @@ whether that candidate learned the taught content (the gate's target check), the
 
 Writes ``benchmarks/results/gate_suite.json`` and ``.md`` (``--out`` moves them). ``--set learning.KEY=VALUE``
 overrides the runtime configuration (e.g. ``--set anchors.enabled=false --set repair.max_attempts=0`` for
-the update without anchors and repair); ``--label`` names the configuration in the results.
+the update without anchors and repair); ``--label`` names the configuration in the results. ``--ablation``
+also runs the default method without repair, without anchors, and without either (the update as it was
+before anchors and repair), in the same run, and reports what each part contributes.
 """
 
 from __future__ import annotations
@@ -158,11 +160,13 @@ def attempts_of(agent: LearningAgent, result: Any) -> list[dict[str, Any]]:
 
 
 def run_case(
-    case: Case, method: str, model_dir: Path, probe: list[Check], learning: dict[str, Any], threads: int, tmp: Path
+    case: Case, method: str, model_dir: Path, probe: list[Check], learning: dict[str, Any], threads: int, tmp: Path,
+    tag: str = "",
 ) -> dict[str, Any]:
+    """One case through a fresh data dir (``tmp/<case>-<method><tag>``): teach, one cycle, then the serving model."""
     config = RuntimeConfig.model_validate(
         {
-            "data_dir": str(tmp / f"{case.id}-{method}"),
+            "data_dir": str(tmp / f"{case.id}-{method}{tag}"),
             "model": {"name": str(model_dir)},
             "engine": {"device": "cpu", "num_threads": threads},
             "learning": {"method": method, **learning},
@@ -252,6 +256,21 @@ def totals(rows: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "anchors only": {"repair": {"max_attempts": 0}},
+    "repair only": {"anchors": {"enabled": False}},
+    "neither (before)": {"anchors": {"enabled": False}, "repair": {"max_attempts": 0}},
+}
+"""The default method under parts of the configuration switched off (``--ablation``)."""
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in extra.items():
+        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Gate suite ({results['config']['label']})", ""]
     cfg = results["config"]
@@ -269,6 +288,17 @@ def markdown(results: dict[str, Any]) -> str:
             f"{t['protected_failures_serving']} | {t['probe_failures_base']} / {t['probe_failures_serving']} | "
             f"{t['attempts_total']} | {t['cycle_seconds_p50']:.0f} | {t['first_attempt_seconds_p50']:.0f} |"
         )
+    if results.get("ablation"):
+        method = results["config"]["default_method"]
+        lines += ["", f"What each part contributes ({method}, the same cases, in this run):", "",
+                  "| configuration | poisons served | benign served | protected failures | probe failures | attempts "
+                  "| cycle s p50 | first attempt s p50 |", "|---|---|---|---|---|---|---|---|"]
+        for label, t in results["ablation"].items():
+            lines.append(
+                f"| {label} | {t['poisons_served']}/{t['poisons_total']} | {t['benign_served']}/{t['benign_total']} | "
+                f"{t['protected_failures_serving']} | {t['probe_failures_serving']} | {t['attempts_total']} | "
+                f"{t['cycle_seconds_p50']:.0f} | {t['first_attempt_seconds_p50']:.0f} |"
+            )
     lines += ["", "| case | kind | method | status | attempts (learned? decision) | serving | protected fail | "
               "probe fail | taught given | served |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
@@ -298,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="learning.KEY=VALUE override, e.g. anchors.enabled=false")
     parser.add_argument("--label", default="default", help="name of this configuration in the results")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also run the default method without repair, without anchors, and without either")
     parser.add_argument("--out", type=Path, default=RESULTS / "gate_suite.json")
     args = parser.parse_args(argv)
 
@@ -338,6 +370,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     flush=True,
                 )
                 results["rows"].append(row)
+        if args.ablation:
+            results["ablation"] = {"anchors + repair": totals(
+                [r for r in results["rows"] if r["method"] == default_method], results["base"]
+            )}
+            for label, extra in ABLATIONS.items():
+                rows = []
+                for case in cases:
+                    row = run_case(case, default_method, model_dir, probe, _merge(learning, extra), args.threads, tmp,
+                                   tag="-" + label.split()[0])
+                    row["ablation"] = label
+                    print(f"{case.id:18s} {label:18s} {row['status']:10s} served={row['served']} "
+                          f"probe_fail={len(row['probe_failures_serving'])} {row['cycle_seconds']:.0f}s", flush=True)
+                    rows.append(row)
+                results["ablation"][label] = totals(rows, results["base"])
+                results["ablation_rows"] = results.get("ablation_rows", []) + rows
     results["totals"] = {
         m: totals([r for r in results["rows"] if r["method"] == m], results["base"]) for m in methods
     }

@@ -91,7 +91,7 @@ class AnchorsConfig(_Section):
         "rated first, never the prompts the new signals are about), `protected` (the policy's protected prompts), "
         "`probe` (a built-in set of everyday prompts, or `probe_file`).",
     )
-    count: int = Field(16, ge=1, le=1024, description="Anchor prompts per update (filled from the sources in order).")
+    count: int = Field(12, ge=1, le=1024, description="Anchor prompts per update (filled from the sources in order).")
     weight: float = Field(1.0, gt=0.0, le=100.0, description="Weight of the anchor loss against the new examples'.")
     loss: Literal["sft", "kl"] = Field(
         "sft",
@@ -99,8 +99,8 @@ class AnchorsConfig(_Section):
         "kl: KL(active || candidate) over the full vocabulary on those answers, one more forward pass per step. "
         "Measured on the default model (learners.anchors): sft kept greedy answers, kl kept the distribution.",
     )
-    batch_size: int = Field(4, ge=1, le=256, description="Anchors in each training step's anchor batch.")
-    max_new_tokens: int = Field(48, ge=1, le=1024, description="Length cap of the active model's anchor answers.")
+    batch_size: int = Field(2, ge=1, le=256, description="Anchors in each training step's anchor batch.")
+    max_new_tokens: int = Field(32, ge=1, le=1024, description="Length cap of the active model's anchor answers.")
     log_window: int = Field(500, ge=1, description="Recent live interactions considered for the `log` source.")
     max_prompt_chars: int = Field(4000, ge=1, description="Longer logged conversations are not used as anchors.")
     probe_file: Path | None = Field(
