@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from runtime.engines.torch_setup import eos_token_ids
+
 
 @dataclass
 class GeneratedText:
@@ -29,19 +31,10 @@ class GeneratedText:
     finished: bool
 
 
-_END_MARKERS = ("<|im_end|>", "<|endoftext|>")
-
-
-def end_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    """The tokens that end an answer: the tokenizer's EOS, the model's generation EOS ids and ChatML's ends."""
-    vocab = tokenizer.get_vocab()
-    ids: set[int] = {vocab[m] for m in _END_MARKERS if m in vocab}
-    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    return ids
+def end_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """The tokens that end an answer, as the serving engine decides them (``runtime.engines.torch_setup``)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return eos_token_ids(configured, tokenizer)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from learners.worker import (
 )
 from policies.decision import Gate, GateDecision, approve_all
 from runtime.adapters import AdapterRegistry, AdapterVerificationError, Lineage
-from runtime.config import ConfigError, RuntimeConfig
+from runtime.config import ConfigError, RepairConfig, RuntimeConfig
 from runtime.cpu import learner_cpu_threads
 from runtime.models import resolve_model
 from runtime.store import AdapterRecord, Store
@@ -117,11 +117,12 @@ def run_cycle(
     timeout_s: float | None = None,
     protected_prompts: Sequence[list[dict[str, str]]] = (),
 ) -> CycleResult:
-    """Run one learning cycle with `method` (default: the config's).
+    """Run one learning cycle with `method` (default: the config's; see :mod:`learners.registry`).
 
-    ``sdft``, ``sft`` and ``auto`` learn from pending corrections and taught answers; ``auto`` trains
-    the configured candidates and keeps the one that learns with the smallest retention drop (see
-    :mod:`learners.auto`). ``seal`` learns pending documents through self-edits (see :mod:`learners.seal`).
+    ``rewrite``, ``sdft`` and ``sft`` learn from pending corrections and taught answers; ``auto`` trains
+    candidates of those and keeps the one that learns with the smallest retention drop (see
+    :mod:`learners.auto_trainer`). ``seal`` learns pending documents through self-edits (see
+    :mod:`learners.seal`).
     Every training also trains on anchors (``learning.anchors``: prompts answered by the active model, from
     the log, `protected_prompts` and a built-in probe; see :mod:`learners.anchors`).
 
@@ -140,8 +141,8 @@ def run_cycle(
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(f"{'.'.join(k)}: {m}" for k, m in problems))
     sections = method_sections(config.learning)
-    if method == "seal":
-        sections["seal"] = {"lora": config.learning.lora, **sections["seal"]}
+    if kind == "documents":  # SEAL's adapters take learning.lora's shape unless its own section says otherwise
+        sections[method] = {"lora": config.learning.lora, **sections[method]}
     settings = settings_dict(method, sections[method])
     registry = AdapterRegistry(config.adapters_dir, store)
     build = build_dataset(
@@ -220,24 +221,24 @@ def run_cycle(
     run = store.get_run(attempt.run_id)
     metrics = {**(run.metrics if run else {}), "gate": {"approved": True, "reasons": verdict.reasons}}
     metrics.pop("history", None)
-    result_args = (attempt.run_id,)
+    done = [a.to_dict() for a in attempts]
     repaired = f" (repaired: attempt {number})" if number > 1 else ""
     if promotion == "direct":
         active = registry.activate(record.name, reason=f"approved by the gate{repaired}", run_id=attempt.run_id)
-        return CycleResult("activated", f"{record.name} is active{repaired}", *result_args, active, counts, metrics,
-                           [a.to_dict() for a in attempts])
+        return CycleResult("activated", f"{record.name} is active{repaired}", attempt.run_id, active, counts,
+                           metrics, done)
     if promotion == "shadow":
         shadow = registry.shadow(record.name, run_id=attempt.run_id)
-        return CycleResult("shadow", f"{record.name} answers mirrored traffic in shadow mode{repaired}", *result_args,
-                           shadow, counts, metrics, [a.to_dict() for a in attempts])
+        return CycleResult("shadow", f"{record.name} answers mirrored traffic in shadow mode{repaired}",
+                           attempt.run_id, shadow, counts, metrics, done)
     return CycleResult(
         "awaiting_promotion",
         f"{record.name} was approved{repaired}; promote it with `runtime adapters promote {record.name}`",
-        *result_args, store.get_adapter(record.name), counts, metrics, [a.to_dict() for a in attempts],
+        attempt.run_id, store.get_adapter(record.name), counts, metrics, done,
     )
 
 
-def _no_repair(verdict: GateDecision, number: int, repair: Any, elapsed: float) -> str | None:
+def _no_repair(verdict: GateDecision, number: int, repair: RepairConfig, elapsed: float) -> str | None:
     """Why a vetoed attempt is not repaired (``None``: repair it)."""
     if not verdict.repair_prompts:
         return "not repairable (only protected and retention vetoes are)"

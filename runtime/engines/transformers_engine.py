@@ -30,12 +30,12 @@ from runtime.engines.decoding import CancelCriteria, StreamDeltas, TokenQueueStr
 from runtime.engines.errors import ContextLengthError, EngineError
 from runtime.engines.fair_lock import FairRLock
 from runtime.engines.peft_adapters import AdapterSet
+from runtime.engines.torch_setup import eos_token_ids, pick_device, pick_dtype
 from runtime.models import resolve_model
 from runtime.processes import check_not_spawning
 
 __all__ = ["TransformersEngine"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TransformersEngine(Engine):
@@ -75,8 +75,8 @@ class TransformersEngine(Engine):
             torch.set_num_threads(num_threads)
         self.model_name = str(model)
         self.model_path: Path = resolve_model(model, cache_dir)
-        self._device = _pick_device(device)
-        self._dtype = _pick_dtype(dtype, self._device)
+        self._device = pick_device(device)
+        self._dtype = pick_dtype(dtype, self._device)
         self._lock = FairRLock()  # FIFO: loads and evaluations are not starved by a stream of requests
         # Guards `_active` and the adapter table's membership so that switching the active adapter never
         # waits for a generation in flight (those hold `_lock`): a request resolves its adapter once, when
@@ -99,7 +99,7 @@ class TransformersEngine(Engine):
         self.context_length: int | None = getattr(base.config, "max_position_embeddings", None)
         """Tokens the model can attend to (prompt and completion together), if the config says."""
         self._adapters = AdapterSet(base)
-        self._eos_ids = _eos_token_ids(base.generation_config.eos_token_id, tokenizer)
+        self._eos_ids = eos_token_ids(base.generation_config.eos_token_id, tokenizer)
         if not self._eos_ids:
             raise EngineError(
                 f"{self.model_path} defines no end-of-sequence token: cannot tell when to stop."
@@ -495,39 +495,3 @@ class TransformersEngine(Engine):
         finally:
             cancel.set()
             thread.join()
-
-
-def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"device={device!r} was asked for but CUDA is not available; use 'cpu' or 'auto'.")
-    return resolved
-
-
-def _pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, not {dtype!r}")
-    return _DTYPES[dtype]
-
-
-def _eos_token_ids(configured: int | list[int] | None, tokenizer: Any) -> frozenset[int]:
-    """End-of-sequence ids: the generation config's, the tokenizer's, and ChatML's ``<|im_end|>``."""
-    ids: set[int] = set()
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(configured)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return frozenset(ids)
