@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -200,7 +201,22 @@ def _run_child(job: TrainJob | SealJob | CallJob, progress: ProgressFn | None, t
     return result
 
 
+def _die_with_parent() -> None:
+    """End this worker the moment its parent process ends (a killed server must not leave a worker training on
+    under PID 1, writing into a staging directory a restart has already cleaned)."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns when the parent's sentinel closes: the parent is gone
+        os._exit(70)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 def _child_main(kind: str, job_dict: dict[str, Any], messages: mp.Queue) -> None:
+    _die_with_parent()
     messages.put(("started", os.getpid()))
     job = _JOB_KINDS[kind](**job_dict)
     try:

@@ -29,9 +29,9 @@ from policies.loading import load_policy
 from policies.resources import training_device
 from policies.schema import Policy
 from policies.shadow import ShadowMirror, ShadowReport, ShadowSwitch, shadow_report
-from runtime.adapters import AdapterRegistry
+from runtime.adapters import AdapterRegistry, AdapterVerificationError
 from runtime.config import RuntimeConfig
-from runtime.engines import Engine
+from runtime.engines import AdapterLoadError, Engine
 from runtime.factory import create_engine, open_store
 from runtime.store import AdapterRecord, Store
 
@@ -65,6 +65,8 @@ class RuntimeService:
         self._gate: Gate | None = None
         self._owned = ExitStack()
         self.last_cycle: CycleResult | None = None
+        self.integrity_failures: list[str] = []
+        """Adapters refused because their files failed verification or did not load (name: reason)."""
 
     @classmethod
     def from_config(
@@ -101,11 +103,20 @@ class RuntimeService:
     # --- serving --------------------------------------------------------------------------------------
 
     def sync_engine(self) -> None:
-        """Make the engine serve the registry's active adapter and mirror to its shadow adapter."""
+        """Make the engine serve the registry's active adapter and mirror to its shadow adapter.
+
+        An active adapter whose files no longer match their checksum (or no longer load) is not served: its nearest
+        good ancestor serves instead, or the base model, and the registry records the rollback with the reason
+        (see :attr:`integrity_failures`).
+        """
         with self._swap_lock:
             active = self.registry.active()
-            if active is not None:
-                self._ensure_loaded(active)
+            while active is not None:
+                try:
+                    self._ensure_loaded(active)
+                    break
+                except (AdapterVerificationError, AdapterLoadError) as exc:
+                    active = self._refuse(active, exc)
             self.engine.set_active_adapter(active.name if active else None)
             shadow = self.registry.current_shadow()
             if shadow is not None:
@@ -312,7 +323,15 @@ class RuntimeService:
 
     def _ensure_loaded(self, record: AdapterRecord) -> None:
         if not self.engine.has_adapter(record.name):
-            self.engine.load_adapter(record.name, record.path)
+            self.registry.load_into(self.engine, record)
+
+    def _refuse(self, record: AdapterRecord, exc: Exception) -> AdapterRecord | None:
+        """The active adapter cannot serve: log it, count it, and fall back (:meth:`AdapterRegistry.fall_back`)."""
+        self.integrity_failures.append(f"{record.name}: {exc}")
+        restored = self.registry.fall_back(record, f"refused at start-up: {exc}")
+        log.error("adapter %s refused (%s); serving %s instead", record.name, exc,
+                  restored.name if restored else "the base model")
+        return restored
 
     def _prune(self) -> None:
         """Unload registry adapters that neither serve, shadow, nor would be restored by a rollback.

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from runtime.engines import Engine
 from runtime.store import AdapterRecord, AdapterRole, Store
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,6 +42,17 @@ class Lineage:
     data_counts: dict[str, Any]
     metrics: dict[str, Any]
     role: AdapterRole = "serving"
+
+
+ADAPTER_FILE_MODE = 0o640
+"""Published adapter files: readable by the owner's group (a vLLM or SGLang server running as another user of the
+same group loads them), by nobody else; directories ``0o750``."""
+
+
+def _share_with_group(path: Path) -> None:
+    path.chmod(0o750)
+    for item in path.rglob("*"):
+        item.chmod(0o750 if item.is_dir() else ADAPTER_FILE_MODE)
 
 
 def adapter_checksum(path: str | Path) -> str:
@@ -137,6 +149,7 @@ class AdapterRegistry:
                 indent=2,
             )
         )
+        _share_with_group(staged)
         self.root.mkdir(parents=True, exist_ok=True)
         os.replace(staged, target)  # atomic on one filesystem: staging lives under root
         return self.store.upsert_adapter(
@@ -164,7 +177,7 @@ class AdapterRegistry:
         :meth:`rollback` restores. The adapter's files must still match the checksum taken at publishing.
         """
         record = self._require(name)
-        self._verify_unchanged(record)
+        self.verify(record)
         previous = self.active()
         for old in self.store.adapters(status="active"):
             if old.name != name:
@@ -181,7 +194,7 @@ class AdapterRegistry:
     ) -> AdapterRecord:
         """Put `name` in shadow mode (it answers mirrored traffic only); an earlier shadow is retired."""
         record = self._require(name)
-        self._verify_unchanged(record)
+        self.verify(record)
         for old in self.store.adapters(status="shadow"):
             if old.name != name:
                 self.retire(old.name, reason=f"replaced in shadow mode by {name}")
@@ -224,7 +237,7 @@ class AdapterRegistry:
         restored = None
         if previous is not None:
             restored = self._require(previous)
-            self._verify_unchanged(restored)
+            self.verify(restored)
         self.store.set_adapter_status(current.name, "rolled_back")
         if restored is not None:
             self.store.set_adapter_status(restored.name, "active")
@@ -239,9 +252,38 @@ class AdapterRegistry:
             raise KeyError(f"no adapter named {name!r}; see `runtime adapters list`")
         return record
 
-    def _verify_unchanged(self, record: AdapterRecord) -> None:
+    def verify(self, record: AdapterRecord) -> None:
+        """Raise :class:`AdapterVerificationError` unless `record`'s files match the checksum recorded at publishing."""
         if not Path(record.path).is_dir() or adapter_checksum(record.path) != record.checksum:
             raise AdapterVerificationError(
                 f"adapter {record.name!r} at {record.path} is missing or does not match its recorded checksum; "
                 "it was changed on disk after publishing. Re-train it or restore the directory."
             )
+
+    def load_into(self, engine: Engine, record: AdapterRecord) -> None:
+        """Load a registry adapter into `engine`, its checksum verified first. Every load goes through here (by
+        name, at start-up, on promotion, for the gate), so files changed on disk are never served."""
+        self.verify(record)
+        engine.load_adapter(record.name, record.path)
+
+    def fall_back(self, record: AdapterRecord, reason: str) -> AdapterRecord | None:
+        """`record` (active) cannot serve: activate its nearest ancestor whose files verify, else nothing (the base
+        model). The change is recorded as a ``rollback`` decision with `reason`; returns what serves now."""
+        restored = None
+        for name in reversed(record.lineage):
+            ancestor = self.store.get_adapter(name)
+            if ancestor is None or ancestor.role != "serving" or ancestor.status == "rejected":
+                continue
+            try:
+                self.verify(ancestor)
+            except AdapterVerificationError:
+                continue
+            restored = ancestor
+            break
+        self.store.set_adapter_status(record.name, "rolled_back")
+        if restored is not None:
+            self.store.set_adapter_status(restored.name, "active")
+        self.store.record_decision(
+            record.name, "rollback", reasons=[reason], checks={"restored": restored.name if restored else None},
+        )
+        return self._require(restored.name) if restored is not None else None

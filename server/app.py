@@ -79,7 +79,7 @@ def create_app(
     agent = LearningAgent(engine, store=store, system_prompt=config.engine.system_prompt, service=service,
                           max_new_tokens=config.engine.max_new_tokens, temperature=config.engine.temperature)
     learn_jobs = LearnJobs()
-    resolver = ModelResolver(engine, store)
+    resolver = ModelResolver(engine, service.registry)
     holder: dict[str, ServerState] = {}
     metrics = ServerMetrics(lambda: _snapshot(holder["state"]))
     state = ServerState(
@@ -123,6 +123,7 @@ def _snapshot(state: ServerState) -> dict[str, Any]:
         "loaded_adapters": len(state.engine.list_adapters()),
         "store_counts": state.store.counts(),
         "learning": state.learn_jobs.running() is not None,
+        "adapters_refused": len(state.service.integrity_failures) + state.resolver.refused,
     }
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -81,6 +81,12 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("runtime_learning_job_running",
                                 "1 while a learning cycle started by this server is running.",
                                 value=1.0 if state.get("learning") else 0.0)
+        refused = CounterMetricFamily(
+            "runtime_adapters_refused",
+            "Adapters refused since start because their files failed checksum verification or did not load.",
+        )
+        refused.add_metric([], float(state.get("adapters_refused", 0)))
+        yield refused
 
 
 class MetricsMiddleware:

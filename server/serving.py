@@ -8,6 +8,7 @@ worker thread; streaming hands the deltas to the event loop through an asyncio q
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,11 +19,13 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Huma
 from starlette.concurrency import run_in_threadpool
 
 from agent.chat_model import INTERACTION_ID_KEY, EngineChatModel
-from runtime.engines import ACTIVE, AdapterChoice, ContextLengthError, Engine, UnknownAdapterError
-from runtime.store import Store
+from runtime.adapters import AdapterRegistry, AdapterVerificationError
+from runtime.engines import ACTIVE, AdapterChoice, AdapterLoadError, ContextLengthError, Engine, UnknownAdapterError
 from server.errors import APIError
 from server.limits import ServerLimits
 from server.schemas import ChatCompletionRequest, ChatMessage
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAMES = frozenset({"", "default"})
 """``model`` values (besides omitting it) that mean "the active adapter"."""
@@ -66,14 +69,18 @@ class PreparedRequest:
 class ModelResolver:
     """Maps a request's ``model`` to what serves it: the active adapter, the base model, or an adapter.
 
-    An adapter recorded in the registry but not yet in the engine is loaded on first use (one at a time);
-    adapters the gate rejected are not servable by name.
+    An adapter recorded in the registry but not yet in the engine is loaded on first use (one at a time), its
+    checksum verified first; adapters the gate rejected are not servable by name. A registered adapter whose files
+    changed on disk or do not load answers 409 with the reason (and is counted in :attr:`refused`).
     """
 
-    def __init__(self, engine: Engine, store: Store) -> None:
+    def __init__(self, engine: Engine, registry: AdapterRegistry) -> None:
         self.engine = engine
-        self.store = store
+        self.registry = registry
+        self.store = registry.store
         self._load_lock = threading.Lock()
+        self.refused = 0
+        """Adapters refused by name because their files failed verification or did not load."""
 
     @property
     def base_id(self) -> str:
@@ -111,7 +118,13 @@ class ModelResolver:
                 if not Path(record.path).is_dir():
                     raise APIError(404, f"The adapter {model!r} is registered but its files are missing at "
                                    f"{record.path}.", code="model_not_found", param="model")
-                self.engine.load_adapter(model, record.path)
+                try:
+                    self.registry.load_into(self.engine, record)
+                except (AdapterVerificationError, AdapterLoadError) as exc:
+                    self.refused += 1
+                    log.error("adapter %s refused by name: %s", model, exc)
+                    raise APIError(409, f"The adapter {model!r} cannot be served: {exc}", code="adapter_refused",
+                                   param="model") from None
         return model
 
 

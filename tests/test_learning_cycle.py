@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,56 @@ def test_a_script_without_a_main_guard_is_told_what_to_do(tmp_path: Path, tiny_m
     assert "STATUS failed" in done.stdout
     assert 'if __name__ == "__main__":' in done.stdout and "spawn" in done.stdout
     assert "StartedWhileSpawning" in done.stderr  # the child's own error, on the terminal
+
+
+def test_the_worker_dies_with_its_parent(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """kill -9 of the process that started a training leaves no worker behind (it would train on under PID 1)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "worker.pid"
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from learners.worker import TrainJob, run_training_process
+
+        def progress(step, total, logs):
+            (child,) = multiprocessing.active_children()
+            open({str(pid_file)!r}, "w").write(str(child.pid))
+
+        if __name__ == "__main__":
+            job = TrainJob(method="sft", base_model_dir={str(tiny_model_dir)!r}, output_dir={str(tmp_path / "out")!r},
+                           examples=[{{"prompt": [{{"role": "user", "content": "q"}}], "demonstration": "a"}}],
+                           settings={{"num_epochs": 100000}}, lora={{"r": 4}}, num_threads=1)
+            run_training_process(job, progress)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    try:
+        while not pid_file.exists() or not pid_file.read_text():  # the worker is training
+            assert parent.poll() is None, "the parent stopped before the worker trained"
+            time.sleep(0.2)
+        worker = int(pid_file.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        for _ in range(1200):  # the watchdog reacts at once; this only bounds a broken one (2 minutes)
+            if not _running(worker):
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the worker outlived its parent")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie waiting to be reaped does not count)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
