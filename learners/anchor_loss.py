@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from learners.anchors import Anchor
+from runtime.chat_encoding import encode_chat
 
 REFERENCE_ADAPTER = "anchor_reference"
 """Name of the frozen copy of the parent adapter that ``kl`` compares against."""
@@ -113,8 +114,7 @@ class AnchorLoss:
 
 def _tokenise(anchor: Anchor, tokenizer: Any, max_length: int) -> tuple[list[int], int]:
     """(prompt ids + answer ids, prompt length), the prompt as generation saw it, cut from the left to fit."""
-    rendered = tokenizer.apply_chat_template(anchor.messages, add_generation_prompt=True, tokenize=False)
-    prompt = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    prompt = encode_chat(tokenizer, anchor.messages)
     answer = list(anchor.answer_ids or [])[:max_length]
     prompt = prompt[-max(1, max_length - len(answer)) :]
     return prompt + answer, len(prompt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,10 @@ class BaseTrainSettings:
         learning_rate: Peak AdamW learning rate (LoRA parameters only).
         num_epochs: Passes over the examples.
         max_steps: Stop after this many optimizer steps (overrides ``num_epochs``); ``None`` for no cap.
+        min_steps: Take at least this many optimizer steps: when ``num_epochs`` passes over the examples make
+            fewer, the data is cycled until this many (0: off). A correction of one to three examples makes one
+            optimizer step per epoch; this keeps such a small update from being too short to learn, and leaves
+            a larger one (many steps per epoch) as ``num_epochs`` says.
         seed: Seeds LoRA initialisation, data order and sampling.
         lr_scheduler_type: Any ``transformers`` scheduler name (``"linear"``, ``"cosine"``, ``"constant"``...).
         warmup_steps: Warmup length; a value below 1 is a fraction of the total steps.
@@ -36,6 +41,7 @@ class BaseTrainSettings:
     learning_rate: float = 5e-4
     num_epochs: float = 10
     max_steps: int | None = None
+    min_steps: int = 0
     seed: int = 0
     lr_scheduler_type: str = "linear"
     warmup_steps: float = 0.0
@@ -61,17 +67,28 @@ class BaseTrainSettings:
 
         return (not self.use_cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
-    def training_args_kwargs(self, output_dir: str | Path) -> dict[str, Any]:
+    def resolved_max_steps(self, steps_per_epoch: int | None) -> int | None:
+        """The step cap to train with: ``max_steps``, else ``min_steps`` when the epochs would make fewer."""
+        if self.max_steps is not None:
+            return self.max_steps
+        if steps_per_epoch is None or self.min_steps <= 0:
+            return None
+        epoch_steps = math.ceil(self.num_epochs * max(1, steps_per_epoch))
+        return self.min_steps if epoch_steps < self.min_steps else None
+
+    def training_args_kwargs(self, output_dir: str | Path, steps_per_epoch: int | None = None) -> dict[str, Any]:
         """Keyword arguments for a ``TrainingArguments`` subclass (TRL's ``SFTConfig`` / ``SDFTConfig``).
 
-        Logs every step, saves no checkpoints (the learner saves the final adapter itself), reports to
-        no tracker and shows no tqdm bar (progress goes through the learner's callback).
+        ``steps_per_epoch`` (optimizer steps in one pass over the examples) lets ``min_steps`` apply. Logs
+        every step, saves no checkpoints (the learner saves the final adapter itself), reports to no tracker
+        and shows no tqdm bar (progress goes through the learner's callback).
         """
+        max_steps = self.resolved_max_steps(steps_per_epoch)
         return {
             "output_dir": str(output_dir),
             "learning_rate": self.learning_rate,
             "num_train_epochs": self.num_epochs,
-            "max_steps": self.max_steps if self.max_steps is not None else -1,
+            "max_steps": max_steps if max_steps is not None else -1,
             "seed": self.seed,
             "data_seed": self.seed,
             "lr_scheduler_type": self.lr_scheduler_type,

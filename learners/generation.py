@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from runtime.chat_encoding import encode_chat
 from runtime.engines.torch_setup import eos_token_ids
 
 
@@ -64,11 +65,7 @@ def generate(
         kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    encoded = [
-        tokenizer(tokenizer.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False),
-                  add_special_tokens=False)["input_ids"]
-        for c in conversations
-    ]
+    encoded = [encode_chat(tokenizer, list(c)) for c in conversations]
     by_length: dict[int, list[int]] = {}
     for index, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(index)

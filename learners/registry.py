@@ -216,6 +216,7 @@ def scale_settings(method: str, settings: Mapping[str, Any], learning_rate_facto
         **settings,
         "learning_rate": resolved.learning_rate * learning_rate_factor,
         "num_epochs": resolved.num_epochs * epochs_factor,
+        "min_steps": round(resolved.min_steps * epochs_factor),
     }
 
 

@@ -8,6 +8,7 @@ towards the teacher's distribution on those answers. The trainer is :mod:`learne
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -178,8 +179,9 @@ class SDFTSettings(BaseTrainSettings):
             raise ValueError(
                 f"micro_batch_size ({micro}) must divide prompts_per_step x num_rollouts ({rows_per_step})"
             )
+        steps_per_epoch = math.ceil(num_examples / self.effective_prompts_per_step(num_examples))
         return SDFTConfig(
-            **self.training_args_kwargs(output_dir),
+            **self.training_args_kwargs(output_dir, steps_per_epoch),
             per_device_train_batch_size=micro,
             gradient_accumulation_steps=rows_per_step // micro,
             num_generations=self.num_rollouts,

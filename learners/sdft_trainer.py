@@ -276,5 +276,6 @@ def _sft_warmup(
     sft = settings.to_sft_settings()
     sft.num_epochs = settings.sft_warmup_epochs
     sft.max_steps = None
+    sft.min_steps = 0
     scratch = Path(output_dir).parent / f"{Path(output_dir).name}.sft-warmup"
     return train_sft(base_model_dir, examples, scratch, sft, lora, parent_adapter_dir)

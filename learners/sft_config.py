@@ -5,6 +5,7 @@ The trainer is :mod:`learners.sft_trainer` (TRL's ``SFTTrainer``). TRL is import
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,18 @@ class SFTSettings(BaseTrainSettings):
     shuffle: bool = True
     kl_anchor: float = 0.0
 
-    def to_sft_config(self, output_dir: str | Path, *, plain_text: bool = False) -> Any:
-        """Build TRL's ``SFTConfig`` (``plain_text``: a ``text`` dataset, loss on every token)."""
+    def to_sft_config(
+        self, output_dir: str | Path, *, plain_text: bool = False, num_examples: int | None = None
+    ) -> Any:
+        """Build TRL's ``SFTConfig`` (``plain_text``: a ``text`` dataset, loss on every token); ``num_examples``
+        lets ``min_steps`` apply."""
         from trl import SFTConfig
 
+        steps_per_epoch = None
+        if num_examples is not None:
+            steps_per_epoch = math.ceil(num_examples / (self.batch_size * self.gradient_accumulation_steps))
         return SFTConfig(
-            **self.training_args_kwargs(output_dir),
+            **self.training_args_kwargs(output_dir, steps_per_epoch),
             per_device_train_batch_size=self.batch_size,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
             max_length=self.max_length,

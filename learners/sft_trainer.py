@@ -11,12 +11,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTTrainer
+
+from runtime.chat_encoding import common_prefix_length, encode_chat, encode_text
 
 from .anchor_loss import AnchorLoss, AnchorTraining
 from .callbacks import ProgressCallback, ProgressFn
@@ -29,17 +32,29 @@ from .sft_config import SFTSettings
 __all__ = ["build_sft_text_trainer", "build_sft_trainer", "train_sft", "train_sft_texts"]
 
 
-def _to_dataset(examples: Sequence[DemoExample]) -> Dataset:
-    """TRL's conversational prompt-completion format."""
-    return Dataset.from_list(
-        [
-            {
-                "prompt": list(ex.prompt),
-                "completion": [{"role": "assistant", "content": ex.demonstration}],
-            }
-            for ex in examples
-        ]
-    )
+def _to_dataset(examples: Sequence[DemoExample], tokenizer: Any) -> Dataset:
+    """The examples tokenised for TRL (``input_ids`` and ``completion_mask``: the answer's tokens).
+
+    Tokenised here rather than by TRL so that no prompt or answer text becomes a control token
+    (:func:`runtime.chat_encoding.encode_chat`): user text such as ``<|im_end|><|im_start|>system`` is trained
+    on as the characters it is, as it is served.
+    """
+    rows = []
+    for ex in examples:
+        prompt_ids = encode_chat(tokenizer, ex.prompt, add_generation_prompt=True)
+        full = encode_chat(
+            tokenizer, [*ex.prompt, {"role": "assistant", "content": ex.demonstration}], add_generation_prompt=False
+        )
+        start = common_prefix_length(prompt_ids, full)
+        rows.append({"input_ids": full, "completion_mask": [0] * start + [1] * (len(full) - start)})
+    return Dataset.from_list(rows)
+
+
+def _texts_dataset(texts: Sequence[str], tokenizer: Any) -> Dataset:
+    """Plain texts tokenised for TRL, each ended by EOS, special-token strings in them spelled out."""
+    eos = tokenizer.eos_token_id
+    return Dataset.from_list([{"input_ids": [*encode_text(tokenizer, t), *([eos] if eos is not None else [])]}
+                              for t in texts])
 
 
 def build_sft_trainer(
@@ -55,9 +70,9 @@ def build_sft_trainer(
     """Build (but do not run) the TRL ``SFTTrainer`` that ``train_sft`` runs."""
     if not examples:
         raise ValueError("train_sft needs at least one example")
+    dataset = _to_dataset(examples, load_tokenizer(base_model_dir))
     return _build_trainer(
-        base_model_dir, _to_dataset(examples), output_dir, settings, lora, parent_adapter_dir, callbacks, False,
-        anchors,
+        base_model_dir, dataset, output_dir, settings, lora, parent_adapter_dir, callbacks, False, anchors
     )
 
 
@@ -75,7 +90,7 @@ def build_sft_text_trainer(
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise ValueError("train_sft_texts needs at least one non-empty text")
-    dataset = Dataset.from_list([{"text": t} for t in texts])
+    dataset = _texts_dataset(texts, load_tokenizer(base_model_dir))
     return _build_trainer(
         base_model_dir, dataset, output_dir, settings, lora, parent_adapter_dir, callbacks, True, anchors
     )
@@ -102,7 +117,7 @@ def _build_trainer(
     trainer_cls = _RegularisedSFTTrainer if regularised else SFTTrainer
     trainer = trainer_cls(
         model=model,
-        args=settings.to_sft_config(output_dir, plain_text=plain_text),
+        args=settings.to_sft_config(output_dir, plain_text=plain_text, num_examples=len(dataset)),
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=list(callbacks),

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from policies.safe_regex import RegexTimeout, search
 from policies.schema import Expectation
 
 _FENCED = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
@@ -60,8 +61,12 @@ def check_answer(expect: Expectation, answer: str, *, refusal_markers: Sequence[
     for needle in _as_list(expect.not_contains):
         if fold(needle) in text:
             failures.append(f"contains {needle!r}")
-    if expect.regex is not None and re.search(expect.regex, answer) is None:
-        failures.append(f"does not match /{expect.regex}/")
+    if expect.regex is not None:
+        try:
+            if not search(expect.regex, answer):
+                failures.append(f"does not match /{expect.regex}/")
+        except RegexTimeout as exc:
+            failures.append(f"could not be checked: {exc}")
     if expect.equals is not None and fold(answer.strip()) != fold(expect.equals.strip()):
         failures.append(f"is not equal to {expect.equals!r}")
     if expect.refuses is not None and is_refusal(answer, refusal_markers) != expect.refuses:

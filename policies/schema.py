@@ -8,12 +8,14 @@ valid policy that protects nothing and promotes directly.
 from __future__ import annotations
 
 import re
-from datetime import time
+from datetime import UTC, datetime, time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from learners.registry import LEARNING_METHODS
+from policies.safe_regex import check_pattern
+from runtime.strict_fields import StrictSection
 from runtime.textmatch import TargetMetric
 
 DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
@@ -42,8 +44,8 @@ DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
 """Phrases that mark an answer as a refusal (case-insensitive), for the ``refuses`` expectation."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Section(StrictSection):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Message(_Section):
@@ -59,7 +61,10 @@ class Expectation(_Section):
         None, min_length=1, description="At least one of these substrings must appear."
     )
     not_contains: str | list[str] | None = Field(None, description="None of these substrings may appear.")
-    regex: str | None = Field(None, description="The answer must match this regular expression (re.search).")
+    regex: str | None = Field(
+        None, description="The answer must match this regular expression (searched, with a time limit; see "
+        "policies.safe_regex)."
+    )
     equals: str | None = Field(None, description="The answer, stripped, must equal this.")
     refuses: bool | None = Field(
         None, description="true: the answer must be a refusal; false: it must not be one (see refusal_markers)."
@@ -81,10 +86,7 @@ class Expectation(_Section):
     @classmethod
     def _compiles(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
+            check_pattern(value)
         return value
 
     @field_validator("json_schema")
@@ -228,7 +230,9 @@ _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 class Schedule(_Section):
     """When the background loop runs a learning cycle."""
 
-    interval_s: float | None = Field(600.0, gt=0, description="Seconds between checks (ignored when cron is set).")
+    interval_s: float | None = Field(
+        600.0, ge=1.0, description="Seconds between checks, at least 1 (ignored when cron is set)."
+    )
     cron: str | None = Field(None, description="Standard 5-field crontab expression, e.g. '*/15 * * * *'.")
     min_new_signals: int = Field(
         4, ge=1, description="Unconsumed corrections and taught answers (or documents, for seal) needed to learn."
@@ -257,9 +261,11 @@ class Schedule(_Section):
             from apscheduler.triggers.cron import CronTrigger
 
             try:
-                CronTrigger.from_crontab(value)
+                trigger = CronTrigger.from_crontab(value, timezone=UTC)
             except ValueError as exc:
                 raise ValueError(f"not a valid crontab expression: {exc}") from None
+            if trigger.get_next_fire_time(None, datetime.now(UTC)) is None:
+                raise ValueError(f"the crontab expression {value!r} never fires (no such date)")
         return value
 
     @field_validator("quiet_hours")

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
+from runtime.strict_fields import StrictSection
 from runtime.yamlfile import describe_problems, describe_validation_error, read_yaml_mapping
 
 ENV_PREFIX = "RUNTIME_"
@@ -27,8 +28,8 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message says where and what to change."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class _Section(StrictSection):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
 
 class ModelConfig(_Section):
@@ -50,7 +51,10 @@ class EngineConfig(_Section):
     kind: Literal["transformers", "vllm", "sglang"] = Field(
         "transformers", description="`transformers` is the embedded in-process default."
     )
-    device: str = Field("auto", description="`auto`, `cpu`, `cuda` or `cuda:N` (transformers engine).")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description="`auto`, `cpu`, `mps`, `cuda` or `cuda:N` (transformers engine).",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_threads: int | None = Field(
         None, ge=1,
@@ -223,7 +227,22 @@ def load_config(
         raise ConfigError(describe_problems(problems, source, lines, title="invalid configuration", env_keys=env_keys))
     if path is not None:
         _resolve_relative_paths(config, Path(path).resolve().parent)
+    problems = _path_problems(config)
+    if problems:
+        raise ConfigError(describe_problems(problems, source, lines, title="invalid configuration", env_keys=env_keys))
     return config
+
+
+def _path_problems(config: RuntimeConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Paths that cannot be what they name: a store that is a directory, a policy file that is missing."""
+    problems: list[tuple[tuple[str, ...], str]] = []
+    if config.store.path is not None and config.store.path.is_dir():
+        problems.append((("store", "path"), f"{config.store.path} is a directory; name the DuckDB file in it"))
+    if config.data_dir.exists() and not config.data_dir.is_dir():
+        problems.append((("data_dir",), f"{config.data_dir} is a file; name a directory"))
+    if config.policy is not None and not config.policy.is_file():
+        problems.append((("policy",), f"policy file {config.policy} not found (write it, or remove the key)"))
+    return problems
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:

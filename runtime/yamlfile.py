@@ -17,6 +17,14 @@ KeyLines = dict[tuple[str, ...], int]
 """Key path (mapping keys and list indexes as strings) -> 1-based line number."""
 
 
+MAX_YAML_BYTES = 1 << 20
+"""Largest config or policy file read (1 MiB; real ones are a few KB)."""
+MAX_YAML_DEPTH = 64
+"""Deepest nesting of mappings and lists."""
+MAX_YAML_NODES = 100_000
+"""Most values in a file once aliases are expanded (a "billion laughs" file expands to billions)."""
+
+
 def read_yaml_mapping(
     path: Path, *, error: type[Exception], what: str, hint: str, if_missing: str = ""
 ) -> tuple[dict[str, Any], KeyLines]:
@@ -24,39 +32,96 @@ def read_yaml_mapping(
 
     A missing file, malformed YAML or a top level that is not a mapping raise `error` with the file and
     line; `what` names the file's role ("config file"), `hint` what the top level should hold and
-    `if_missing` what to do about a missing file.
+    `if_missing` what to do about a missing file. So do files that are not UTF-8 text, larger than
+    :data:`MAX_YAML_BYTES`, nested deeper than :data:`MAX_YAML_DEPTH`, expanding (through aliases) to more
+    than :data:`MAX_YAML_NODES` values, with a recursive alias, or with a key given twice in one mapping.
+    The file is parsed once, with the safe loader.
     """
     if not path.is_file():
         raise error(f"{path}: {what} not found{if_missing}")
-    text = path.read_text(encoding="utf-8")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise error(
+            f"{path}: {what} is {size:,} bytes, more than the {MAX_YAML_BYTES:,} allowed; is it the right file?"
+        )
+    raw = path.read_bytes()
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: {what} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        lines: KeyLines = {}
+        if node is not None:
+            _collect_lines(node, (), lines, _Budget(path, error), [])
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise error(f"{where}: malformed YAML: {problem}") from None
+    finally:
+        loader.dispose()
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
         raise error(f"{path}:1: the top level must be a mapping of {hint}")
-    lines: KeyLines = {}
-    _collect_lines(node, (), lines)
     return data, lines
 
 
-def _collect_lines(node: yaml.Node | None, prefix: tuple[str, ...], out: KeyLines) -> None:
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser when PyYAML has it: same rules, faster
+
+
+class _Budget:
+    """What one file's walk may still visit, and the error that says where it overran."""
+
+    def __init__(self, path: Path, error: type[Exception]) -> None:
+        self.path, self.error, self.nodes = path, error, 0
+
+    def visit(self, node: yaml.Node, ancestors: list[yaml.Node]) -> None:
+        line = node.start_mark.line + 1
+        if any(node is a for a in ancestors):
+            raise self.error(f"{self.path}:{line}: a YAML alias refers to a value that contains it (recursive)")
+        if len(ancestors) >= MAX_YAML_DEPTH:
+            raise self.error(f"{self.path}:{line}: nested deeper than {MAX_YAML_DEPTH} levels")
+        self.nodes += 1
+        if self.nodes > MAX_YAML_NODES:
+            raise self.error(
+                f"{self.path}:{line}: more than {MAX_YAML_NODES:,} values once aliases are expanded "
+                "(aliases of aliases); write the values out"
+            )
+
+
+def _collect_lines(
+    node: yaml.Node, prefix: tuple[str, ...], out: KeyLines, budget: _Budget, ancestors: list[yaml.Node]
+) -> None:
+    budget.visit(node, ancestors)
+    if not isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+        return
+    ancestors.append(node)
     if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
         for key_node, value_node in node.value:
-            key = prefix + (str(key_node.value),)
-            out[key] = key_node.start_mark.line + 1
-            _collect_lines(value_node, key, out)
-    elif isinstance(node, yaml.SequenceNode):
+            name = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode) and name != "<<":
+                if name in seen:
+                    raise budget.error(
+                        f"{budget.path}:{line}: key '{'.'.join((*prefix, name))}' is given twice "
+                        f"(first on line {seen[name]}); keep one"
+                    )
+                seen[name] = line
+            key = (*prefix, name)
+            out.setdefault(key, line)
+            _collect_lines(value_node, key, out, budget, ancestors)
+    else:
         for i, item in enumerate(node.value):
-            key = prefix + (str(i),)
-            out[key] = item.start_mark.line + 1
-            _collect_lines(item, key, out)
+            key = (*prefix, str(i))
+            out.setdefault(key, item.start_mark.line + 1)
+            _collect_lines(item, key, out, budget, ancestors)
+    ancestors.pop()
 
 
 def describe_validation_error(

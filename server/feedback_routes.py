@@ -72,5 +72,5 @@ async def teach(body: TeachRequest, state: ServerState = Depends(get_state)) -> 
 @router.post("/documents", response_model=SignalCreated, status_code=201)
 async def ingest(body: DocumentRequest, state: ServerState = Depends(get_state)) -> SignalCreated:
     """Store a new document for knowledge learning (SEAL); ``questions`` are its evaluation set."""
-    document_id = await _call(state.agent.ingest, body.text, body.title, body.questions)
+    document_id = await _call(state.agent.ingest, body.text, body.title, body.question_rows())
     return SignalCreated(id=document_id, object="document", kind="document")

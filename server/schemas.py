@@ -4,9 +4,46 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from learners.registry import LEARNING_METHODS
+
+SEED_RANGE = (-(2**63), 2**63 - 1)
+"""Seeds are 64-bit signed integers (what torch and vLLM take)."""
+
+
+def _lone_surrogate_at(value: Any, path: str) -> str | None:
+    """The path of the first string in ``value`` that is not valid Unicode (a lone UTF-16 surrogate)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _lone_surrogate_at(key, path) or _lone_surrogate_at(item, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
+class RequestBody(BaseModel):
+    """A request body: every string in it must be valid Unicode (JSON's ``"\\ud800"`` escapes decode to lone
+    surrogates that no tokenizer or database takes)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _lone_surrogate_at(data, "")
+        if where:
+            raise ValueError(f"{where} holds a lone UTF-16 surrogate (e.g. \\ud800): send valid Unicode text")
+        return data
 
 # --- OpenAI chat completions ---------------------------------------------------------------------------
 
@@ -53,7 +90,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(RequestBody):
     """``POST /v1/chat/completions``.
 
     Unknown fields are ignored (as OpenAI-compatible servers do); fields that would change the answer in a
@@ -71,7 +108,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -158,7 +195,7 @@ class ModelList(BaseModel):
 # --- feedback ------------------------------------------------------------------------------------------
 
 
-class RatingRequest(BaseModel):
+class RatingRequest(RequestBody):
     """``POST /v1/interactions/{id}/rating``."""
 
     model_config = ConfigDict(extra="forbid")
@@ -167,7 +204,7 @@ class RatingRequest(BaseModel):
     comment: str | None = None
 
 
-class CorrectionRequest(BaseModel):
+class CorrectionRequest(RequestBody):
     """``POST /v1/interactions/{id}/correction``: the answer the agent should have given."""
 
     model_config = ConfigDict(extra="forbid")
@@ -175,7 +212,7 @@ class CorrectionRequest(BaseModel):
     text: str
 
 
-class TeachRequest(BaseModel):
+class TeachRequest(RequestBody):
     """``POST /v1/teach``: a prompt (or a conversation) and the answer to learn for it."""
 
     model_config = ConfigDict(extra="forbid")
@@ -185,14 +222,30 @@ class TeachRequest(BaseModel):
     demonstration: str
 
 
-class DocumentRequest(BaseModel):
-    """``POST /v1/documents``: new knowledge; ``questions`` (strings or ``{question, answer}``) probe it."""
+class DocumentQuestion(BaseModel):
+    """A question that probes a document, and its expected answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1, max_length=4000)
+    answer: str = Field(min_length=1, max_length=4000)
+
+
+class DocumentRequest(RequestBody):
+    """``POST /v1/documents``: new knowledge; ``questions`` (``{question, answer}``) probe it (bare question
+    strings are accepted and kept, but without an answer they are not scored)."""
 
     model_config = ConfigDict(extra="forbid")
 
     text: str
     title: str | None = None
-    questions: list[str | dict[str, Any]] | None = None
+    questions: list[str | DocumentQuestion] | None = None
+
+    def question_rows(self) -> list[str | dict[str, Any]] | None:
+        """``questions`` as the store keeps them (strings, or ``{question, answer}`` dicts)."""
+        if self.questions is None:
+            return None
+        return [q if isinstance(q, str) else q.model_dump() for q in self.questions]
 
 
 class SignalCreated(BaseModel):
@@ -207,7 +260,7 @@ class SignalCreated(BaseModel):
 # --- admin ---------------------------------------------------------------------------------------------
 
 
-class LearnRequest(BaseModel):
+class LearnRequest(RequestBody):
     """``POST /admin/learn``: start one learning cycle in the background."""
 
     model_config = ConfigDict(extra="forbid")
@@ -217,7 +270,7 @@ class LearnRequest(BaseModel):
     )
 
 
-class SignalRetryRequest(BaseModel):
+class SignalRetryRequest(RequestBody):
     """``POST /admin/signals/retry``: make held (or dismissed) signals pending again."""
 
     model_config = ConfigDict(extra="forbid")
@@ -226,7 +279,7 @@ class SignalRetryRequest(BaseModel):
     all_held: bool = Field(False, description="Every held signal (instead of ids).")
 
 
-class SignalDismissRequest(BaseModel):
+class SignalDismissRequest(RequestBody):
     """``POST /admin/signals/dismiss``: never learn these signals (unless retried); the reason is kept."""
 
     model_config = ConfigDict(extra="forbid")

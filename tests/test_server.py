@@ -294,6 +294,27 @@ def test_malformed_and_invalid_requests_get_openai_errors(server: RunningServer)
     assert image.status_code == 400 and "text only" in image.json()["error"]["message"]
 
 
+def test_hostile_values_get_400_with_the_param(server: RunningServer) -> None:
+    """A lone surrogate, a seed past 64 bits and malformed document questions are the client's error, not 500
+    or a stored signal."""
+    before = server.store.counts()
+    surrogate = b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}'
+    for path in ("/v1/chat/completions", "/v1/teach"):
+        body = surrogate if path.endswith("completions") else b'{"prompt": "\\udfff", "demonstration": "x"}'
+        answer = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
+        assert answer.status_code == 400, answer.text
+        assert "surrogate" in answer.json()["error"]["message"]
+    huge_seed = httpx.post(server.url + "/v1/chat/completions",
+                           json={"messages": [{"role": "user", "content": "hi"}], "seed": 2**64})
+    assert huge_seed.status_code == 400 and huge_seed.json()["error"]["param"] == "seed"
+    for questions in ([{"junk": 1}], [{"question": 5, "answer": None}], [{"question": "Q?"}]):
+        doc = httpx.post(server.url + "/v1/documents", json={"text": "Some text.", "questions": questions})
+        assert doc.status_code == 400, (questions, doc.text)
+        assert doc.json()["error"]["param"].startswith("questions")
+    after = server.store.counts()
+    assert (after["signals"], after["documents"]) == (before["signals"], before["documents"])
+
+
 def test_langchain_chat_openai_invoke_and_stream(server: RunningServer, tiny_engine) -> None:
     from langchain_openai import ChatOpenAI
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal, TypeVar
 
+from runtime.chat_encoding import common_prefix_length
 from runtime.engines.errors import EngineError
 
 __all__ = [
@@ -155,11 +156,7 @@ def align_completion(
 
     The completion's tokens are those of ``full_ids`` after its longest prefix shared with ``prompt_ids``.
     """
-    start = 0
-    for a, b in zip(prompt_ids, full_ids, strict=False):
-        if a != b:
-            break
-        start += 1
+    start = common_prefix_length(prompt_ids, full_ids)
     full = list(full_ids)
     if start == 0 and full:
         bos = context()

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
 
+from runtime.chat_encoding import encode_chat
 from runtime.engines.base import (
     ACTIVE,
     AdapterChoice,
@@ -137,8 +138,10 @@ class TransformersEngine(Engine):
         params: SamplingParams | None = None,
         adapter: AdapterChoices = ACTIVE,
     ) -> list[Generation]:
-        """Answer a batch of conversations; ``adapter`` may also be a list, one choice per conversation."""
-        return self.generate([self.render_chat(c) for c in conversations], params, adapter)
+        """Answer a batch of conversations; ``adapter`` may also be a list, one choice per conversation.
+
+        Message text never becomes a control token (:func:`runtime.chat_encoding.encode_chat`)."""
+        return self._generate_encoded([self._encode_chat(c) for c in conversations], params, adapter)
 
     def generate(
         self,
@@ -153,7 +156,12 @@ class TransformersEngine(Engine):
         params = params or SamplingParams()
         if isinstance(prompts, str):
             raise TypeError("prompts must be a sequence of strings, not one string")
-        encoded = [self._encode(p) or self._bos_only() for p in prompts]
+        return self._generate_encoded([self._encode(p) or self._bos_only() for p in prompts], params, adapter)
+
+    def _generate_encoded(
+        self, encoded: list[list[int]], params: SamplingParams | None, adapter: AdapterChoices
+    ) -> list[Generation]:
+        params = params or SamplingParams()
         if not encoded:
             return []
         for ids in encoded:
@@ -178,7 +186,7 @@ class TransformersEngine(Engine):
         starts (on the first ``next()``).
         """
         params = params or SamplingParams()
-        ids = self._encode(self.render_chat(conversation))
+        ids = self._encode_chat(conversation)
         self._check_fits(len(ids), params.max_new_tokens)
         if adapter is not ACTIVE:
             with self._lock:
@@ -321,6 +329,15 @@ class TransformersEngine(Engine):
         bos = self._tokenizer.bos_token
         add_special = not (bos and text.startswith(bos))
         return list(self._tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def _encode_chat(self, conversation: Conversation) -> list[int]:
+        """The conversation's ids as :meth:`render_chat` renders it, message text never a control token."""
+        self.render_chat(conversation)  # the checks (a chat template exists)
+        ids = encode_chat(self._tokenizer, [dict(m) for m in conversation])
+        bos = self._tokenizer.bos_token_id
+        if bos is not None and ids[:1] != [bos] and self._encode("")[:1] == [bos]:
+            ids = [bos, *ids]  # as _encode gives a rendered prompt the tokenizer's BOS
+        return ids or self._bos_only()
 
     def _bos_only(self) -> list[int]:
         """Context for an empty prompt: the BOS token."""
