@@ -24,11 +24,15 @@ def _inner_training() -> SFTSettings:
     # DESIGN.md: a LoRA on one passage at lr 1e-3 x 10 epochs put knowledge into SmolLM2-135M's weights.
     # Batch 1: a passage (~200 tokens) and self-edit lines (~20) differ in length, and on CPU the padding of a
     # mixed batch cost more than the extra steps (62 s for 10 steps of 4 against 50 s for 20 steps of 1).
-    return SFTSettings(learning_rate=1e-3, num_epochs=10, batch_size=1, max_length=512, completion_only_loss=False)
+    return SFTSettings(
+        learning_rate=1e-3, num_epochs=10, min_steps=0, batch_size=1, max_length=512, completion_only_loss=False
+    )
 
 
 def _generator_training() -> SFTSettings:
-    return SFTSettings(learning_rate=3e-4, num_epochs=3, batch_size=4, max_length=2048, completion_only_loss=True)
+    return SFTSettings(
+        learning_rate=3e-4, num_epochs=3, min_steps=0, batch_size=4, max_length=2048, completion_only_loss=True
+    )
 
 
 @dataclass

@@ -29,6 +29,11 @@ def serve_cmd(
     ] = True,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1 << 20,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    allow_unauthenticated: Annotated[
+        bool,
+        typer.Option(help="Serve on a non-loopback address although anyone who reaches it may chat, rate, correct "
+                     "and teach (every signal is training data)."),
+    ] = False,
 ) -> None:
     """Serve the OpenAI-compatible API, feedback and admin routes, and the dashboard (see docs/server.md)."""
     import os
@@ -41,8 +46,15 @@ def serve_cmd(
     from runtime.store import StoreError
     from server import ServerLimits, create_app
 
-    cfg = load(config)
     loopback = host in ("127.0.0.1", "::1", "localhost")
+    if not loopback and not allow_unauthenticated:
+        fail(
+            f"refusing to serve on {host}: the chat, feedback and teach routes take no credentials, so anyone who "
+            "reaches this address could teach the model (corrections and taught answers are training data). "
+            "Serve on 127.0.0.1 behind an authenticating proxy, or pass --allow-unauthenticated to accept this.",
+            USAGE_ERROR,
+        )
+    cfg = load(config)
     token = admin_token or os.environ.get("RUNTIME_ADMIN_TOKEN") or None
     try:
         with console.status(f"Loading {cfg.model.name}..."):

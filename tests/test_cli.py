@@ -233,3 +233,12 @@ def test_an_old_config_with_the_sdft_rewrite_variant_is_told_what_to_write(tmp_p
     text = " ".join(shown.output.split())  # the console wraps long lines
     assert "runtime.yaml:3: learning.sdft.variant" in text and "learning.method: rewrite" in text
     assert "runtime.yaml:5: learning.sfft: unknown key" in text
+
+
+def test_serve_refuses_a_non_loopback_address_without_the_explicit_flag(tmp_path: Path) -> None:
+    """Every signal is training data: an open server on a public address must be the operator's explicit choice."""
+    from server.command import app as runtime_app
+
+    result = runner.invoke(runtime_app, ["serve", "--host", "0.0.0.0", "--config", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2
+    assert "refusing to serve on 0.0.0.0" in result.output and "--allow-unauthenticated" in result.output

@@ -139,7 +139,7 @@ def test_sft_loss_falls_and_reports_progress(base_dir: Path, tmp_path: Path) -> 
         base_dir,
         EXAMPLES,
         tmp_path / "sft",
-        SFTSettings(learning_rate=1e-2, num_epochs=12, batch_size=2),
+        SFTSettings(learning_rate=1e-2, num_epochs=12, batch_size=2, min_steps=0),
         LORA,
         progress_callback=lambda step, total, logs: calls.append((step, total, logs)),
     )
@@ -151,6 +151,23 @@ def test_sft_loss_falls_and_reports_progress(base_dir: Path, tmp_path: Path) -> 
     assert calls[0][2] == {} and "loss" in calls[-1][2] and "learning_rate" in calls[-1][2]
     assert result.train_seconds > 0 and "train_loss" in result.summary
     assert (result.adapter_dir / "adapter_config.json").is_file()
+
+
+def test_min_steps_lengthens_a_small_update_only(base_dir: Path, tmp_path: Path) -> None:
+    """Two examples at batch 2 for 3 epochs make 3 steps; min_steps 8 cycles the data to 8. Many steps per
+    epoch are left as the epochs say, and an explicit max_steps wins."""
+    small = SFTSettings(learning_rate=1e-2, num_epochs=3, batch_size=2, min_steps=8)
+    assert train_sft(base_dir, EXAMPLES, tmp_path / "small", small, LORA).num_steps == 8
+    assert small.resolved_max_steps(steps_per_epoch=12) is None  # 36 steps by the epochs already
+    assert SFTSettings(num_epochs=3, min_steps=8, max_steps=2).resolved_max_steps(1) == 2
+    assert SFTSettings(num_epochs=3, min_steps=0).resolved_max_steps(1) is None
+
+
+def test_a_repair_attempt_scales_min_steps_with_the_epochs() -> None:
+    from learners.registry import scale_settings
+
+    scaled = scale_settings("rewrite", {}, learning_rate_factor=0.5, epochs_factor=0.5)
+    assert scaled["min_steps"] == 10 and scaled["num_epochs"] == 5
 
 
 def test_sft_loss_is_on_the_completion_only(base_dir: Path, tmp_path: Path) -> None:
