@@ -37,10 +37,12 @@ from agent.chat_model import (
 )
 from agent.graph import build_default_graph
 from orchestration.service import RuntimeService
-from policies.schema import Policy
+from policies.schema import Policy, SignalTrust
+from policies.signal_trust import arrival_state, release_agreed
 from runtime.config import RuntimeConfig
 from runtime.engines import Engine
 from runtime.store import Store
+from runtime.store.models import LearningState
 
 AgentInput = str | Sequence[BaseMessage | dict[str, Any] | tuple[str, str]] | dict[str, Any]
 GraphFactory = Callable[[EngineChatModel], CompiledStateGraph]
@@ -198,35 +200,64 @@ class LearningAgent:
 
     # --- learning signals ----------------------------------------------------------------------------
 
-    def feedback(self, interaction_id: str, score: float, comment: str | None = None) -> str:
-        """Rate an answer (e.g. 1 good, -1 bad). Returns the signal id."""
+    def feedback(self, interaction_id: str, score: float, comment: str | None = None, *,
+                 principal: str | None = None) -> str:
+        """Rate an answer (e.g. 1 good, -1 bad). Returns the signal id. ``principal``: who rates (see
+        :meth:`correct`)."""
         store = self._require_store()
         self._require_interaction(interaction_id)
-        return store.add_signal("rating", interaction_id=interaction_id, rating=float(score), comment=comment)
+        return self._admit(lambda state, reason: store.add_signal(
+            "rating", interaction_id=interaction_id, rating=float(score), comment=comment, principal=principal,
+            state=state, state_reason=reason), principal)
 
-    def correct(self, interaction_id: str, better_answer: str) -> str:
-        """Give the answer the agent should have given; it becomes a demonstration for learning."""
+    def correct(self, interaction_id: str, better_answer: str, *, principal: str | None = None) -> str:
+        """Give the answer the agent should have given; it becomes a demonstration for learning.
+
+        ``principal`` names the sender (the server passes the API key's); the policy's ``signals`` section
+        decides whether it is learned directly or waits for review (:mod:`policies.signal_trust`)."""
         store = self._require_store()
         if not better_answer or not better_answer.strip():
             raise ValueError("better_answer must be a non-empty string")
         self._require_interaction(interaction_id)
-        return store.add_signal("correction", interaction_id=interaction_id, text=better_answer)
+        return self._admit(lambda state, reason: store.add_signal(
+            "correction", interaction_id=interaction_id, text=better_answer, principal=principal, state=state,
+            state_reason=reason), principal)
 
-    def teach(self, prompt: str | Sequence[BaseMessage | dict[str, Any]], demonstration: str) -> str:
-        """Teach an answer directly: `prompt` (a user message or a conversation) -> `demonstration`."""
+    def teach(self, prompt: str | Sequence[BaseMessage | dict[str, Any]], demonstration: str, *,
+              principal: str | None = None) -> str:
+        """Teach an answer directly: `prompt` (a user message or a conversation) -> `demonstration`.
+        ``principal`` as for :meth:`correct`."""
         store = self._require_store()
         if not demonstration or not demonstration.strip():
             raise ValueError("demonstration must be a non-empty string")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _as_dicts(prompt)
-        return store.add_signal("demonstration", text=demonstration, messages=messages)
+        return self._admit(lambda state, reason: store.add_signal(
+            "demonstration", text=demonstration, messages=messages, principal=principal, state=state,
+            state_reason=reason), principal)
 
-    def ingest(self, text: str, title: str | None = None, questions: Sequence[Any] | None = None) -> str:
+    def ingest(self, text: str, title: str | None = None, questions: Sequence[Any] | None = None, *,
+               principal: str | None = None) -> str:
         """Store a new document for knowledge learning; `questions` (optional) are its evaluation set,
-        each a string or a ``{"question", "answer"}`` dict. Returns the document id."""
+        each a string or a ``{"question", "answer"}`` dict. Returns the document id. ``principal`` as for
+        :meth:`correct`."""
         store = self._require_store()
         if not text or not text.strip():
             raise ValueError("text must be a non-empty document")
-        return store.add_document(text, title=title, questions=list(questions) if questions else None)
+        return self._admit(lambda state, reason: store.add_document(
+            text, title=title, questions=list(questions) if questions else None, principal=principal, state=state,
+            state_reason=reason), principal)
+
+    def _admit(self, add: Callable[[LearningState, str | None], str], principal: str | None) -> str:
+        """Add a signal in the state its sender's trust gives; a signal awaiting review may be released at once
+        by agreement with other senders."""
+        trust = self.service.policy.signals if self.service is not None else SignalTrust()
+        state, reason = arrival_state(trust, principal)
+        signal_id = add(state, reason)
+        if state == "review" and trust.min_agreeing_principals > 1:
+            store = self._require_store()
+            store.flush()
+            release_agreed(store, trust, signal_id)
+        return signal_id
 
     def close(self) -> None:
         """Flush the log and release what `from_config` created."""

@@ -12,6 +12,7 @@ import typer
 
 from cli.adapter_commands import adapters_app, decisions_cmd
 from cli.demo import demo_cmd
+from cli.key_commands import keys_app
 from cli.learn_commands import ingest_cmd, learn_cmd
 from cli.log_commands import config_app, log_cmd
 from cli.policy_commands import policy_app, shadow_app
@@ -28,6 +29,7 @@ app.command("log")(log_cmd)
 app.command("learn")(learn_cmd)
 app.command("ingest")(ingest_cmd)
 app.add_typer(signals_app, name="signals")
+app.add_typer(keys_app, name="keys")
 app.add_typer(adapters_app, name="adapters")
 app.command("decisions")(decisions_cmd)
 app.add_typer(policy_app, name="policy")

@@ -1,29 +1,33 @@
-"""`runtime signals ...`: learning signals and their state; retry or dismiss those a vetoed update left held."""
+"""`runtime signals ...`: learning signals and their state; retry or dismiss those a vetoed update left held;
+approve or reject those awaiting review."""
 
 from __future__ import annotations
 
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from cli.common import USAGE_ERROR, ConfigOption, JsonOption, clip, console, fail, load, opened_store
-from runtime.store.models import LEARNING_STATES
+from runtime.store.models import LEARNING_STATES, ReviewDecision
 
 if TYPE_CHECKING:
     from runtime.store import Store
 
 signals_app = typer.Typer(
-    help="Learning signals and their state; retry or dismiss those a vetoed update left held.",
+    help="Learning signals and their state; retry or dismiss those a vetoed update left held; approve or reject "
+    "those awaiting review.",
     invoke_without_command=True,
 )
 
 
 StateOption = Annotated[
-    str | None, typer.Option("--state", "-s", help="pending, learned, held or dismissed (default: all).")
+    str | None,
+    typer.Option("--state", "-s", help="pending, learned, held, dismissed or review (default: all)."),
 ]
 
 
@@ -48,13 +52,14 @@ def signals_cmd(
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
         return
     table = Table(title=f"Learning signals ({len(rows)}{', ' + state if state else ''})")
-    for col in ("id", "kind", "state", "prompt", "text", "why / run"):
+    for col in ("id", "kind", "state", "from", "prompt", "text", "why / run"):
         table.add_column(col, overflow="fold")
     for sig in rows:
         prompt = next((m["content"] for m in reversed(sig.messages or []) if m.get("role") == "user"), "")
         why = sig.state_reason or ""
         table.add_row(
-            sig.id[:12], sig.kind, sig.state, clip(prompt, 50), clip(sig.text or sig.comment or "", 50),
+            sig.id[:12], sig.kind, sig.state, sig.principal or "", clip(prompt, 50),
+            clip(sig.text or sig.comment or "", 50),
             clip(why, 60) + (f" [dim]{sig.consumed_by_run[:8]}[/dim]" if sig.consumed_by_run else ""),
         )
     console.print(table)
@@ -107,3 +112,41 @@ def signals_dismiss(
         moved = store.set_learning_state("dismissed", signal_ids=chosen, reason=reason.strip())
     console.print(f"[yellow]{moved} signal(s) dismissed[/yellow]"
                   + (f" ({len(chosen) - moved} were already learned or dismissed)" if moved < len(chosen) else ""))
+
+
+def _review(ids: list[str], decision: ReviewDecision, reason: str | None, reviewer: str | None,
+            config: Path | None) -> None:
+    cfg = load(config)
+    with opened_store(cfg, read_only=False) as store:
+        chosen = _resolve_signal_ids(store, ids)
+        moved = store.review_signals(chosen, decision, reason=reason, reviewer=reviewer)
+    done = "approved: the next cycle learns them" if decision == "approve" else "rejected: they are never learned"
+    console.print(f"{moved} signal(s) {done}"
+                  + (f" ({len(chosen) - moved} were not awaiting review)" if moved < len(chosen) else ""))
+
+
+ReviewerOption = Annotated[str | None, typer.Option("--reviewer", help="Who decided (stored with the decision).")]
+
+
+@signals_app.command("approve")
+def signals_approve(
+    ids: Annotated[list[str], typer.Argument(help="Signal ids (or unique prefixes) awaiting review.")],
+    reason: Annotated[str | None, typer.Option("--reason", "-r", help="Why (stored).")] = None,
+    reviewer: ReviewerOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Approve signals awaiting review (`runtime signals --state review`): the next learning cycle learns them."""
+    _review(ids, "approve", reason, reviewer, config)
+
+
+@signals_app.command("reject")
+def signals_reject(
+    ids: Annotated[list[str], typer.Argument(help="Signal ids (or unique prefixes) awaiting review.")],
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Why they are not to be learned (stored).")],
+    reviewer: ReviewerOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Reject signals awaiting review, with a reason: they are dismissed and never learned."""
+    if not reason.strip():
+        fail("--reason must say why the signals are rejected", USAGE_ERROR)
+    _review(ids, "reject", reason.strip(), reviewer, config)

@@ -50,13 +50,24 @@ def build_dataset(
     min_positive_score: float = 1.0,
     replay_fraction: float = 2.0,
     max_new: int | None = None,
+    max_per_principal: int | None = None,
     seed: int = 0,
 ) -> DatasetBuild:
-    """Turn the store's unconsumed signals into examples, plus ``replay_fraction`` x as many replayed ones."""
+    """Turn the store's unconsumed signals into examples, plus ``replay_fraction`` x as many replayed ones.
+
+    ``max_per_principal`` caps the signals of one sender (oldest first; signals without a principal count as
+    one sender); the rest stay pending for a later update."""
     skipped: dict[str, str] = {}
-    new = _examples(
-        store.signals(unconsumed_only=True), store, promote_positive_ratings, min_positive_score, skipped
-    )
+    pending = store.signals(unconsumed_only=True)
+    if max_per_principal is not None:
+        taken: dict[str | None, int] = {}
+        capped = []
+        for signal in pending:
+            taken[signal.principal] = taken.get(signal.principal, 0) + 1
+            if taken[signal.principal] <= max_per_principal:
+                capped.append(signal)
+        pending = capped
+    new = _examples(pending, store, promote_positive_ratings, min_positive_score, skipped)
     if max_new is not None:
         new = new[:max_new]
     learned = store.signals(state="learned")
@@ -84,7 +95,7 @@ def _examples(
             if signal.interaction_id in corrected:
                 skipped[signal.id] = "the rated interaction was also corrected; the correction wins"
                 continue
-        example = _example(signal, store)
+        example = signal_example(signal, store)
         if isinstance(example, str):
             skipped[signal.id] = example
         else:
@@ -92,7 +103,7 @@ def _examples(
     return out
 
 
-def _example(signal: Signal, store: Store) -> DemoExample | str:
+def signal_example(signal: Signal, store: Store) -> DemoExample | str:
     """The example a signal gives, or the reason it gives none."""
     prompt = signal.messages
     answer = signal.text

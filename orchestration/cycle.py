@@ -116,6 +116,7 @@ def run_cycle(
     num_threads: int | None = None,
     timeout_s: float | None = None,
     protected_prompts: Sequence[list[dict[str, str]]] = (),
+    max_signals_per_principal: int | None = None,
 ) -> CycleResult:
     """Run one learning cycle with `method` (default: the config's; see :mod:`learners.registry`).
 
@@ -150,6 +151,7 @@ def run_cycle(
         promote_positive_ratings=config.learning.promote_positive_ratings,
         min_positive_score=config.learning.min_positive_score,
         replay_fraction=config.learning.replay_fraction,
+        max_per_principal=max_signals_per_principal,
     )
     documents: list[Any] = []
     if kind == "documents":

@@ -170,6 +170,7 @@ class RuntimeService:
                 num_threads=self.policy.resources.cpu_threads,
                 timeout_s=timeout_s if timeout_s is not None else self.policy.schedule.timeout_s,
                 protected_prompts=[b.conversation() for b in self.policy.protected],
+                max_signals_per_principal=self.policy.signals.max_per_principal_per_update,
             )
             self._apply(result)
             self.last_cycle = result

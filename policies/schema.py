@@ -300,6 +300,41 @@ class Resources(_Section):
     cpu_threads: int | None = Field(None, ge=1, description="Threads for training on CPU (default: half the cores).")
 
 
+Trust = Literal["learn", "review"]
+
+
+class SignalTrust(_Section):
+    """Who may teach the model (``signals:``). Every correction, taught answer and document is training data;
+    this says whose are learned directly and whose wait for an operator (the review queue) or for agreement.
+
+    A principal is the name of the API key a signal came with (``runtime keys``); signals sent without a key
+    (embedded use, or a server without keys) have no principal and take ``unauthenticated``.
+    """
+
+    default: Trust = Field("learn", description="Trust of a principal not listed in `principals`.")
+    unauthenticated: Trust = Field("learn", description="Trust of signals sent without an API key.")
+    principals: dict[str, Trust] = Field(
+        default_factory=dict, description="Trust by principal: `learn` (learned directly) or `review` (waits)."
+    )
+    min_agreeing_principals: int = Field(
+        1, ge=1, le=1000,
+        description="With 2 or more: a signal awaiting review is released (learned next) once this many distinct "
+        "principals sent the same correction (the same question, the same answer). 1: only an operator releases it.",
+    )
+    rate_limit_per_hour: int | None = Field(
+        None, ge=1, description="Signals and documents one principal may send per hour (the server answers 429)."
+    )
+    max_per_principal_per_update: int | None = Field(
+        None, ge=1, description="Most signals of one principal in one learning update (the rest wait for the next)."
+    )
+
+    def trust_of(self, principal: str | None) -> Trust:
+        """The trust of signals from `principal` (``None``: sent without an API key)."""
+        if principal is None:
+            return self.unauthenticated
+        return self.principals.get(principal, self.default)
+
+
 class Policy(_Section):
     """A learning policy (``policy.yaml``)."""
 
@@ -313,6 +348,7 @@ class Policy(_Section):
     shadow: ShadowCriteria = Field(default_factory=ShadowCriteria)
     schedule: Schedule = Field(default_factory=Schedule)
     resources: Resources = Field(default_factory=Resources)
+    signals: SignalTrust = Field(default_factory=SignalTrust)
     refusal_markers: list[str] = Field(
         default_factory=lambda: list(DEFAULT_REFUSAL_MARKERS),
         description="Case-insensitive phrases that make an answer a refusal.",

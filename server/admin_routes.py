@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.errors import APIError
 from server.learn_jobs import LEARN_METHODS
-from server.schemas import LearnRequest, SignalDismissRequest, SignalRetryRequest
+from server.schemas import LearnRequest, SignalDismissRequest, SignalRetryRequest, SignalReviewRequest
 from server.serialize import adapter_dict, decision_dict, jsonable, run_dict
 from server.state import ServerState, get_state
 
@@ -160,9 +160,11 @@ async def shadow_report(adapter: str | None = None, state: ServerState = Depends
 @router.get("/signals")
 async def signals(limit: int = Query(100, ge=1, le=10_000), state: str | None = None,
                   server: ServerState = Depends(get_state)) -> dict[str, Any]:
-    """Learning signals, newest last, optionally in one state (``pending``, ``learned``, ``held``, ``dismissed``).
+    """Learning signals, newest last, optionally in one state (``pending``, ``learned``, ``held``, ``dismissed``,
+    ``review``).
 
-    ``held`` signals were used by an update the gate vetoed: retry or dismiss them.
+    ``held`` signals were used by an update the gate vetoed: retry or dismiss them. ``review`` signals wait
+    for an operator's decision (``POST /admin/signals/review``).
     """
     try:
         rows = await run_in_threadpool(server.store.signals, state=state)
@@ -191,3 +193,23 @@ async def dismiss_signals(body: SignalDismissRequest, server: ServerState = Depe
         lambda: server.store.set_learning_state("dismissed", signal_ids=body.ids, reason=body.reason)
     )
     return {"dismissed": moved, "requested": len(body.ids)}
+
+
+@router.post("/signals/review")
+async def review_signals(body: SignalReviewRequest, request: Request,
+                         server: ServerState = Depends(get_state)) -> dict[str, Any]:
+    """Approve (the next cycle learns them) or reject (dismissed, with the reason) signals awaiting review.
+    Every decision is stored with its reason and reviewer (``GET /admin/signals/reviews``)."""
+    reviewer = body.reviewer or server.admin_principal(request)
+    decided = await run_in_threadpool(
+        lambda: server.store.review_signals(body.ids, body.decision, reason=body.reason, reviewer=reviewer)
+    )
+    return {"decided": decided, "requested": len(body.ids), "decision": body.decision}
+
+
+@router.get("/signals/reviews")
+async def signal_reviews(signal_id: str | None = None, server: ServerState = Depends(get_state)) -> dict[str, Any]:
+    """Stored review decisions, oldest first (of one signal with ``signal_id``)."""
+    rows = await run_in_threadpool(server.store.signal_reviews, signal_id)
+    return {"reviews": [jsonable(r) for r in rows]}
+

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from agent.learning_agent import LearningAgent
 from orchestration.service import RuntimeService
+from runtime.api_keys import ApiKeys
 from runtime.config import RuntimeConfig
 from runtime.engines import Engine
 from runtime.factory import create_engine, open_store
@@ -46,6 +47,7 @@ def create_app(
     limits: ServerLimits | None = None,
     dashboard_requires_token: bool = False,
     background_learning: bool = True,
+    api_keys: ApiKeys | None = None,
 ) -> FastAPI:
     """Build the server app.
 
@@ -61,6 +63,8 @@ def create_app(
         limits: request size limits (:class:`ServerLimits` defaults).
         dashboard_requires_token: make the dashboard's data route require the admin token too.
         background_learning: start the service's scheduled learning loop with the app (lifespan).
+        api_keys: API keys with roles for the public routes (:mod:`runtime.api_keys`); signals are recorded
+            under the key's principal. ``None``: the public routes are open.
     """
     if service is not None:
         engine = engine or service.engine
@@ -85,7 +89,7 @@ def create_app(
     state = ServerState(
         config=config, engine=engine, store=store, service=service, agent=agent, chat=ChatService(agent.chat_model),
         resolver=resolver, limits=limits or ServerLimits(), metrics=metrics, learn_jobs=learn_jobs,
-        admin_token=token, dashboard_requires_token=dashboard_requires_token, owned=owned,
+        admin_token=token, dashboard_requires_token=dashboard_requires_token, owned=owned, api_keys=api_keys,
     )
     holder["state"] = state
 

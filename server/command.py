@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -29,6 +30,11 @@ def serve_cmd(
     ] = True,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1 << 20,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    api_keys: Annotated[
+        Path | None,
+        typer.Option(help="API keys with roles for the public routes (default: $RUNTIME_API_KEYS; made with "
+                     "`runtime keys add`). Without keys the chat, feedback and teach routes are open."),
+    ] = None,
     allow_unauthenticated: Annotated[
         bool,
         typer.Option(help="Serve on a non-loopback address although anyone who reaches it may chat, rate, correct "
@@ -42,16 +48,25 @@ def serve_cmd(
     from rich.markup import escape
 
     from policies import PolicyError
+    from runtime.api_keys import ApiKeysError, load_api_keys
     from runtime.models import ModelNotFoundError
     from runtime.store import StoreError
     from server import ServerLimits, create_app
 
     loopback = host in ("127.0.0.1", "::1", "localhost")
-    if not loopback and not allow_unauthenticated:
+    keys_path = api_keys or (Path(os.environ["RUNTIME_API_KEYS"]) if os.environ.get("RUNTIME_API_KEYS") else None)
+    keys = None
+    if keys_path is not None:
+        try:
+            keys = load_api_keys(keys_path)
+        except ApiKeysError as exc:
+            fail(exc, USAGE_ERROR)
+    if not loopback and keys is None and not allow_unauthenticated:
         fail(
             f"refusing to serve on {host}: the chat, feedback and teach routes take no credentials, so anyone who "
             "reaches this address could teach the model (corrections and taught answers are training data). "
-            "Serve on 127.0.0.1 behind an authenticating proxy, or pass --allow-unauthenticated to accept this.",
+            "Give API keys (--api-keys FILE, made with `runtime keys add`), serve on 127.0.0.1 behind an "
+            "authenticating proxy, or pass --allow-unauthenticated to accept this.",
             USAGE_ERROR,
         )
     cfg = load(config)
@@ -61,7 +76,7 @@ def serve_cmd(
             server_app = create_app(
                 cfg, admin_token=token, limits=ServerLimits(max_body_bytes=max_body_bytes),
                 dashboard_requires_token=(not loopback) if dashboard_token is None else dashboard_token,
-                background_learning=background_learning,
+                background_learning=background_learning, api_keys=keys,
             )
     except (ConfigError, PolicyError, StoreError, ModelNotFoundError) as exc:
         fail(exc, USAGE_ERROR)

@@ -50,7 +50,8 @@ async def summary(request: Request, limit: int = Query(25, ge=1, le=500),
 
 
 def build_summary(state: ServerState, limit: int = 25) -> dict[str, Any]:
-    """Recent interactions, adapters with lineage, gate decisions, held signals, shadow pairs, runs and jobs."""
+    """Recent interactions, adapters with lineage, gate decisions, held signals, signals awaiting review, shadow pairs,
+    runs and jobs."""
     store = state.store
     loaded = set(state.engine.list_adapters())
     pairs = store.shadow_pairs(limit)
@@ -65,6 +66,7 @@ def build_summary(state: ServerState, limit: int = 25) -> dict[str, Any]:
         "adapters": [adapter_dict(r, loaded=r.name in loaded) for r in reversed(store.adapters())],
         "decisions": [decision_dict(d) for d in store.decisions(limit)],
         "held_signals": [signal_dict(s) for s in store.signals(state="held")[-limit:]],
+        "review_signals": [signal_dict(s) for s in store.signals(state="review")[-limit:]],
         "shadow_pairs": [shadow_pair_dict(live, shadow) for live, shadow in pairs],
         "runs": [run_dict(r) for r in store.runs(limit)],
         "learn_jobs": [j.to_dict() for j in state.learn_jobs.all()],

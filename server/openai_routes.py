@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from server.auth import require_role
 from server.errors import APIError, error_body
 from server.schemas import (
     ChatCompletion,
@@ -26,7 +27,7 @@ from server.schemas import (
 from server.serving import Completion, PreparedRequest, prepare, translate_engine_error
 from server.state import ServerState, get_state
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_role("chat"))])
 
 INTERACTION_HEADER = "X-Interaction-Id"
 THREAD_HEADER = "X-Thread-Id"

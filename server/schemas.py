@@ -293,3 +293,20 @@ class SignalDismissRequest(RequestBody):
         if not value.strip():
             raise ValueError("the reason must say why the signals are dismissed")
         return value.strip()
+
+
+class SignalReviewRequest(RequestBody):
+    """``POST /admin/signals/review``: approve (learned next) or reject (dismissed) signals awaiting review."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(..., min_length=1, max_length=10_000, description="Signal ids awaiting review.")
+    decision: Literal["approve", "reject"]
+    reason: str | None = Field(None, max_length=2000, description="Why (stored; required to reject).")
+    reviewer: str | None = Field(None, max_length=200, description="Who decided (default: the caller).")
+
+    @model_validator(mode="after")
+    def _rejection_says_why(self) -> SignalReviewRequest:
+        if self.decision == "reject" and not (self.reason or "").strip():
+            raise ValueError("a rejection needs a reason")
+        return self

@@ -139,7 +139,7 @@ def _kl_on(model_dir: Path, adapter_dir: Path, anchors: list[Anchor]) -> float:
 
 def _train(tiny_model_dir: Path, out: Path, anchors: AnchorTraining | None):
     examples = [DemoExample(user("What is the secret?"), "The secret is blue tomatoes and green rain.")]
-    settings = SFTSettings(num_epochs=8, learning_rate=2e-2, batch_size=1, use_cpu=True)
+    settings = SFTSettings(num_epochs=8, min_steps=0, learning_rate=2e-2, batch_size=1, use_cpu=True)
     return train_sft(tiny_model_dir, examples, out, settings, LoraSettings(r=4, alpha=8), anchors=anchors)
 
 

@@ -110,7 +110,7 @@ def _kl_to_base(base_dir: Path, adapter_dir: Path) -> float:
 
 def test_kl_anchor_keeps_the_adapter_closer_to_base(base_dir: Path, tmp_path: Path) -> None:
     """The same SFT (seed, lr, steps) with a strong KL anchor moves the model's distributions less."""
-    common = {"learning_rate": 2e-2, "num_epochs": 8, "seed": 0}
+    common = {"learning_rate": 2e-2, "num_epochs": 8, "min_steps": 0, "seed": 0}
     free = train_sft(base_dir, EXAMPLES, tmp_path / "free", SFTSettings(**common), LORA)
     anchored = train_sft(base_dir, EXAMPLES, tmp_path / "anchored", SFTSettings(**common, kl_anchor=5.0), LORA)
     kl_free, kl_anchored = _kl_to_base(base_dir, free.adapter_dir), _kl_to_base(base_dir, anchored.adapter_dir)

@@ -37,7 +37,8 @@ QUOKKA = [QAPair("What is the zebra code?", "quokka")]
 # Training that clearly memorises on the tiny model (lr 3e-2 x 20 epochs, one thread, CPU).
 MEMORISE = SFTSettings(learning_rate=3e-2, num_epochs=20, batch_size=4, max_length=128,
                        completion_only_loss=False, use_cpu=True, torch_threads=1)
-GEN_TRAIN = SFTSettings(learning_rate=1e-2, num_epochs=2, batch_size=2, max_length=2048, use_cpu=True, torch_threads=1)
+GEN_TRAIN = SFTSettings(learning_rate=1e-2, num_epochs=2, min_steps=0, batch_size=2, max_length=2048, use_cpu=True,
+                        torch_threads=1)
 
 
 def _settings(**over) -> SEALSettings:

@@ -40,9 +40,11 @@ from runtime.store.models import (
     LearningRun,
     Message,
     PolicyDecision,
+    ReviewDecision,
     RunStatus,
     Signal,
     SignalKind,
+    SignalReview,
 )
 from runtime.store.store import Store
 
@@ -65,10 +67,12 @@ __all__ = [
     "NotAStoreError",
     "PolicyDecision",
     "ReadOnlyStoreError",
+    "ReviewDecision",
     "RunStatus",
     "SchemaTooNewError",
     "Signal",
     "SignalKind",
+    "SignalReview",
     "Store",
     "StoreBackpressureError",
     "StoreClosedError",

@@ -124,10 +124,25 @@ UPDATE adapters SET role = 'generator', method = 'seal' WHERE method = 'seal-gen
 """
 """Adapters get a role; SEAL's self-edit generators (method ``seal-generator`` before) become role ``generator``."""
 
+_V4_PRINCIPALS_AND_REVIEWS = """
+ALTER TABLE signals ADD COLUMN principal VARCHAR;
+ALTER TABLE documents ADD COLUMN principal VARCHAR;
+CREATE TABLE signal_reviews (
+    id VARCHAR PRIMARY KEY,
+    signal_id VARCHAR NOT NULL,
+    decision VARCHAR NOT NULL,
+    reason VARCHAR,
+    reviewer VARCHAR,
+    decided_at TIMESTAMP NOT NULL
+);
+"""
+"""Signals and documents record who sent them; review decisions (approve or reject, why, by whom) are kept."""
+
 MIGRATIONS: list[Migration] = [
     (1, _V1),
     (2, _V2_LEARNING_STATES),
     (3, _V3_ADAPTER_ROLES),
+    (4, _V4_PRINCIPALS_AND_REVIEWS),
 ]
 """The migrations this version of the package knows, oldest first."""
 

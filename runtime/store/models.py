@@ -19,10 +19,13 @@ DecisionKind = Literal["approve", "veto", "promote", "shadow", "retire", "rollba
 AdapterRole = Literal["serving", "generator"]
 """What an adapter is for: ``serving`` answers users (once promoted); ``generator`` is a learner's tool (SEAL's
 self-edit generator), never served or promoted."""
-LearningState = Literal["pending", "learned", "held", "dismissed"]
+LearningState = Literal["pending", "learned", "held", "dismissed", "review"]
 """Where a signal or document stands: ``pending`` (the next cycle learns it), ``learned`` (an approved adapter was
 trained on it), ``held`` (its update was vetoed; it waits for the operator to retry or dismiss it) or
-``dismissed`` (the operator decided it is not to be learned; the reason is kept)."""
+``dismissed`` (the operator decided it is not to be learned; the reason is kept) or ``review`` (its sender's
+signals need an operator's approval, or agreement from other senders, before they are learned: the policy's
+``signals`` section)."""
+ReviewDecision = Literal["approve", "reject"]
 """Gate outcomes (approve, veto) and promotion events (promote, shadow, retire, rollback)."""
 
 INTERACTION_KINDS: frozenset[str] = frozenset(get_args(InteractionKind))
@@ -32,6 +35,7 @@ FINISHED_RUN_STATUSES: frozenset[str] = frozenset({"succeeded", "failed"})
 ADAPTER_STATUSES: frozenset[str] = frozenset(get_args(AdapterStatus))
 DECISION_KINDS: frozenset[str] = frozenset(get_args(DecisionKind))
 LEARNING_STATES: frozenset[str] = frozenset(get_args(LearningState))
+REVIEW_DECISIONS: frozenset[str] = frozenset(get_args(ReviewDecision))
 ADAPTER_ROLES: frozenset[str] = frozenset(get_args(AdapterRole))
 
 Message = dict[str, Any]
@@ -93,7 +97,7 @@ class Signal:
 
     COLUMNS: ClassVar[tuple[str, ...]] = (
         "id", "created_at", "kind", "interaction_id", "rating", "text", "messages", "comment", "metadata",
-        "consumed_by_run", "consumed_at", "state", "state_reason", "state_changed_at",
+        "consumed_by_run", "consumed_at", "state", "state_reason", "state_changed_at", "principal",
     )
 
     id: str
@@ -110,16 +114,18 @@ class Signal:
     consumed_at: datetime | None
     state: LearningState = "pending"
     state_reason: str | None = None
-    """Why it is held or dismissed."""
+    """Why it is held, dismissed or awaiting review."""
     state_changed_at: datetime | None = None
+    principal: str | None = None
+    """Who sent it (the API key's principal); ``None`` when it came in without one (embedded use, open server)."""
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Signal:
         """Decode a row selected with ``COLUMNS``."""
         (id_, created, kind, interaction_id, rating, text, messages, comment, meta, run, consumed, state, reason,
-         changed) = row
+         changed, principal) = row
         return cls(id_, _utc(created), kind, interaction_id, rating, text, _json(messages), comment,
-                   _json(meta, {}), run, _utc_opt(consumed), state, reason, _utc_opt(changed))
+                   _json(meta, {}), run, _utc_opt(consumed), state, reason, _utc_opt(changed), principal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +134,7 @@ class Document:
 
     COLUMNS: ClassVar[tuple[str, ...]] = (
         "id", "created_at", "title", "text", "questions", "metadata", "consumed_by_run", "consumed_at", "state",
-        "state_reason", "state_changed_at",
+        "state_reason", "state_changed_at", "principal",
     )
 
     id: str
@@ -143,13 +149,34 @@ class Document:
     """As for signals: ``pending``, ``learned``, ``held`` or ``dismissed``."""
     state_reason: str | None = None
     state_changed_at: datetime | None = None
+    principal: str | None = None
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> Document:
         """Decode a row selected with ``COLUMNS``."""
-        id_, created, title, text, questions, meta, run, consumed, state, reason, changed = row
+        id_, created, title, text, questions, meta, run, consumed, state, reason, changed, principal = row
         return cls(id_, _utc(created), title, text, _json(questions, []), _json(meta, {}), run,
-                   _utc_opt(consumed), state, reason, _utc_opt(changed))
+                   _utc_opt(consumed), state, reason, _utc_opt(changed), principal)
+
+
+@dataclass(frozen=True, slots=True)
+class SignalReview:
+    """An operator's decision on a signal awaiting review: approved (learned next) or rejected (dismissed)."""
+
+    COLUMNS: ClassVar[tuple[str, ...]] = ("id", "signal_id", "decision", "reason", "reviewer", "decided_at")
+
+    id: str
+    signal_id: str
+    decision: ReviewDecision
+    reason: str | None
+    reviewer: str | None
+    decided_at: datetime
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> SignalReview:
+        """Decode a row selected with ``COLUMNS``."""
+        id_, signal_id, decision, reason, reviewer, decided = row
+        return cls(id_, signal_id, decision, reason, reviewer, _utc(decided))
 
 
 @dataclass(frozen=True, slots=True)

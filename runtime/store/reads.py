@@ -7,6 +7,7 @@ writer, then run the SQL on a fresh cursor).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from runtime.store.encoding import check_choice
@@ -25,6 +26,7 @@ from runtime.store.models import (
     RunStatus,
     Signal,
     SignalKind,
+    SignalReview,
 )
 
 _TABLES = ("interactions", "signals", "documents", "learning_runs", "adapters", "policy_decisions")
@@ -71,14 +73,17 @@ class StoreReads:
 
     def signals(self, kind: SignalKind | None = None, *, unconsumed_only: bool = False,
                 interaction_id: str | None = None, interaction_ids: Sequence[str] | None = None,
-                state: LearningState | None = None, limit: int | None = None) -> list[Signal]:
-        """Signals, oldest first, filtered by kind / interaction (one, or any of several) / learning state.
+                state: LearningState | None = None, limit: int | None = None,
+                principal: str | None = None) -> list[Signal]:
+        """Signals, oldest first, filtered by kind / interaction (one, or any of several) / learning state /
+        principal (who sent them).
 
         ``unconsumed_only`` is ``state="pending"``: what the next cycle learns.
         """
         if state is not None:
             check_choice(state, LEARNING_STATES, "state")
-        where, params = _where(kind=kind, interaction_id=interaction_id, state=state, unconsumed=unconsumed_only)
+        where, params = _where(kind=kind, interaction_id=interaction_id, state=state, principal=principal,
+                               unconsumed=unconsumed_only)
         if interaction_ids is not None:
             if not interaction_ids:
                 return []
@@ -88,6 +93,21 @@ class StoreReads:
         rows = self._query(f"SELECT {_cols(Signal)} FROM signals{where} ORDER BY created_at, id"
                            + _limit(limit), params)
         return [Signal.from_row(r) for r in rows]
+
+    def count_recent_signals(self, principal: str, since: datetime) -> int:
+        """How many signals and documents `principal` sent at or after `since` (for rate limits)."""
+        rows = self._query(
+            "SELECT (SELECT count(*) FROM signals WHERE principal = ? AND created_at >= ?) "
+            "+ (SELECT count(*) FROM documents WHERE principal = ? AND created_at >= ?)",
+            [principal, since, principal, since],
+        )
+        return int(rows[0][0])
+
+    def signal_reviews(self, signal_id: str | None = None) -> list[SignalReview]:
+        """Review decisions, oldest first (of one signal, when given)."""
+        where, params = _where(signal_id=signal_id)
+        rows = self._query(f"SELECT {_cols(SignalReview)} FROM signal_reviews{where} ORDER BY decided_at, id", params)
+        return [SignalReview.from_row(r) for r in rows]
 
     def get_document(self, document_id: str) -> Document | None:
         """The document with this id, or ``None``."""

@@ -61,6 +61,7 @@ from runtime.store.models import (
     DECISION_KINDS,
     INTERACTION_KINDS,
     LEARNING_STATES,
+    REVIEW_DECISIONS,
     RUN_STATUSES,
     SIGNAL_KINDS,
     AdapterRecord,
@@ -73,9 +74,11 @@ from runtime.store.models import (
     LearningRun,
     LearningState,
     PolicyDecision,
+    ReviewDecision,
     RunStatus,
     Signal,
     SignalKind,
+    SignalReview,
 )
 from runtime.store.opening import open_database
 from runtime.store.reads import StoreReads
@@ -89,6 +92,7 @@ _INSERT_COLUMNS: dict[str, tuple[str, ...]] = {
     "documents": Document.COLUMNS,
     "learning_runs": LearningRun.COLUMNS,
     "policy_decisions": PolicyDecision.COLUMNS,
+    "signal_reviews": SignalReview.COLUMNS,
 }
 _WAIT_SLICE_S = 0.1
 
@@ -240,14 +244,20 @@ class Store(StoreReads):
 
     def add_signal(self, kind: SignalKind, *, interaction_id: str | None = None, rating: float | None = None,
                    text: str | None = None, messages: Iterable[Mapping[str, Any]] | None = None,
-                   comment: str | None = None, metadata: Mapping[str, Any] | None = None) -> str:
+                   comment: str | None = None, metadata: Mapping[str, Any] | None = None,
+                   principal: str | None = None, state: LearningState = "pending",
+                   state_reason: str | None = None) -> str:
         """Record feedback; return its id without waiting for the disk.
 
         - ``rating``: needs ``rating`` (a number); ``interaction_id`` says what was rated.
         - ``correction`` / ``demonstration``: need ``text`` (the right answer) and the prompt it answers,
           as ``interaction_id`` (a logged interaction) and/or ``messages``.
+
+        ``principal`` is who sent it; ``state`` is ``pending`` (learned next) or ``review`` (awaiting an
+        operator's approval, with ``state_reason``).
         """
         check_choice(kind, SIGNAL_KINDS, "kind")
+        _check_arrival_state(state)
         if kind == "rating":
             if not isinstance(rating, (int, float)) or isinstance(rating, bool):
                 raise ValueError("a rating signal needs a numeric rating")
@@ -256,17 +266,22 @@ class Store(StoreReads):
             raise ValueError(f"a {kind} signal needs text and an interaction_id or messages")
         encoded = None if messages is None else to_json(check_messages(messages), "messages")
         row = (new_id(), now_us(), kind, interaction_id, rating, text, encoded, comment,
-               to_json(metadata or {}, "metadata"), None, None, "pending", None, None)
+               to_json(metadata or {}, "metadata"), None, None, state, state_reason,
+               None if state == "pending" else now_us(), principal)
         self._put(InsertOp("signals", row))
         return row[0]
 
     def add_document(self, text: str, *, title: str | None = None, questions: Sequence[Any] | None = None,
-                     metadata: Mapping[str, Any] | None = None) -> str:
-        """Record a document of new knowledge (``questions`` probe it); return its id without waiting."""
+                     metadata: Mapping[str, Any] | None = None, principal: str | None = None,
+                     state: LearningState = "pending", state_reason: str | None = None) -> str:
+        """Record a document of new knowledge (``questions`` probe it); return its id without waiting.
+        ``principal``, ``state`` and ``state_reason`` as for :meth:`add_signal`."""
         if not isinstance(text, str) or not text:
             raise ValueError("a document needs non-empty text")
+        _check_arrival_state(state)
         row = (new_id(), now_us(), title, text, to_json(list(questions or []), "questions"),
-               to_json(metadata or {}, "metadata"), None, None, "pending", None, None)
+               to_json(metadata or {}, "metadata"), None, None, state, state_reason,
+               None if state == "pending" else now_us(), principal)
         self._put(InsertOp("documents", row))
         return row[0]
 
@@ -292,8 +307,8 @@ class Store(StoreReads):
         """
         check_choice(state, LEARNING_STATES, "state")
         if from_states is None:
-            from_states = {"learned": ("pending",), "held": ("pending",), "pending": ("held", "dismissed"),
-                           "dismissed": ("pending", "held")}[state]
+            from_states = {"learned": ("pending",), "held": ("pending",), "pending": ("held", "dismissed", "review"),
+                           "dismissed": ("pending", "held", "review"), "review": ()}[state]
         for value in from_states:
             check_choice(value, LEARNING_STATES, "from_states")
         changed = 0
@@ -303,6 +318,27 @@ class Store(StoreReads):
                              run_id=run_id, from_states=list(from_states), now=utcnow())
                 changed += int(self._call(fn, f"set {table} {state}"))
         return changed
+
+    def review_signals(self, signal_ids: Iterable[str], decision: ReviewDecision, *, reason: str | None = None,
+                       reviewer: str | None = None) -> int:
+        """Decide on signals (or documents) awaiting review: ``approve`` makes them pending (the next cycle
+        learns them), ``reject`` dismisses them. Each decision is stored (:meth:`signal_reviews`) with its reason
+        and reviewer. Ids not awaiting review are left alone; returns how many were decided."""
+        check_choice(decision, REVIEW_DECISIONS, "decision")
+        wanted = list(dict.fromkeys(signal_ids))
+        signals = {s.id for s in self.signals(state="review")}
+        documents = {d.id for d in self.documents(state="review")}
+        ids = [i for i in wanted if i in signals or i in documents]
+        if not ids:
+            return 0
+        state: LearningState = "pending" if decision == "approve" else "dismissed"
+        moved = self.set_learning_state(
+            state, signal_ids=[i for i in ids if i in signals], document_ids=[i for i in ids if i in documents],
+            from_states=("review",), reason=reason or f"{decision}d by {reviewer or 'an operator'}",
+        )
+        for signal_id in ids:
+            self._insert_and_wait("signal_reviews", (new_id(), signal_id, decision, reason, reviewer, now_us()))
+        return moved
 
     def create_run(self, method: str, *, config: Mapping[str, Any] | None = None,
                    parent_adapter: str | None = None, data_counts: Mapping[str, Any] | None = None) -> str:
@@ -468,3 +504,8 @@ class Store(StoreReads):
             raise StoreError(f"store {self.path}: query failed: {exc}") from exc
         finally:
             cursor.close()
+
+
+def _check_arrival_state(state: str) -> None:
+    if state not in ("pending", "review"):
+        raise ValueError(f"a new signal is pending or awaiting review, not {state!r}")
