@@ -107,6 +107,10 @@ def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 405:
         message = f"{message}: this route does not take that HTTP method."
     code = {413: "request_too_large", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    if exc.status_code == 400 and message == "There was an error parsing the body":  # FastAPI's, for non-JSON errors
+        message = ("The request body could not be read as JSON (not UTF-8, or nested too deeply); send a UTF-8 "
+                   "JSON object.")
+        code = "invalid_json"
     return error_response(exc.status_code, message, code=code, headers=getattr(exc, "headers", None))
 
 

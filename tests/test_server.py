@@ -304,6 +304,10 @@ def test_hostile_values_get_400_with_the_param(server: RunningServer) -> None:
         answer = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"})
         assert answer.status_code == 400, answer.text
         assert "surrogate" in answer.json()["error"]["message"]
+    for body in (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', b"[" * 20_000 + b"]" * 20_000):
+        unreadable = httpx.post(server.url + "/v1/chat/completions", content=body,
+                                headers={"content-type": "application/json"})
+        assert unreadable.status_code == 400 and unreadable.json()["error"]["code"] == "invalid_json", unreadable.text
     huge_seed = httpx.post(server.url + "/v1/chat/completions",
                            json={"messages": [{"role": "user", "content": "hi"}], "seed": 2**64})
     assert huge_seed.status_code == 400 and huge_seed.json()["error"]["param"] == "seed"
