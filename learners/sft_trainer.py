@@ -19,7 +19,7 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTTrainer
 
-from runtime.chat_encoding import common_prefix_length, encode_chat, encode_text
+from runtime.chat_encoding import common_prefix_length, encode_chat
 
 from .anchor_loss import AnchorLoss, AnchorTraining
 from .callbacks import ProgressCallback, ProgressFn
@@ -48,13 +48,6 @@ def _to_dataset(examples: Sequence[DemoExample], tokenizer: Any) -> Dataset:
         start = common_prefix_length(prompt_ids, full)
         rows.append({"input_ids": full, "completion_mask": [0] * start + [1] * (len(full) - start)})
     return Dataset.from_list(rows)
-
-
-def _texts_dataset(texts: Sequence[str], tokenizer: Any) -> Dataset:
-    """Plain texts tokenised for TRL, each ended by EOS, special-token strings in them spelled out."""
-    eos = tokenizer.eos_token_id
-    return Dataset.from_list([{"input_ids": [*encode_text(tokenizer, t), *([eos] if eos is not None else [])]}
-                              for t in texts])
 
 
 def build_sft_trainer(
@@ -90,7 +83,9 @@ def build_sft_text_trainer(
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise ValueError("train_sft_texts needs at least one non-empty text")
-    dataset = _texts_dataset(texts, load_tokenizer(base_model_dir))
+    # TRL tokenises these itself, control-token strings included: SEAL's texts hold chat-template renders
+    # (self-QA lines, replayed examples) whose control tokens are real, beside document text.
+    dataset = Dataset.from_list([{"text": t} for t in texts])
     return _build_trainer(
         base_model_dir, dataset, output_dir, settings, lora, parent_adapter_dir, callbacks, True, anchors
     )

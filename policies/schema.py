@@ -231,7 +231,7 @@ class Schedule(_Section):
     """When the background loop runs a learning cycle."""
 
     interval_s: float | None = Field(
-        600.0, ge=1.0, description="Seconds between checks, at least 1 (ignored when cron is set)."
+        600.0, ge=0.1, description="Seconds between checks, at least 0.1 (ignored when cron is set)."
     )
     cron: str | None = Field(None, description="Standard 5-field crontab expression, e.g. '*/15 * * * *'.")
     min_new_signals: int = Field(

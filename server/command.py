@@ -29,6 +29,9 @@ def serve_cmd(
         bool, typer.Option(help="Run the scheduled learning loop in the server process.")
     ] = True,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1 << 20,
+    max_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Most new tokens one request may ask for (default: the context).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     api_keys: Annotated[
         Path | None,
@@ -74,7 +77,7 @@ def serve_cmd(
     try:
         with console.status(f"Loading {cfg.model.name}..."):
             server_app = create_app(
-                cfg, admin_token=token, limits=ServerLimits(max_body_bytes=max_body_bytes),
+                cfg, admin_token=token, limits=ServerLimits(max_body_bytes=max_body_bytes, max_tokens=max_tokens),
                 dashboard_requires_token=(not loopback) if dashboard_token is None else dashboard_token,
                 background_learning=background_learning, api_keys=keys,
             )

@@ -55,6 +55,7 @@ def start_server(
     background_learning: bool = False,
     log_level: str = "warning",
     env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``python -m server serve`` with this interpreter; returns at once (see :func:`wait_ready`).
 
@@ -67,6 +68,7 @@ def start_server(
             default is on; off keeps a measurement free of cycles nobody asked for).
         log_level: uvicorn's.
         env: extra environment variables for the child.
+        extra_args: more ``runtime serve`` options (e.g. ``["--max-tokens", "16"]``).
     """
     child_env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
     child_env.pop(ADMIN_TOKEN_ENV, None)
@@ -75,7 +77,7 @@ def start_server(
     command = [
         sys.executable, "-m", "server", "serve", "--config", str(config_path), "--host", host,
         "--port", str(port), "--log-level", log_level,
-        "--background-learning" if background_learning else "--no-background-learning",
+        "--background-learning" if background_learning else "--no-background-learning", *(extra_args or []),
     ]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:  # the child keeps its own descriptor
