@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import string
 import sys
@@ -239,8 +240,12 @@ def fuzz_requests(server: Server, examples: int) -> dict[str, Any]:
     ]
     for body in hostile:
         sent += 1
-        response = httpx.post(server.url + "/v1/chat/completions", content=body,
-                              headers={"content-type": "application/json"}, timeout=300)
+        try:
+            response = httpx.post(server.url + "/v1/chat/completions", content=body,
+                                  headers={"content-type": "application/json"}, timeout=300)
+        except httpx.HTTPError as exc:
+            errors.append(f"hostile body {body[:40]!r}: no answer ({type(exc).__name__}: {exc})")
+            continue
         if response.status_code >= 500:
             errors.append(f"hostile body {body[:40]!r}: {response.status_code} {response.text[:200]}")
     return {"fuzz_requests": sent, "server_5xx": len(errors), "server_5xx_examples": errors[:5],
@@ -404,6 +409,37 @@ def orphan_workers(server: Server, rows: list[dict[str, Any]]) -> dict[str, Any]
             "orphan_workers_after_kill9": len(orphans)}
 
 
+def server_phases(args: argparse.Namespace, model_dir: Path, rows: list[dict[str, Any]], workdir: Path
+                  ) -> dict[str, Any]:
+    """Phases 3-6 against `runtime serve` children; their logs stay in `workdir`."""
+    results: dict[str, Any] = {}
+    config = {"data_dir": str(workdir / "data"), "model": {"name": str(model_dir)},
+              "engine": {"device": "cpu", "num_threads": args.threads, "max_new_tokens": 8},
+              "learning": {"sft": {"num_epochs": 1, "min_steps": 10000}}}  # a cycle long enough to kill
+    config_path = workdir / "runtime.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    names = ["tampered-candidate"]
+    for name, status in (("tampered-candidate", "candidate"), ("tampered-active", "active")):
+        tamper(register(config, model_dir, workdir, name, status))
+    server = Server(workdir, config_path, args.threads)
+    print("server start (a tampered active adapter)...", flush=True)
+    server.start()
+    health = httpx.get(server.url + "/healthz", timeout=30).json()
+    active_served = int(health["engine"]["active_adapter"] == "tampered-active")
+    print("requests...", flush=True)
+    results.update(fuzz_requests(server, args.fuzz_examples))
+    results.update(corrupt_adapters(server, names + ["tampered-active"]))
+    results["corrupt_adapters_served"] = results["corrupt_adapters_served_by_name"] + active_served
+    print("acknowledged writes...", flush=True)
+    results.update(acked_writes(server, config, rows, args.load_seconds))
+    print("orphan workers...", flush=True)
+    results.update(orphan_workers(server, rows))
+    server_alive = server.alive()
+    if server_alive:
+        stop_server(server.proc)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "facts_dev.jsonl")
@@ -430,29 +466,10 @@ def main() -> None:
     print("config and policy files...", flush=True)
     results.update(config_fuzz(args.config_files, args.seed, args.config_timeout))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        config = {"data_dir": str(workdir / "data"), "model": {"name": str(model_dir)},
-                  "engine": {"device": "cpu", "num_threads": args.threads, "max_new_tokens": 8},
-                  "learning": {"sft": {"num_epochs": 1, "min_steps": 10000}}}  # a cycle long enough to kill
-        config_path = workdir / "runtime.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        names = ["tampered-candidate"]
-        for name, status in (("tampered-candidate", "candidate"), ("tampered-active", "active")):
-            tamper(register(config, model_dir, workdir, name, status))
-        server = Server(workdir, config_path, args.threads)
-        print("server start (a tampered active adapter)...", flush=True)
-        server.start()
-        health = httpx.get(server.url + "/healthz", timeout=30).json()
-        active_served = int(health["engine"]["active_adapter"] == "tampered-active")
-        print("requests...", flush=True)
-        results.update(fuzz_requests(server, args.fuzz_examples))
-        results.update(corrupt_adapters(server, names + ["tampered-active"]))
-        results["corrupt_adapters_served"] = results["corrupt_adapters_served_by_name"] + active_served
-        print("acknowledged writes...", flush=True)
-        results.update(acked_writes(server, config, rows, args.load_seconds))
-        print("orphan workers...", flush=True)
-        results.update(orphan_workers(server, rows))
+    workdir = Path(tempfile.mkdtemp(prefix="robustness-"))  # kept when a phase fails: the server logs are there
+    print(f"work dir {workdir}", flush=True)
+    results.update(server_phases(args, model_dir, rows, workdir))
+    shutil.rmtree(workdir, ignore_errors=True)
     results["seconds"] = round(time.monotonic() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

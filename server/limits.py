@@ -20,6 +20,8 @@ class ServerLimits:
         max_messages: the most messages in one chat completion.
         max_n: the most choices (``n``) in one chat completion.
         max_stop: the most stop strings.
+        max_stop_chars: the longest stop string (transformers' stop-string matcher builds tables that grow with
+            it: a 100,000-character stop string exhausted the memory of a 24 GB machine).
         max_tokens: the most new tokens one request may ask for; ``None`` = the engine's context length.
     """
 
@@ -27,6 +29,7 @@ class ServerLimits:
     max_messages: int = 256
     max_n: int = 8
     max_stop: int = 4
+    max_stop_chars: int = 256
     max_tokens: int | None = None
 
 

@@ -185,6 +185,9 @@ def prepare(req: ChatCompletionRequest, *, limits: ServerLimits, context_length:
     stop = req.stop_list()
     if stop and len(stop) > limits.max_stop:
         raise APIError(400, f"{len(stop)} stop strings is over the limit of {limits.max_stop}.", param="stop")
+    if stop and max(len(s) for s in stop) > limits.max_stop_chars:
+        raise APIError(400, f"A stop string of {max(len(s) for s in stop)} characters is over the limit of "
+                       f"{limits.max_stop_chars}.", param="stop")
     max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     cap = limits.max_tokens

@@ -308,6 +308,9 @@ def test_hostile_values_get_400_with_the_param(server: RunningServer) -> None:
         unreadable = httpx.post(server.url + "/v1/chat/completions", content=body,
                                 headers={"content-type": "application/json"})
         assert unreadable.status_code == 400 and unreadable.json()["error"]["code"] == "invalid_json", unreadable.text
+    long_stop = httpx.post(server.url + "/v1/chat/completions",
+                           json={"messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 5000]})
+    assert long_stop.status_code == 400 and long_stop.json()["error"]["param"] == "stop"
     huge_seed = httpx.post(server.url + "/v1/chat/completions",
                            json={"messages": [{"role": "user", "content": "hi"}], "seed": 2**64})
     assert huge_seed.status_code == 400 and huge_seed.json()["error"]["param"] == "seed"
