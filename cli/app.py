@@ -24,6 +24,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"runtime {version('learning-runtime')}")
+        except PackageNotFoundError:
+            typer.echo("runtime (not installed as a package)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit."),
+) -> None:
+    """An agent that keeps learning from its own use. See README.md."""
+
+
 app.add_typer(config_app, name="config")
 app.command("log")(log_cmd)
 app.command("learn")(learn_cmd)

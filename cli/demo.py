@@ -121,7 +121,8 @@ def run_demo(config: RuntimeConfig, console: Console, *, method: str | None = No
         print_log(agent.store, console, limit=8)
         console.print(
             f"[green]Demo finished in {time.perf_counter() - t0:.0f}s.[/green] "
-            f"Look again with: RUNTIME_DATA_DIR={demo_dir} runtime log  |  runtime adapters list"
+            f"Look again with: RUNTIME_DATA_DIR={demo_dir} runtime log   (and the same with `runtime adapters "
+            "list`)"
         )
     finally:
         agent.close()

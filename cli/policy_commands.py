@@ -27,7 +27,8 @@ def policy_validate(file: Path) -> None:
         fail(exc, USAGE_ERROR)
     console.print(
         f"[green]valid[/green]: policy '{loaded.name}': {len(loaded.protected)} protected behaviours, "
-        f"{len(loaded.retention)} retention suites, promotion {loaded.promotion.mode}"
+        f"{len(loaded.retention)} retention suite{'' if len(loaded.retention) == 1 else 's'}, "
+        f"promotion {loaded.promotion.mode}"
     )
 
 

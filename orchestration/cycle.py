@@ -226,7 +226,9 @@ def run_cycle(
     done = [a.to_dict() for a in attempts]
     repaired = f" (repaired: attempt {number})" if number > 1 else ""
     if promotion == "direct":
-        active = registry.activate(record.name, reason=f"approved by the gate{repaired}", run_id=attempt.run_id)
+        approver = "approved by the gate" if gate is not approve_all else "approved (no policy: every verified " \
+            "candidate is)"
+        active = registry.activate(record.name, reason=f"{approver}{repaired}", run_id=attempt.run_id)
         return CycleResult("activated", f"{record.name} is active{repaired}", attempt.run_id, active, counts,
                            metrics, done)
     if promotion == "shadow":

@@ -73,6 +73,7 @@ def serve_cmd(
             USAGE_ERROR,
         )
     cfg = load(config)
+    _check_port_free(host, port)
     token = admin_token or os.environ.get("RUNTIME_ADMIN_TOKEN") or None
     try:
         with console.status(f"Loading {cfg.model.name}..."):
@@ -88,6 +89,20 @@ def serve_cmd(
     if token is None:
         console.print("[yellow]admin routes are off:[/yellow] set RUNTIME_ADMIN_TOKEN or pass --admin-token")
     uvicorn.run(server_app, host=host, port=port, log_level=log_level)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail at once, before the model loads, when the address is taken."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; is another server running there? "
+                 "Choose another --port.", USAGE_ERROR)
 
 
 app.command("serve")(serve_cmd)

@@ -211,6 +211,13 @@ class CorrectionRequest(RequestBody):
 
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def _says_something(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the corrected answer must be non-empty")
+        return value
+
 
 class TeachRequest(RequestBody):
     """``POST /v1/teach``: a prompt (or a conversation) and the answer to learn for it."""

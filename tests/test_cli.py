@@ -242,3 +242,23 @@ def test_serve_refuses_a_non_loopback_address_without_the_explicit_flag(tmp_path
     result = runner.invoke(runtime_app, ["serve", "--host", "0.0.0.0", "--config", str(tmp_path / "none.yaml")])
     assert result.exit_code == 2
     assert "refusing to serve on 0.0.0.0" in result.output and "--allow-unauthenticated" in result.output
+
+
+def test_serve_checks_the_port_before_loading_the_model(tmp_path: Path) -> None:
+    import socket
+
+    from server.command import app as runtime_app
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "runtime.yaml"
+        config.write_text(f"data_dir: {tmp_path / 'data'}\n")
+        result = runner.invoke(runtime_app, ["serve", "--port", str(port), "--config", str(config)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("runtime ")

@@ -365,6 +365,7 @@ def test_feedback_routes_store_signals(server: RunningServer, client: openai.Ope
         assert unknown_fix.status_code == 404
         empty_fix = http.post(f"/v1/interactions/{interaction_id}/correction", json={"text": "  "})
         assert empty_fix.status_code == 400 and "non-empty" in empty_fix.json()["error"]["message"]
+        assert empty_fix.json()["error"]["param"] == "text"
         both = http.post("/v1/teach", json={"prompt": "a", "messages": [{"role": "user", "content": "a"}],
                                             "demonstration": "b"})
         assert both.status_code == 400
