@@ -331,9 +331,14 @@ def test_langchain_chat_openai_invoke_and_stream(server: RunningServer, tiny_eng
     before = server.store.counts()["interactions"]
     answer = llm.invoke("What is two plus two?")
     assert answer.content == expected
+    with_headers = ChatOpenAI(base_url=server.url + "/v1", api_key="unused", model="default", temperature=0,
+                              max_tokens=MAX_TOKENS, max_retries=0, include_response_headers=True)
+    interaction_id = with_headers.invoke("What is two plus two?").response_metadata["headers"]["x-interaction-id"]
+    server.store.flush()
+    assert server.store.get_interaction(interaction_id) is not None  # the id docs/server.md says to correct
     streamed = "".join(str(chunk.content) for chunk in llm.stream("What is two plus two?"))
     assert streamed == expected
-    assert server.store.counts()["interactions"] == before + 2
+    assert server.store.counts()["interactions"] == before + 3
 
 
 # --- feedback ----------------------------------------------------------------------------------------------
