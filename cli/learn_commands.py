@@ -13,6 +13,7 @@ from cli.common import (
     ConfigOption,
     PolicyOption,
     console,
+    err_console,
     fail,
     load,
     opened_store,
@@ -132,6 +133,12 @@ def ingest_cmd(
                     f"stored [bold]{doc['title'] or doc_id[:8]}[/bold]: {len(tau.pairs)} {tau.source} questions "
                     f"kept, {tau.dropped} dropped (answer not in the document, or no answer)"
                 )
+                if not tau.pairs:
+                    err_console.print(
+                        f"[yellow]warning:[/yellow] {doc['title'] or doc_id[:8]} has no evaluation questions: SEAL "
+                        "cannot measure whether it learned the document. Give --questions (a JSONL of "
+                        "{question, answer}), or a longer document the model can ask about."
+                    )
     finally:
         if engine is not None:
             engine.close()

@@ -262,3 +262,15 @@ def test_serve_checks_the_port_before_loading_the_model(tmp_path: Path) -> None:
 def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("runtime ")
+
+
+def test_ingest_warns_when_no_evaluation_question_is_kept(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The tiny random model writes no usable question: the document is stored, and the operator is told."""
+    path = tmp_path / "runtime.yaml"
+    path.write_text(yaml.safe_dump({"data_dir": "data", "model": {"name": str(tiny_model_dir)},
+                                    "engine": {"device": "cpu", "num_threads": 1}}))
+    doc = tmp_path / "policy.md"
+    doc.write_text("The refund window is 45 days.")
+    result = runner.invoke(app, ["ingest", str(doc), "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "0 generated questions kept" in result.output and "no evaluation questions" in result.output
