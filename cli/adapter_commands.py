@@ -10,7 +10,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.common import ConfigOption, JsonOption, PolicyOption, console, fail, load, opened_store, running_service
+from cli.common import (
+    USAGE_ERROR,
+    ConfigOption,
+    JsonOption,
+    PolicyOption,
+    console,
+    fail,
+    load,
+    opened_store,
+    running_service,
+)
 
 adapters_app = typer.Typer(help="The adapter registry: list, show lineage, promote, roll back.", no_args_is_help=True)
 
@@ -55,12 +65,19 @@ def adapters_promote(
     name: str,
     config: ConfigOption = None,
     policy: PolicyOption = None,
-    force: Annotated[bool, typer.Option("--force", help="Promote even a candidate the gate vetoed.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Promote even an adapter the gate vetoed.")] = False,
+    reason: Annotated[str | None, typer.Option("--reason", "-r", help="Why (recorded; required with --force).")
+                      ] = None,
 ) -> None:
     """Make NAME the serving adapter (a candidate waiting for manual promotion, a shadow, or an older one)."""
+    if force and not (reason or "").strip():
+        fail("--force needs --reason: a promotion past the gate's veto is recorded with why", USAGE_ERROR)
+    import getpass
+
     with running_service(load(config), policy) as service:
         try:
-            record = service.promote(name, force=force)
+            record = service.promote(name, force=force, reason=reason or "promoted by operator",
+                                     by=getpass.getuser())
         except (KeyError, ValueError) as exc:
             fail(exc.args[0] if exc.args else exc)
     console.print(f"[green]{record.name} is active[/green] (lineage: {' -> '.join(['base', *record.lineage])})")

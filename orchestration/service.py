@@ -202,18 +202,21 @@ class RuntimeService:
 
     # --- promotion ------------------------------------------------------------------------------------
 
-    def promote(self, name: str, *, reason: str = "promoted by operator", force: bool = False) -> AdapterRecord:
+    def promote(self, name: str, *, reason: str = "promoted by operator", force: bool = False,
+                by: str | None = None) -> AdapterRecord:
         """Make `name` serve: loaded first (a broken adapter changes nothing), then recorded active, then
         switched in the engine; requests in flight finish on the adapter they started with. The switch does
         not wait for them: adapters no longer needed are unloaded by the next learning cycle.
 
-        A candidate the gate rejected needs ``force=True``.
+        An adapter the gate ever vetoed needs ``force=True``, every time (also after it was forced once and
+        rolled back); the promotion is then recorded as forced, with `by` (who) and `reason` (why).
         """
         with self._swap_lock:
             record = self.store.get_adapter(name)
             if record is None:
                 raise KeyError(f"no adapter named {name!r}; see `runtime adapters list`")
-            if record.status == "rejected" and not force:
+            vetoed = record.status == "rejected" or bool(self.store.decisions(adapter=name, decision="veto", limit=1))
+            if vetoed and not force:
                 raise ValueError(
                     f"{name!r} was vetoed by the gate (see `runtime decisions --adapter {name}`); pass force to "
                     "promote it anyway"
@@ -221,6 +224,10 @@ class RuntimeService:
             if record.role != "serving":
                 raise ValueError(f"{name!r} is a {record.method} {record.role} adapter, not a serving adapter")
             self._ensure_loaded(record)
+            if vetoed:
+                reason = f"forced past the gate's veto by {by or 'an operator'}: {reason}"
+            elif by:
+                reason = f"{reason} (by {by})"
             active = self.registry.activate(name, reason=reason)
             self.engine.set_active_adapter(name)
             if self.shadow.mirror is not None and self.shadow.mirror.adapter == name:

@@ -15,7 +15,13 @@ from starlette.concurrency import run_in_threadpool
 
 from server.errors import APIError
 from server.learn_jobs import LEARN_METHODS
-from server.schemas import LearnRequest, SignalDismissRequest, SignalRetryRequest, SignalReviewRequest
+from server.schemas import (
+    LearnRequest,
+    PromoteRequest,
+    SignalDismissRequest,
+    SignalRetryRequest,
+    SignalReviewRequest,
+)
 from server.serialize import adapter_dict, decision_dict, jsonable, run_dict
 from server.state import ServerState, get_state
 
@@ -72,10 +78,15 @@ async def adapter(name: str, state: ServerState = Depends(get_state)) -> dict[st
 
 
 @router.post("/adapters/{name}/promote")
-async def promote(name: str, state: ServerState = Depends(get_state)) -> dict[str, Any]:
-    """Make ``name`` the active adapter (the engine serves it at once)."""
+async def promote(name: str, request: Request, body: PromoteRequest | None = None,
+                  state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    """Make ``name`` the active adapter (the engine serves it at once). An adapter the gate vetoed needs
+    ``{"force": true, "reason": "..."}``; the promotion is recorded as forced, by whom and why."""
     service = state.service
-    record = await _service_call(service.promote, name)
+    body = body or PromoteRequest()
+    by = state.admin_principal(request)
+    reason = body.reason or "promoted by operator"
+    record = await _service_call(lambda: service.promote(name, reason=reason, force=body.force, by=by))
     return {"active": adapter_dict(record, loaded=state.engine.has_adapter(record.name))}
 
 

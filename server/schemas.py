@@ -277,6 +277,21 @@ class LearnRequest(RequestBody):
     )
 
 
+class PromoteRequest(RequestBody):
+    """``POST /admin/adapters/{name}/promote``: optional; ``force`` to promote an adapter the gate vetoed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    force: bool = Field(False, description="Promote even an adapter the gate vetoed (recorded as forced).")
+    reason: str | None = Field(None, max_length=2000, description="Why (recorded with the promotion).")
+
+    @model_validator(mode="after")
+    def _forcing_says_why(self) -> PromoteRequest:
+        if self.force and not (self.reason or "").strip():
+            raise ValueError("forcing a promotion past a veto needs a reason")
+        return self
+
+
 class SignalRetryRequest(RequestBody):
     """``POST /admin/signals/retry``: make held (or dismissed) signals pending again."""
 

@@ -110,13 +110,19 @@ def test_poisoned_correction_is_vetoed_and_the_active_adapter_kept(tmp_path: Pat
         # A rejected candidate can only be forced in by an operator.
         with pytest.raises(ValueError, match="vetoed by the gate"):
             service.promote(poisoned)
+        service.promote(poisoned, force=True, reason="checked by hand", by="ops")
+        forced = agent.store.decisions(adapter=poisoned, decision="promote")[0]
+        assert forced.reasons == ["forced past the gate's veto by ops: checked by hand"]
+        service.rollback()
+        with pytest.raises(ValueError, match="vetoed by the gate"):  # a veto keeps needing force
+            service.promote(poisoned)
     finally:
         agent.close()
 
     decisions = runner.invoke(app, ["decisions", "--config", str(config_path), "--json"])
     assert decisions.exit_code == 0, decisions.output
     rows = json.loads(decisions.output)
-    assert [r["decision"] for r in rows if r["adapter"] == poisoned] == ["veto"]
+    assert [r["decision"] for r in rows if r["adapter"] == poisoned] == ["rollback", "promote", "veto"]
     table = runner.invoke(app, ["decisions", "--config", str(config_path), "--adapter", poisoned])
     assert table.exit_code == 0 and "veto" in table.output and "protected" in table.output
 

@@ -628,3 +628,29 @@ def test_learning_loop_runs_with_the_app(tiny_engine, tiny_model_dir: Path, tmp_
             assert http.get("/healthz").json()["service"] is True
         assert service.loop is None  # stopped at shutdown; the engine and store were the caller's
         assert not store.closed
+
+
+def test_force_promotion_over_http_is_audited(tiny_engine, tiny_model_dir: Path, tiny_adapter_dir: Path,
+                                              tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, tiny_model_dir)
+    with Store(config.store_path) as store:
+        register_adapter(store, "vetoed", tiny_adapter_dir, config.adapters_dir, status="rejected")
+        store.record_decision("vetoed", "veto", reasons=["protected check failed"])
+        app = create_app(config, engine=tiny_engine, store=store, admin_token=TOKEN, background_learning=False)
+        admin = {"Authorization": f"Bearer {TOKEN}"}
+        try:
+            with serve_in_thread(app) as url, httpx.Client(base_url=url, headers=admin, timeout=60) as http:
+                plain = http.post("/admin/adapters/vetoed/promote")
+                assert plain.status_code == 400 and "vetoed by the gate" in plain.json()["error"]["message"]
+                no_reason = http.post("/admin/adapters/vetoed/promote", json={"force": True})
+                assert no_reason.status_code == 400 and "reason" in no_reason.json()["error"]["message"]
+                forced = http.post("/admin/adapters/vetoed/promote", json={"force": True, "reason": "checked"})
+                assert forced.status_code == 200 and forced.json()["active"]["name"] == "vetoed"
+                assert http.post("/admin/rollback").status_code == 200
+                assert http.post("/admin/adapters/vetoed/promote").status_code == 400  # still needs force
+        finally:
+            for name in tiny_engine.list_adapters():
+                tiny_engine.unload_adapter(name)
+            tiny_engine.set_active_adapter(None)
+        promoted = store.decisions(adapter="vetoed", decision="promote")
+        assert promoted[0].reasons == ["forced past the gate's veto by admin: checked"]
