@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +18,7 @@ from cli.common import (
     fail,
     load,
     opened_store,
+    print_json,
     running_service,
 )
 
@@ -27,9 +26,12 @@ adapters_app = typer.Typer(help="The adapter registry: list, show lineage, promo
 
 
 @adapters_app.command("list")
-def adapters_list(config: ConfigOption = None) -> None:
+def adapters_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """List the registry's adapters with status, method and parent."""
     with opened_store(load(config), read_only=True) as store:
+        if as_json:
+            print_json(store.adapters())
+            return
         table = Table(title="Adapters")
         for col in ("name", "status", "method", "parent", "run", "created", "train s", "examples"):
             table.add_column(col)
@@ -45,13 +47,16 @@ def adapters_list(config: ConfigOption = None) -> None:
 
 
 @adapters_app.command("show")
-def adapters_show(name: str, config: ConfigOption = None) -> None:
+def adapters_show(name: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Show one adapter: lineage, run, metrics, checksum."""
     with opened_store(load(config), read_only=True) as store:
         rec = store.get_adapter(name)
         if rec is None:
             fail(f"no adapter named {name!r}; see `runtime adapters list`")
         run = store.get_run(rec.run_id) if rec.run_id else None
+    if as_json:
+        print_json({"adapter": rec, "run": run})
+        return
     console.print(f"[bold]{rec.name}[/bold]  status={rec.status}  method={rec.method}  role={rec.role}")
     console.print(f"path: {rec.path}\nchecksum: {rec.checksum}")
     console.print("lineage: " + " -> ".join(["base", *rec.lineage, rec.name]))
@@ -131,8 +136,7 @@ def decisions_cmd(
     with opened_store(load(config), read_only=True) as store:
         decisions = store.decisions(limit, adapter=adapter)
         if as_json:
-            rows = [{**asdict(d), "created_at": d.created_at.isoformat()} for d in decisions]
-            sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+            print_json(decisions)
             return
         table = Table(title="Decisions")
         for col in ("time", "adapter", "decision", "attempt", "reasons", "checks"):

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.common import USAGE_ERROR, console, fail
+from cli.common import USAGE_ERROR, JsonOption, console, fail, print_json
 from runtime.api_keys import ROLES, ApiKeys, ApiKeysError, add_key, load_api_keys, write_api_keys
 
 keys_app = typer.Typer(help="API keys with roles (chat, feedback, teach, admin) for `runtime serve --api-keys`.")
@@ -37,12 +37,15 @@ def keys_add(
 
 
 @keys_app.command("list")
-def keys_list(file: FileOption = Path("api-keys.yaml")) -> None:
+def keys_list(file: FileOption = Path("api-keys.yaml"), as_json: JsonOption = False) -> None:
     """List principals and their roles (the keys themselves are not stored)."""
     try:
         keys = load_api_keys(file)
     except ApiKeysError as exc:
         fail(exc, USAGE_ERROR)
+    if as_json:
+        print_json([{"principal": k.principal, "roles": k.roles} for k in keys.keys])
+        return
     table = Table(title=f"API keys in {file}")
     table.add_column("principal")
     table.add_column("roles")

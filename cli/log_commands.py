@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import ConfigOption, clip, console, fail, load, opened_store
+from cli.common import ConfigOption, JsonOption, clip, console, fail, load, opened_store, print_json
 from learners.config import full_config_schema
 from runtime.config import dump_config
 
@@ -35,12 +35,16 @@ def config_schema_cmd() -> None:
 def log_cmd(
     config: ConfigOption = None,
     limit: Annotated[int, typer.Option("--limit", "-n", help="Rows of each table.")] = 20,
+    as_json: JsonOption = False,
 ) -> None:
     """Show recent interactions and learning signals from the store."""
     cfg = load(config)
     if not cfg.store_path.exists():
         fail(f"no store at {cfg.store_path} yet: run `runtime demo` or an app first")
     with opened_store(cfg, read_only=True) as store:
+        if as_json:
+            print_json({"interactions": store.recent_interactions(limit=limit), "signals": store.signals()[-limit:]})
+            return
         print_log(store, console, limit=limit)
 
 

@@ -3,16 +3,13 @@ approve or reject those awaiting review."""
 
 from __future__ import annotations
 
-import json
-import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from cli.common import USAGE_ERROR, ConfigOption, JsonOption, clip, console, fail, load, opened_store
+from cli.common import USAGE_ERROR, ConfigOption, JsonOption, clip, console, fail, load, opened_store, print_json
 from runtime.store.models import LEARNING_STATES, ReviewDecision
 
 if TYPE_CHECKING:
@@ -48,8 +45,7 @@ def signals_cmd(
     with opened_store(cfg, read_only=True) as store:
         rows = store.signals(state=state)[-limit:]  # type: ignore[arg-type]
     if as_json:
-        data = [{**asdict(s), "created_at": s.created_at.isoformat()} for s in rows]
-        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        print_json(rows)
         return
     table = Table(title=f"Learning signals ({len(rows)}{', ' + state if state else ''})")
     for col in ("id", "kind", "state", "from", "prompt", "text", "why / run"):

@@ -310,3 +310,28 @@ def test_adapters_export_travels_with_a_model_card(tmp_path: Path, tiny_model_di
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(out))
     again = runner.invoke(app, ["adapters", "export", "travel", str(out), "--config", str(config)])
     assert again.exit_code == 1 and "not empty" in again.output
+
+
+def test_every_list_and_show_command_prints_json(tmp_path: Path, tiny_model_dir: Path, tiny_adapter_dir: Path
+                                                 ) -> None:
+    import shutil
+
+    from runtime.adapters import AdapterRegistry, Lineage
+
+    data = tmp_path / "data"
+    config = tmp_path / "runtime.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(data), "model": {"name": str(tiny_model_dir)}}))
+    shutil.copytree(tiny_adapter_dir, tmp_path / "staged")
+    with Store(data / "runtime.duckdb") as store:
+        registry = AdapterRegistry(data / "adapters", store)
+        registry.publish(tmp_path / "staged", "a1", Lineage(None, "sft", "r", {}, {}))
+        registry.activate("a1")
+        store.add_signal("demonstration", text="x", messages=[{"role": "user", "content": "q"}])
+    keys = tmp_path / "keys.yaml"
+    assert runner.invoke(app, ["keys", "add", "ops", "--roles", "admin", "--file", str(keys)]).exit_code == 0
+    for command in (["adapters", "list"], ["adapters", "show", "a1"], ["decisions"], ["signals"], ["log"]):
+        result = runner.invoke(app, [*command, "--config", str(config), "--json"])
+        assert result.exit_code == 0, (command, result.output)
+        assert json.loads(result.output) is not None, command
+    listed = runner.invoke(app, ["keys", "list", "--file", str(keys), "--json"])
+    assert json.loads(listed.output) == [{"principal": "ops", "roles": ["admin"]}]
