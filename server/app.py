@@ -128,6 +128,8 @@ def _snapshot(state: ServerState) -> dict[str, Any]:
         "store_counts": state.store.counts(),
         "learning": state.learn_jobs.running() is not None,
         "adapters_refused": len(state.service.integrity_failures) + state.resolver.refused,
+        "learning_figures": state.store.learning_figures(),
+        "store_writes": state.store.write_stats(),
     }
 
 

@@ -4,7 +4,12 @@
   (a histogram; a streamed response counts until its last byte), by route template;
 - ``runtime_prompt_tokens_total`` / ``runtime_generated_tokens_total{adapter}``;
 - at scrape time: ``runtime_active_adapter_info{adapter}``, ``runtime_loaded_adapters``,
-  ``runtime_store_rows{table}`` and ``runtime_learning_job_running``.
+  ``runtime_store_rows{table}``, ``runtime_learning_job_running``, ``runtime_adapters_refused_total``, and from
+  the log: ``runtime_learning_runs_total{method,status}``, ``runtime_gate_decisions_total{decision}``,
+  ``runtime_gate_vetoes_total{kind,check}`` (the checks that vetoed), ``runtime_signals{state}`` (``pending`` are
+  waiting to be learned), ``runtime_correction_to_serving_seconds`` (a summary: from a signal's arrival to the
+  promotion of the adapter that learned it), ``runtime_store_queue_depth`` and
+  ``runtime_store_rejected_writes_total``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -87,6 +92,42 @@ class _StateCollector(Collector):
         )
         refused.add_metric([], float(state.get("adapters_refused", 0)))
         yield refused
+        yield from _learning_metrics(state.get("learning_figures") or {})
+        writes = state.get("store_writes") or {}
+        yield GaugeMetricFamily("runtime_store_queue_depth", "Writes waiting for the store's writer thread.",
+                                value=float(writes.get("queue_depth", 0)))
+        rejected = CounterMetricFamily("runtime_store_rejected_writes",
+                                       "Writes refused because the store's queue stayed full (not stored).")
+        rejected.add_metric([], float(writes.get("rejected_writes", 0)))
+        yield rejected
+
+
+def _learning_metrics(figures: dict[str, Any]) -> Iterator[Metric]:
+    runs = CounterMetricFamily("runtime_learning_runs", "Training runs (cycle attempts), by method and status.",
+                               labels=["method", "status"])
+    for (method, status), count in sorted(figures.get("runs", {}).items()):
+        runs.add_metric([method, status], float(count))
+    yield runs
+    decisions = CounterMetricFamily("runtime_gate_decisions", "Gate and promotion decisions, by kind.",
+                                    labels=["decision"])
+    for decision, count in sorted(figures.get("decisions", {}).items()):
+        decisions.add_metric([decision], float(count))
+    yield decisions
+    vetoes = CounterMetricFamily("runtime_gate_vetoes", "Checks that vetoed a candidate, by kind and name.",
+                                 labels=["kind", "check"])
+    for (kind, name), count in sorted(figures.get("vetoes_by_check", {}).items()):
+        vetoes.add_metric([kind, name], float(count))
+    yield vetoes
+    signals = GaugeMetricFamily("runtime_signals", "Learning signals by state (pending: waiting to be learned).",
+                                labels=["state"])
+    for state, count in sorted(figures.get("signals_by_state", {}).items()):
+        signals.add_metric([state], float(count))
+    yield signals
+    delays = figures.get("correction_to_serving_seconds", [])
+    summary = SummaryMetricFamily("runtime_correction_to_serving_seconds",
+                                  "From a signal's arrival to the promotion of the adapter that learned it.",
+                                  count_value=len(delays), sum_value=float(sum(delays)))
+    yield summary
 
 
 class MetricsMiddleware:

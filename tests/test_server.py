@@ -452,7 +452,9 @@ def test_admin_signals_list_retry_and_dismiss(server: RunningServer) -> None:
 def test_admin_promote_rollback_and_shadow_report(server: RunningServer, tiny_engine) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with httpx.Client(base_url=server.url, headers=auth) as http:
-        promoted = http.post("/admin/adapters/reg-a/promote")
+        # test_admin_reads recorded a veto of reg-a: it takes force, with a reason, every time
+        assert http.post("/admin/adapters/reg-a/promote").status_code == 400
+        promoted = http.post("/admin/adapters/reg-a/promote", json={"force": True, "reason": "checked"})
         assert promoted.status_code == 200, promoted.text
         assert promoted.json()["active"]["name"] == "reg-a"
         assert tiny_engine.active_adapter == "reg-a"
@@ -654,3 +656,38 @@ def test_force_promotion_over_http_is_audited(tiny_engine, tiny_model_dir: Path,
             tiny_engine.set_active_adapter(None)
         promoted = store.decisions(adapter="vetoed", decision="promote")
         assert promoted[0].reasons == ["forced past the gate's veto by admin: checked"]
+
+
+def test_metrics_answer_an_operators_questions(tiny_engine, tiny_model_dir: Path, tiny_adapter_dir: Path,
+                                               tmp_path: Path) -> None:
+    """Runs by method and status, decisions, the checks that vetoed, signals waiting, the time from a correction
+    to the adapter that learned it serving, and the store's queue, from the log at scrape time."""
+    config = tiny_config(tmp_path, tiny_model_dir)
+    with Store(config.store_path) as store:
+        learned = store.add_signal("demonstration", text="a", messages=[{"role": "user", "content": "q1"}])
+        store.add_signal("demonstration", text="b", messages=[{"role": "user", "content": "q2"}])
+        run = store.create_run("rewrite")
+        store.update_run(run, status="succeeded", output_adapter="good")
+        register_adapter(store, "good", tiny_adapter_dir, config.adapters_dir)
+        store.mark_consumed(run, signal_ids=[learned])
+        store.record_decision("good", "promote", reasons=["approved by the gate"], run_id=run)
+        store.record_decision("bad", "veto", checks=[{"kind": "protected", "name": "refuses", "veto": True},
+                                                     {"kind": "protected", "name": "math", "veto": False}])
+        app = create_app(config, engine=tiny_engine, store=store, background_learning=False)
+        try:
+            with serve_in_thread(app) as url:
+                samples = _samples(httpx.get(url + "/metrics").text)
+        finally:
+            for name in tiny_engine.list_adapters():
+                tiny_engine.unload_adapter(name)
+            tiny_engine.set_active_adapter(None)
+    assert samples[("runtime_learning_runs_total", (("method", "rewrite"), ("status", "succeeded")))] == 1
+    assert samples[("runtime_gate_decisions_total", (("decision", "veto"),))] == 1
+    assert samples[("runtime_gate_vetoes_total", (("check", "refuses"), ("kind", "protected")))] == 1
+    assert ("runtime_gate_vetoes_total", (("check", "math"), ("kind", "protected"))) not in samples
+    assert samples[("runtime_signals", (("state", "pending"),))] == 1
+    assert samples[("runtime_signals", (("state", "learned"),))] == 1
+    assert samples[("runtime_correction_to_serving_seconds_count", ())] == 1
+    assert samples[("runtime_correction_to_serving_seconds_sum", ())] >= 0
+    assert samples[("runtime_store_queue_depth", ())] >= 0
+    assert samples[("runtime_store_rejected_writes_total", ())] == 0

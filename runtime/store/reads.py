@@ -6,6 +6,7 @@ writer, then run the SQL on a fresh cursor).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -156,6 +157,34 @@ class StoreReads:
         rows = self._query(f"SELECT {_cols(PolicyDecision)} FROM policy_decisions{where} "
                            "ORDER BY created_at DESC, id DESC" + _limit(limit), params)
         return [PolicyDecision.from_row(r) for r in rows]
+
+    def learning_figures(self) -> dict[str, Any]:
+        """What an operator's metrics ask of the log: runs by method and status, decisions by kind, vetoes by
+        failing check (kind and name), signals by state, and for every learned signal the seconds from its
+        arrival to the promotion of the adapter that learned it."""
+        runs = self._query("SELECT method, status, count(*) FROM learning_runs GROUP BY ALL")
+        decisions = self._query("SELECT decision, count(*) FROM policy_decisions GROUP BY ALL")
+        signals = self._query("SELECT state, count(*) FROM signals GROUP BY ALL")
+        vetoes: dict[tuple[str, str], int] = {}
+        for (checks,) in self._query("SELECT checks FROM policy_decisions WHERE decision = 'veto'"):
+            for check in json.loads(checks) if isinstance(checks, str) else (checks or []):
+                if isinstance(check, dict) and check.get("veto"):
+                    key = (str(check.get("kind", "")), str(check.get("name", "")))
+                    vetoes[key] = vetoes.get(key, 0) + 1
+        served = self._query(
+            "SELECT epoch(min(d.created_at)) - epoch(s.created_at) FROM signals s "
+            "JOIN learning_runs r ON r.id = s.consumed_by_run "
+            "JOIN policy_decisions d ON d.adapter = r.output_adapter AND d.decision = 'promote' "
+            "WHERE s.state = 'learned' GROUP BY s.id, s.created_at"
+        )
+        delays = [float(d) for (d,) in served if d is not None]
+        return {
+            "correction_to_serving_seconds": delays,
+            "runs": {(str(m), str(st)): int(n) for m, st, n in runs},
+            "decisions": {str(d): int(n) for d, n in decisions},
+            "vetoes_by_check": vetoes,
+            "signals_by_state": {str(st): int(n) for st, n in signals},
+        }
 
     def counts(self) -> dict[str, int]:
         """Row count per table (``interactions``, ``signals``, ...)."""

@@ -132,6 +132,7 @@ class Store(StoreReads):
         self._state_lock = threading.Lock()
         self._cursor_lock = threading.Lock()
         self._writer: Writer | None = None
+        self._rejected_writes = 0
         if not read_only:
             registry.claim(str(self.path), self)
         try:
@@ -404,6 +405,12 @@ class Store(StoreReads):
                to_json(checks, "checks"), run_id)
         return str(self._insert_and_wait("policy_decisions", row))
 
+    def write_stats(self) -> dict[str, int]:
+        """``queue_depth`` (writes waiting for the writer) and ``rejected_writes`` (refused since opening
+        because the queue stayed full: :class:`StoreBackpressureError`, the rows were not stored)."""
+        return {"queue_depth": self._writer.queue_depth if self._writer is not None else 0,
+                "rejected_writes": self._rejected_writes}
+
     # --- internals -----------------------------------------------------------------------------
 
     def _put(self, item: InsertOp | CallOp) -> None:
@@ -413,6 +420,7 @@ class Store(StoreReads):
         try:
             queued = self._enqueue(item, self._put_timeout_s)
         except queue.Full:
+            self._rejected_writes += 1
             raise self._backpressure() from None
         if not queued:
             raise StoreClosedError(f"store {self.path} is closed")

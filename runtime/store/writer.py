@@ -79,6 +79,11 @@ class Writer:
 
     # --- producer side -------------------------------------------------------------------------
 
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting for the writer."""
+        return len(self._queue)
+
     def put(self, item: QueueItem, timeout: float | None) -> None:
         """Queue ``item``; raises ``queue.Full`` if the queue stays full for ``timeout`` seconds."""
         urgent = not isinstance(item, (InsertOp, CallOp)) or item.future is not None
