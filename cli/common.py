@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -108,18 +108,32 @@ def clip(text: str, width: int) -> str:
 
 
 @contextmanager
-def training_progress(out: Console, label: str) -> Iterator[Callable[[int, int, dict[str, float]], None]]:
-    """A rich progress bar for a learning cycle; yields the ``progress(step, total, logs)`` callback."""
+def training_progress(out: Console, label: str) -> Iterator[CycleProgress]:
+    """A rich progress bar for a learning cycle; yields a :class:`CycleProgress` (call it with training steps;
+    its ``phase`` follows the cycle's phases)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-        TimeElapsedColumn(), console=out,
+        TextColumn(f"[bold]{label}"), TextColumn("{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=out,
     ) as bar:
-        task = bar.add_task(label, total=None, loss="")
+        task = bar.add_task(label, total=None, loss="", phase="")
+        yield CycleProgress(bar, task)
 
-        def update(step: int, total: int, logs: dict[str, float]) -> None:
-            loss = f"loss {logs['loss']:.4f}" if "loss" in logs else ""
-            bar.update(task, completed=step, total=total or None, loss=loss)
 
-        yield update
+class CycleProgress:
+    """Callbacks for one cycle's progress bar: ``self(step, total, logs)`` and ``self.phase(name, done, total)``."""
+
+    def __init__(self, bar: Any, task: Any) -> None:
+        self._bar, self._task = bar, task
+
+    def __call__(self, step: int, total: int, logs: dict[str, float]) -> None:
+        loss = f"loss {logs['loss']:.4f}" if "loss" in logs else ""
+        self._bar.update(self._task, completed=step, total=total or None, loss=loss)
+
+    def phase(self, name: str, done: int, total: int) -> None:
+        shown = f"{name} {done}/{total}" if total else name
+        if name == "training":
+            self._bar.update(self._task, phase=shown)
+        else:  # the bar follows this phase's n/N (gate checks) until training steps take it back
+            self._bar.update(self._task, phase=shown, completed=done, total=total or None, loss="")

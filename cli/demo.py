@@ -99,7 +99,7 @@ def run_demo(config: RuntimeConfig, console: Console, *, method: str | None = No
         console.rule(f"3. A learning cycle ({method}) in a low-priority worker process")
         with training_progress(console, f"  {method}") as progress:
             assert agent.service is not None
-            cycle = agent.service.learn_now(method, progress=progress)
+            cycle = agent.service.learn_now(method, progress=progress, phase=progress.phase)
         console.print(f"  {cycle.status}: {cycle.message}  [dim]{cycle.counts}[/dim]")
         if cycle.status != "activated":
             return

@@ -66,7 +66,7 @@ def learn_cmd(
 def _learn_once(service: RuntimeService, method: str | None) -> None:
     label = method or service.policy.schedule.method or service.config.learning.method
     with training_progress(console, f"{label} training") as progress:
-        result = service.learn_now(method, progress=progress)
+        result = service.learn_now(method, progress=progress, phase=progress.phase)
     style = {"activated": "green", "shadow": "green", "awaiting_promotion": "green", "nothing_to_learn": "yellow",
              "skipped": "yellow"}.get(result.status, "red")
     console.print(f"[{style}]{result.status}[/{style}]: {result.message}")

@@ -7,11 +7,14 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-__all__ = ["ProgressCallback", "ProgressFn"]
+__all__ = ["PhaseFn", "ProgressCallback", "ProgressFn"]
 
 #: ``fn(step, total_steps, logs)``: called once when training starts (step 0, empty logs) and once per
 #: optimizer step with that step's logged metrics (``loss``, ``learning_rate``, ``grad_norm``, method metrics).
 ProgressFn = Callable[[int, int, dict[str, float]], None]
+PhaseFn = Callable[[str, int, int], None]
+"""``phase(name, done, total)``: a learning cycle's phase (``dataset``, ``training`` (attempt n of N),
+``verification``, ``gate`` (check n of N), ``promotion``), reported as it starts and moves on."""
 
 # Keys of the summary Trainer logs once at the end of training (not a step's metrics).
 _SUMMARY_KEYS = frozenset({"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"})

@@ -10,6 +10,7 @@ registry (``direct``), put in shadow mode (``shadow``), or left waiting for ``ru
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Literal
 
 from learners.anchors import Anchor, AnchorSelection, prompt_key, repair_anchors, select_anchors
 from learners.auto_trainer import NoAcceptableCandidate
+from learners.callbacks import PhaseFn
 from learners.datasets import DatasetBuild, build_dataset
 from learners.registry import get_method, method_sections, scale_settings, settings_dict, validate_learning
 from learners.worker import (
@@ -27,11 +29,14 @@ from learners.worker import (
     run_training_process,
 )
 from policies.decision import Gate, GateDecision, approve_all
+from policies.gate import PolicyGate
 from runtime.adapters import AdapterRegistry, AdapterVerificationError, Lineage
 from runtime.config import ConfigError, RepairConfig, RuntimeConfig
 from runtime.cpu import learner_cpu_threads
 from runtime.models import resolve_model
 from runtime.store import AdapterRecord, Store
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Attempt", "CycleResult", "PromotionMode", "run_cycle"]
 
@@ -99,6 +104,7 @@ class _Context:
     gate: Gate
     progress: Callable[[int, int, dict[str, float]], None]
     history: list[dict[str, float]]
+    phase: PhaseFn
     seal_texts: list[str] = field(default_factory=list)
     used_documents: list[str] = field(default_factory=list)
 
@@ -117,6 +123,7 @@ def run_cycle(
     timeout_s: float | None = None,
     protected_prompts: Sequence[list[dict[str, str]]] = (),
     max_signals_per_principal: int | None = None,
+    phase: PhaseFn | None = None,
 ) -> CycleResult:
     """Run one learning cycle with `method` (default: the config's; see :mod:`learners.registry`).
 
@@ -146,6 +153,13 @@ def run_cycle(
         sections[method] = {"lora": config.learning.lora, **sections[method]}
     settings = settings_dict(method, sections[method])
     registry = AdapterRegistry(config.adapters_dir, store)
+
+    def on_phase(name: str, done: int, total: int) -> None:
+        log.info("learning cycle (%s): %s %d/%d", method, name, done, total)
+        if phase is not None:
+            phase(name, done, total)
+
+    on_phase("dataset", 0, 1)
     build = build_dataset(
         store,
         promote_positive_ratings=config.learning.promote_positive_ratings,
@@ -177,7 +191,7 @@ def run_cycle(
     ctx = _Context(
         config, store, registry, method, settings, sections, build, documents, counts, registry.active(),
         device or pick_training_device(serving_device or config.engine.device),
-        num_threads or learner_cpu_threads(), gate, on_progress, history,
+        num_threads or learner_cpu_threads(), gate, on_progress, history, on_phase,
     )
     asked = [e.prompt for e in build.new]
     anchors = select_anchors(
@@ -225,6 +239,7 @@ def run_cycle(
     metrics.pop("history", None)
     done = [a.to_dict() for a in attempts]
     repaired = f" (repaired: attempt {number})" if number > 1 else ""
+    ctx.phase("promotion", 0, 1)
     if promotion == "direct":
         approver = "approved by the gate" if gate is not approve_all else "approved (no policy: every verified " \
             "candidate is)"
@@ -299,9 +314,11 @@ def _attempt(
                        lr_factor, epochs_factor, repairable)
 
     try:
+        ctx.phase("training", number, 1 + ctx.config.learning.repair.max_attempts)
         trained_method, adapter_dir, metrics, answered = _train(
             ctx, job, run_id, number, lr_factor, epochs_factor, timeout_s
         )
+        ctx.phase("verification", 0, 1)
         record = ctx.registry.publish(
             adapter_dir,
             ctx.registry.new_name(trained_method),
@@ -323,7 +340,11 @@ def _attempt(
         run_id, status="succeeded", output_adapter=record.name, metrics={**metrics, "history": list(ctx.history)}
     )
     ctx.history.clear()
-    verdict = ctx.gate(record, ctx.build)
+    ctx.phase("gate", 0, 0)
+    if isinstance(ctx.gate, PolicyGate):
+        verdict = ctx.gate(record, ctx.build, on_check=lambda done, total: ctx.phase("gate", done, total))
+    else:
+        verdict = ctx.gate(record, ctx.build)
     ctx.store.record_decision(
         record.name, "approve" if verdict.approved else "veto", reasons=verdict.reasons, checks=verdict.checks,
         run_id=run_id,

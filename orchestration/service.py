@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from learners.callbacks import PhaseFn
 from learners.config import load_config
 from learners.worker import ProgressFn
 from orchestration.cycle import CycleResult, run_cycle
@@ -144,9 +145,11 @@ class RuntimeService:
         progress: ProgressFn | None = None,
         timeout_s: float | None = None,
         spare_only: bool = False,
+        phase: PhaseFn | None = None,
     ) -> CycleResult:
         """Run one learning cycle now (dataset -> worker -> gate -> promotion) and apply its outcome to the
-        engine. Raises :class:`CycleInProgress` if one is already running.
+        engine. Raises :class:`CycleInProgress` if one is already running. ``progress`` follows the training
+        steps, ``phase`` the cycle's phases (:data:`learners.callbacks.PhaseFn`).
 
         The policy's spare-device thresholds apply only with `spare_only` (the background loop checks them
         before it calls this); a cycle asked for by hand runs on the best device available.
@@ -171,6 +174,7 @@ class RuntimeService:
                 timeout_s=timeout_s if timeout_s is not None else self.policy.schedule.timeout_s,
                 protected_prompts=[b.conversation() for b in self.policy.protected],
                 max_signals_per_principal=self.policy.signals.max_per_principal_per_update,
+                phase=phase,
             )
             self._apply(result)
             self.last_cycle = result

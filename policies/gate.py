@@ -24,7 +24,9 @@ repair; a target or conflict veto does not (the update did not learn, or it must
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 from learners.datasets import DatasetBuild
@@ -79,13 +81,16 @@ class PolicyGate:
             )
         self._retention_cache: dict[tuple[str, str | None, str | None], list[float]] = {}
 
-    def __call__(self, candidate: AdapterRecord, build: DatasetBuild) -> GateDecision:
+    def __call__(self, candidate: AdapterRecord, build: DatasetBuild,
+                 on_check: Callable[[int, int], None] | None = None) -> GateDecision:
+        """Judge `candidate`; ``on_check(done, total)`` is told as each check finishes."""
         loaded_here = not self.engine.has_adapter(candidate.name)
         if loaded_here:
             self.engine.load_adapter(candidate.name, candidate.path)
         active = self.engine.active_adapter
         try:
-            results = self.evaluate(candidate.name, active, build if candidate.method != "seal" else None)
+            results = self.evaluate(candidate.name, active, build if candidate.method != "seal" else None,
+                                    on_check=on_check)
         except Exception as exc:
             if loaded_here:
                 self.engine.unload_adapter(candidate.name)
@@ -103,17 +108,27 @@ class PolicyGate:
         summary = f"all vetoing checks passed ({passed}/{len(results)} checks passed against {active or 'base'})"
         return GateDecision(True, [summary], checks)
 
-    def evaluate(self, candidate: str, active: str | None, build: DatasetBuild | None) -> list[CheckResult]:
+    def evaluate(self, candidate: str, active: str | None, build: DatasetBuild | None,
+                 on_check: Callable[[int, int], None] | None = None) -> list[CheckResult]:
         """Every check of the policy on `candidate` against `active` (``None`` = the base model).
 
         Target checks need the cycle's taught examples (`build`); a SEAL cycle learns documents and is
-        judged on them by its own evaluation, so it passes ``None``.
+        judged on them by its own evaluation, so it passes ``None``. ``on_check(done, total)`` follows the
+        protected behaviours, retention suites and target check as each finishes.
         """
-        results = [self._protected(b, candidate, active) for b in self.policy.protected]
-        results += [self._retention(s, candidate, active) for s in self.policy.retention]
-        target = self._target(candidate, build) if build is not None else None
-        if target is not None:
-            results.append(target)
+        steps: list[Callable[[], CheckResult | None]] = [
+            *(partial(self._protected, b, candidate, active) for b in self.policy.protected),
+            *(partial(self._retention, s, candidate, active) for s in self.policy.retention),
+        ]
+        if build is not None and self.policy.targets.enabled:
+            steps.append(partial(self._target, candidate, build))
+        results: list[CheckResult] = []
+        for done, step in enumerate(steps, 1):
+            result = step()
+            if result is not None:
+                results.append(result)
+            if on_check is not None:
+                on_check(done, len(steps))
         if build is not None:
             results += self.conflicts(build, active)
         return results

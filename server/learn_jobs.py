@@ -93,10 +93,14 @@ class LearnJobs:
 
     def _run(self, job: LearnJob, learn_now: Any) -> None:
         def progress(step: int, total: int, logs: dict[str, float]) -> None:
-            job.progress = {"step": step, "total": total, **{k: v for k, v in logs.items() if k == "loss"}}
+            job.progress = {**job.progress, "step": step, "total": total,
+                            **{k: v for k, v in logs.items() if k == "loss"}}
+
+        def phase(name: str, done: int, total: int) -> None:
+            job.progress = {**job.progress, "phase": name, "phase_done": done, "phase_total": total}
 
         try:
-            result = learn_now(method=job.method, progress=progress)
+            result = learn_now(method=job.method, progress=progress, phase=phase)
             job.result = cycle_result_dict(result)
             job.status = "finished"
         except Exception as exc:  # noqa: BLE001 - reported through the job

@@ -341,3 +341,27 @@ def _running(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
     return state != "Z"
+
+
+def test_a_cycle_reports_each_phase_and_each_gate_check(tmp_path: Path, tiny_model_dir: Path, store: Store,
+                                                         tiny_engine) -> None:
+    """dataset, training (attempt 1 of 1 + repairs), verification, gate (check n of N), promotion: in order, to
+    the caller and (through the service) the job API and the CLI's bar."""
+    from orchestration.service import RuntimeService
+    from policies.schema import Policy
+
+    config = make_config(tmp_path, tiny_model_dir, sft=FAST_SFT)
+    policy = Policy.model_validate({
+        "protected": [{"name": f"p{i}", "prompt": f"q{i}?", "expect": {"not_contains": "zzzz"}} for i in range(3)],
+        "targets": {"enabled": False},
+    })
+    teach_some(store)
+    phases: list[tuple[str, int, int]] = []
+    with RuntimeService(config, tiny_engine, store, policy) as service:
+        result = service.learn_now("sft", phase=lambda name, done, total: phases.append((name, done, total)))
+    assert result.status == "activated", result.message
+    names = [p[0] for p in phases]
+    assert names[0] == "dataset" and names[-1] == "promotion"
+    assert names.index("training") < names.index("verification") < names.index("gate") < names.index("promotion")
+    assert ("training", 1, 1 + config.learning.repair.max_attempts) in phases
+    assert [p for p in phases if p[0] == "gate" and p[2]] == [("gate", n, 3) for n in (1, 2, 3)]

@@ -484,6 +484,8 @@ def test_learn_now_runs_in_the_background(tiny_engine, tiny_model_dir: Path, tmp
                 job = http.get(f"/admin/learn/{job['id']}").json()
             assert job["status"] == "finished", job
             assert job["result"]["status"] in ("nothing_to_learn", "skipped")
+            if job["result"]["status"] == "nothing_to_learn":
+                assert job["progress"]["phase"] == "dataset"  # the phase it reached, in the job API
             assert http.post("/admin/learn", json={"method": "nonsense"}).status_code == 400
             assert http.get("/admin/learn").json()["jobs"][0]["id"] == job["id"]
 
