@@ -38,6 +38,11 @@ def populate(store: Store, adapter_dir: Path) -> dict[str, str]:
     store.log_interaction([{"role": "user", "content": "Capital of France?"}], "Paris.", thread_id="user-7",
                           adapter="sft-2", latency_ms=95.0, prompt_tokens=24, completion_tokens=3)
     store.add_signal("correction", interaction_id=live, text="The refund window is 45 days.")
+    held = store.add_signal("demonstration", text="The moon is cheese.",
+                            messages=[{"role": "user", "content": "What is the moon made of?"}])
+    review = store.add_signal("demonstration", text="Two years.", principal="partner-app", state="review",
+                              state_reason="signals of principal 'partner-app' need review",
+                              messages=[{"role": "user", "content": "How long is the warranty?"}])
 
     ok_run = store.create_run("sft", parent_adapter=None, data_counts={"new": 4, "replay": 0})
     store.update_run(ok_run, status="running")
@@ -55,7 +60,8 @@ def populate(store: Store, adapter_dir: Path) -> dict[str, str]:
     store.record_decision("sft-2", "approve", reasons=["all 5 protected behaviours pass"], run_id=ok_run)
     store.record_decision("sft-4", "veto", reasons=["protected behaviour 'capital-france' failed: expected "
                                                     "'Paris' in the answer"], run_id=failed)
-    return {"live": live, "failed_run": failed}
+    store.set_learning_state("held", signal_ids=[held], reason="its update was vetoed", run_id=failed)
+    return {"live": live, "failed_run": failed, "held": held, "review": review}
 
 
 @pytest.fixture
@@ -103,7 +109,7 @@ def test_dashboard_renders_store_content(dashboard_server: tuple[str, dict[str, 
     assert page.inner_text("#active") == "sft-2"  # what the engine serves
     assert page.inner_text("#model") == str(tiny_model_dir)
     counts = page.inner_text("#counts")
-    assert "4 interactions" in counts and "1 signals" in counts and "4 adapters" in counts
+    assert "4 interactions" in counts and "3 signals" in counts and "4 adapters" in counts
 
     active_row = page.locator("tr[data-adapter='sft-2']")
     assert "active" in active_row.inner_text()
@@ -158,3 +164,31 @@ def test_dashboard_with_token_asks_for_it(tiny_engine, tiny_model_dir: Path, tmp
             page.wait_for_selector("body[data-loaded='true']")
             assert "secret question" in page.inner_text("#interactions")
             assert not page.is_visible("#auth")
+
+
+def test_dashboard_acts_through_the_admin_api(dashboard_server: tuple[str, dict[str, str]], browser: object) -> None:
+    """Approve a signal awaiting review, dismiss a held one (with the reason asked for), and see the server's
+    refusal when a promotion cannot be done; force-promotion is offered only for the vetoed adapter."""
+    url, ids = dashboard_server
+    page = browser.new_page()  # type: ignore[attr-defined]
+    page.on("dialog", lambda dialog: dialog.accept("not a fact"))
+    page.goto(url + "/dashboard")
+    page.evaluate(f"sessionStorage.setItem('runtime-admin-token', '{TOKEN}')")
+    page.wait_for_selector("body[data-loaded='true']")
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+
+    page.locator(f"#review tr[data-signal='{ids['review']}'] button[data-action='approve']").click()
+    page.wait_for_selector(f"#review tr[data-signal='{ids['review']}']", state="detached")
+    pending = httpx.get(url + "/admin/signals", params={"state": "pending"}, headers=admin).json()["signals"]
+    assert ids["review"] in [s["id"] for s in pending]
+
+    page.locator(f"#held tr[data-signal='{ids['held']}'] button[data-action='dismiss']").click()
+    page.wait_for_selector(f"#held tr[data-signal='{ids['held']}']", state="detached")
+    dismissed = httpx.get(url + "/admin/signals", params={"state": "dismissed"}, headers=admin).json()["signals"]
+    assert [(s["id"], s["state_reason"]) for s in dismissed] == [(ids["held"], "not a fact")]
+
+    assert page.locator("tr[data-adapter='sft-4'] button[data-action='force promote']").count() == 1
+    assert page.locator("tr[data-adapter='sft-2'] button").count() == 0  # the active one
+    page.locator("tr[data-adapter='sft-1'] button[data-action='promote']").click()
+    page.wait_for_selector("#error:not(:empty)")
+    assert "sft-1" in page.inner_text("#error")  # the server's reason, shown (its files have no checksum here)
