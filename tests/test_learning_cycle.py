@@ -357,8 +357,13 @@ def test_a_cycle_reports_each_phase_and_each_gate_check(tmp_path: Path, tiny_mod
     })
     teach_some(store)
     phases: list[tuple[str, int, int]] = []
-    with RuntimeService(config, tiny_engine, store, policy) as service:
-        result = service.learn_now("sft", phase=lambda name, done, total: phases.append((name, done, total)))
+    try:
+        with RuntimeService(config, tiny_engine, store, policy) as service:
+            result = service.learn_now("sft", phase=lambda name, done, total: phases.append((name, done, total)))
+    finally:  # the engine is shared by the session's tests: leave it serving the base model, as found
+        for name in tiny_engine.list_adapters():
+            tiny_engine.unload_adapter(name)
+        tiny_engine.set_active_adapter(None)
     assert result.status == "activated", result.message
     names = [p[0] for p in phases]
     assert names[0] == "dataset" and names[-1] == "promotion"
