@@ -254,9 +254,7 @@ class LearningAgent:
         state, reason = arrival_state(trust, principal)
         signal_id = add(state, reason)
         if state == "review" and trust.min_agreeing_principals > 1:
-            store = self._require_store()
-            store.flush()
-            release_agreed(store, trust, signal_id)
+            release_agreed(self._require_store(), trust, signal_id)  # its reads wait for the queued signal
         return signal_id
 
     def close(self) -> None:

@@ -3,12 +3,10 @@ context managers (a store or a service is always closed, whatever the command do
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -17,6 +15,7 @@ from rich.console import Console
 
 from learners.config import load_config
 from runtime.config import ConfigError, RuntimeConfig
+from runtime.store.encoding import jsonable
 
 if TYPE_CHECKING:
     from orchestration.service import RuntimeService
@@ -36,18 +35,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 def print_json(data: Any) -> None:
     """Print `data` as JSON on stdout (dataclasses as dicts, datetimes in ISO 8601): every `--json` output."""
-    def plain(value: Any) -> Any:
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, datetime):
-            return value.isoformat()
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [plain(v) for v in value]
-        return value
-
-    sys.stdout.write(json.dumps(plain(data), indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(jsonable(data), indent=2, default=str) + "\n")
 
 
 USAGE_ERROR = 2

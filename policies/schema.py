@@ -11,7 +11,7 @@ import re
 from datetime import UTC, datetime, time
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from learners.registry import LEARNING_METHODS
 from policies.safe_regex import check_pattern
@@ -45,7 +45,7 @@ DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
 
 
 class _Section(StrictSection):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    """A policy section: values as written (:class:`runtime.strict_fields.StrictSection`)."""
 
 
 class Message(_Section):

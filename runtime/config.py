@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 
 class _Section(StrictSection):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+    model_config = ConfigDict(validate_assignment=True)  # merged with StrictSection's
 
 
 class ModelConfig(_Section):

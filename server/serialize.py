@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-from datetime import datetime
 from typing import Any
 
 from runtime.store import AdapterRecord, Interaction, LearningRun, PolicyDecision, Signal
-
-
-def jsonable(value: Any) -> Any:
-    """Datetimes as ISO strings, dataclasses as dicts, containers recursively."""
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    return value
+from runtime.store.encoding import jsonable
 
 
 def adapter_dict(rec: AdapterRecord, *, loaded: bool | None = None) -> dict[str, Any]:

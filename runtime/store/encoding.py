@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -65,4 +66,17 @@ def check_choice(value: str, allowed: frozenset[str], name: str) -> str:
     """Return ``value`` if it is one of ``allowed``, else raise ``ValueError`` listing them."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+    return value
+
+
+def jsonable(value: Any) -> Any:
+    """Datetimes as ISO strings, dataclasses (the store's records) as dicts, containers recursively."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
     return value
