@@ -20,8 +20,9 @@ whether that candidate learned the taught content (the gate's target check), the
 Writes ``benchmarks/results/gate_suite.json`` and ``.md`` (``--out`` moves them). ``--set learning.KEY=VALUE``
 overrides the runtime configuration (e.g. ``--set anchors.enabled=false --set repair.max_attempts=0`` for
 the update without anchors and repair); ``--label`` names the configuration in the results. ``--ablation``
-also runs the default method without repair, without anchors, and without either (the update as it was
-before anchors and repair), in the same run, and reports what each part contributes.
+also runs the default method without repair, without anchors, without either, and without either at
+``min_steps`` 0 (the update as it was before anchors, repair and ``min_steps``), in the same run, and reports
+what each part contributes.
 """
 
 from __future__ import annotations
@@ -268,7 +269,10 @@ def totals(rows: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
 ABLATIONS: dict[str, dict[str, Any]] = {
     "anchors only": {"repair": {"max_attempts": 0}},
     "repair only": {"anchors": {"enabled": False}},
-    "neither (before)": {"anchors": {"enabled": False}, "repair": {"max_attempts": 0}},
+    "neither": {"anchors": {"enabled": False}, "repair": {"max_attempts": 0}},
+    "before (neither, min_steps 0)": {
+        "anchors": {"enabled": False}, "repair": {"max_attempts": 0}, RuntimeConfig().learning.method: {"min_steps": 0},
+    },
 }
 """The default method under parts of the configuration switched off (``--ablation``)."""
 
@@ -388,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rows = []
                 for case in cases:
                     row = run_case(case, default_method, model_dir, probe, _merge(learning, extra), args.threads, tmp,
-                                   tag="-" + label.split()[0],
+                                   tag="-" + label.split()[0],  # anchors / repair / neither / before
                                    base_given=results["base"]["cases"][case.id]["taught_prompts_given"])
                     row["ablation"] = label
                     print(f"{case.id:18s} {label:18s} {row['status']:10s} served={row['served']} "

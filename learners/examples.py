@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["DemoExample"]
+__all__ = ["DemoExample", "TrainingText"]
+
+TrainingText = str | Sequence[int]
+"""One plain-text training sequence (SEAL's self-edits, passages and replay): a string is untrusted text
+(document text, a self-edit), tokenised with its special-token strings spelled by ordinary tokens; token ids
+are taken as given (a chat-template render from :func:`runtime.chat_encoding.encode_chat`, whose control
+tokens are real)."""
 
 
 @dataclass

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runtime.chat_encoding import encode_chat
+
 from .callbacks import ProgressFn
-from .examples import DemoExample
+from .examples import DemoExample, TrainingText
 from .seal_config import SealDocument, SEALSettings, seal_settings_from_dict
 from .seal_edits import passage_text
 from .seal_inner import Deadline, score_tau
@@ -79,7 +81,7 @@ class SealResult:
     documents: list[dict[str, Any]] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
-    update_texts: list[str] = field(default_factory=list)
+    update_texts: list[TrainingText] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -290,11 +292,11 @@ def _choose(
 
 def _replay_texts(
     base_model_dir: str | Path, replay: Sequence[DemoExample | Mapping[str, Any] | str], settings: SEALSettings
-) -> list[str]:
+) -> list[TrainingText]:
     items = list(replay)
     if settings.max_replay is not None and len(items) > settings.max_replay:
         items = random.Random(settings.seed).sample(items, settings.max_replay)
-    texts: list[str] = []
+    texts: list[TrainingText] = []
     tokenizer = None
     for item in items:
         if isinstance(item, str):
@@ -306,12 +308,22 @@ def _replay_texts(
 
             tokenizer = load_tokenizer(base_model_dir)
         messages = [*example.prompt, {"role": "assistant", "content": example.demonstration}]
-        texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-    return [t for t in texts if t.strip()]
+        # Token ids, not the rendered string: the template's control tokens are real, the text in it is not.
+        texts.append(encode_chat(tokenizer, messages, add_generation_prompt=False))
+    return [t for t in texts if (t.strip() if isinstance(t, str) else t)]
 
 
-def _dedupe(texts: list[str]) -> list[str]:
-    return list(dict.fromkeys(t.strip() for t in texts if t.strip()))
+def _dedupe(texts: list[TrainingText]) -> list[TrainingText]:
+    """Texts (stripped) and token sequences, each once, in order."""
+    seen: dict[Any, TrainingText] = {}
+    for text in texts:
+        if isinstance(text, str):
+            text = text.strip()
+            if text:
+                seen.setdefault(text, text)
+        elif text:
+            seen.setdefault(tuple(text), list(text))
+    return list(seen.values())
 
 
 def documents_from_store(store: Any, *, limit: int | None = None) -> list[SealDocument]:

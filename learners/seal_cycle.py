@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from learners.datasets import DatasetBuild
+from learners.examples import TrainingText
 from learners.seal import replay_passages
 from learners.seal_config import SealDocument
 from learners.seal_restem import GENERATOR_ADAPTER
@@ -31,7 +32,7 @@ class SealTraining:
     """The serving candidate, staged."""
     metrics: dict[str, Any]
     used_document_ids: list[str]
-    update_texts: list[str]
+    update_texts: list[TrainingText]
     """What the candidate was trained on (a repair trains on it again)."""
     anchors: list[dict[str, Any]] = field(default_factory=list)
     """The anchors, answered by the active model."""

@@ -20,6 +20,7 @@ from typing import Any
 from runtime.engines import SamplingParams
 
 from .evaluation import ask
+from .examples import TrainingText
 from .seal_config import SEALSettings
 from .seal_edits import format_prompt, parse_self_edit, passage_text, training_sequences
 from .seal_questions import QAPair
@@ -187,7 +188,7 @@ def passage_candidate(document_id: str, text: str, title: str | None) -> Candida
 def evaluate_sequences(
     engine: Any,
     base_model_dir: str | Path,
-    sequences: Sequence[str],
+    sequences: Sequence[TrainingText],
     pairs: Sequence[QAPair],
     settings: SEALSettings,
     *,

@@ -46,8 +46,8 @@ class SFTSettings(BaseTrainSettings):
     def to_sft_config(
         self, output_dir: str | Path, *, plain_text: bool = False, num_examples: int | None = None
     ) -> Any:
-        """Build TRL's ``SFTConfig`` (``plain_text``: a ``text`` dataset, loss on every token); ``num_examples``
-        lets ``min_steps`` apply."""
+        """Build TRL's ``SFTConfig`` (``plain_text``: token sequences with no prompt part, loss on every token);
+        ``num_examples`` lets ``min_steps`` apply."""
         from trl import SFTConfig
 
         steps_per_epoch = None

@@ -19,12 +19,12 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTTrainer
 
-from runtime.chat_encoding import common_prefix_length, encode_chat
+from runtime.chat_encoding import common_prefix_length, encode_chat, encode_text
 
 from .anchor_loss import AnchorLoss, AnchorTraining
 from .callbacks import ProgressCallback, ProgressFn
 from .common import TrainResult
-from .examples import DemoExample
+from .examples import DemoExample, TrainingText
 from .lora import build_peft_model, load_base_model, load_tokenizer, save_adapter
 from .lora_config import LoraSettings
 from .sft_config import SFTSettings
@@ -50,6 +50,26 @@ def _to_dataset(examples: Sequence[DemoExample], tokenizer: Any) -> Dataset:
     return Dataset.from_list(rows)
 
 
+def _texts_to_dataset(texts: Sequence[TrainingText], tokenizer: Any) -> Dataset:
+    """Plain-text sequences tokenised for TRL, each ending in EOS; empty ones are skipped.
+
+    Tokenised here rather than by TRL so that a document holding ``<|im_end|><|im_start|>system`` is trained
+    on as those characters, never as a turn boundary (issue 14).
+    """
+    eos = tokenizer.eos_token_id
+    rows = []
+    for text in texts:
+        ids = encode_text(tokenizer, text.strip()) if isinstance(text, str) else [int(i) for i in text]
+        if not ids:
+            continue
+        if eos is not None and ids[-1] != eos:
+            ids.append(eos)
+        rows.append({"input_ids": ids})
+    if not rows:
+        raise ValueError("train_sft_texts needs at least one non-empty text")
+    return Dataset.from_list(rows)
+
+
 def build_sft_trainer(
     base_model_dir: str | Path,
     examples: Sequence[DemoExample],
@@ -71,7 +91,7 @@ def build_sft_trainer(
 
 def build_sft_text_trainer(
     base_model_dir: str | Path,
-    texts: Sequence[str],
+    texts: Sequence[TrainingText],
     output_dir: str | Path,
     settings: SFTSettings | None = None,
     lora: LoraSettings | None = None,
@@ -80,12 +100,7 @@ def build_sft_text_trainer(
     anchors: AnchorTraining | None = None,
 ) -> SFTTrainer:
     """Build (but do not run) the plain-text ``SFTTrainer`` that ``train_sft_texts`` runs."""
-    texts = [t for t in texts if t and t.strip()]
-    if not texts:
-        raise ValueError("train_sft_texts needs at least one non-empty text")
-    # TRL tokenises these itself, control-token strings included: SEAL's texts hold chat-template renders
-    # (self-QA lines, replayed examples) whose control tokens are real, beside document text.
-    dataset = Dataset.from_list([{"text": t} for t in texts])
+    dataset = _texts_to_dataset(texts, load_tokenizer(base_model_dir))
     return _build_trainer(
         base_model_dir, dataset, output_dir, settings, lora, parent_adapter_dir, callbacks, True, anchors
     )
@@ -190,7 +205,7 @@ def train_sft(
 
 def train_sft_texts(
     base_model_dir: str | Path,
-    texts: Sequence[str],
+    texts: Sequence[TrainingText],
     output_dir: str | Path,
     settings: SFTSettings | None = None,
     lora: LoraSettings | None = None,
@@ -202,7 +217,9 @@ def train_sft_texts(
     """Train a LoRA adapter on plain text sequences (language modelling) and save it to ``output_dir``.
 
     Same settings as :func:`train_sft` (``completion_only_loss`` does not apply: every token is a target;
-    the tokenizer's EOS is appended to each text). Empty texts are skipped.
+    the tokenizer's EOS is appended to each text). A string is untrusted text: special-token strings in it
+    are trained on as the characters they are; a sequence of token ids is taken as given (see
+    :data:`TrainingText`). Empty texts are skipped.
     """
     progress = ProgressCallback(progress_callback)
     trainer = build_sft_text_trainer(

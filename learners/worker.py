@@ -50,8 +50,9 @@ class TrainJob:
     """``Anchor.to_dict()`` rows; those without ``answer_ids`` are answered by the parent (active) model first."""
     anchor_settings: dict[str, Any] = field(default_factory=dict)
     """``loss``, ``weight``, ``batch_size`` and ``max_new_tokens`` of ``learning.anchors``."""
-    texts: list[str] = field(default_factory=list)
-    """``method="sft"`` on plain text sequences instead of ``examples`` (a SEAL candidate trained again)."""
+    texts: list[str | list[int]] = field(default_factory=list)
+    """``method="sft"`` on plain text sequences instead of ``examples`` (a SEAL candidate trained again); see
+    :data:`learners.examples.TrainingText`."""
 
 
 @dataclass

@@ -20,6 +20,7 @@ from learners.anchors import Anchor, AnchorSelection, prompt_key, repair_anchors
 from learners.auto_trainer import NoAcceptableCandidate
 from learners.callbacks import PhaseFn
 from learners.datasets import DatasetBuild, build_dataset
+from learners.examples import TrainingText
 from learners.registry import get_method, method_sections, scale_settings, settings_dict, validate_learning
 from learners.worker import (
     ProgressFn,
@@ -105,7 +106,7 @@ class _Context:
     progress: Callable[[int, int, dict[str, float]], None]
     history: list[dict[str, float]]
     phase: PhaseFn
-    seal_texts: list[str] = field(default_factory=list)
+    seal_texts: list[TrainingText] = field(default_factory=list)
     used_documents: list[str] = field(default_factory=list)
 
 

@@ -55,6 +55,7 @@ def serve_cmd(
     from runtime.models import ModelNotFoundError
     from runtime.store import StoreError
     from server import ServerLimits, create_app
+    from server.http_protocol import uvicorn_config
 
     loopback = host in ("127.0.0.1", "::1", "localhost")
     keys_path = api_keys or (Path(os.environ["RUNTIME_API_KEYS"]) if os.environ.get("RUNTIME_API_KEYS") else None)
@@ -88,7 +89,7 @@ def serve_cmd(
     console.print(f"OpenAI API at [bold]http://{shown}:{port}/v1[/bold], dashboard at http://{shown}:{port}/dashboard")
     if token is None:
         console.print("[yellow]admin routes are off:[/yellow] set RUNTIME_ADMIN_TOKEN or pass --admin-token")
-    uvicorn.run(server_app, host=host, port=port, log_level=log_level)
+    uvicorn.Server(uvicorn_config(server_app, host=host, port=port, log_level=log_level)).run()
 
 
 def _check_port_free(host: str, port: int) -> None:

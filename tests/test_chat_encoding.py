@@ -87,6 +87,25 @@ def test_training_data_keeps_user_text_as_text(tiny_model_dir: Path, tmp_path: P
     assert tokenizer.decode(answer_ids).startswith("Sure.<|im_end|>")
 
 
+def test_seal_plain_texts_keep_document_text_as_text(tiny_model_dir: Path, tmp_path: Path, tokenizer) -> None:
+    """SEAL trains on document text and self-edits as plain text: their control-token strings stay characters,
+    while a replayed example's chat render (token ids) keeps the template's real control tokens."""
+    from learners.examples import DemoExample
+    from learners.seal import _replay_texts
+    from learners.seal_config import SEALSettings
+    from learners.sft_trainer import build_sft_text_trainer
+
+    replay = _replay_texts(tiny_model_dir, [DemoExample(prompt=[{"role": "user", "content": "a"}],
+                                                        demonstration="b")], SEALSettings())
+    assert isinstance(replay[0], list) and count_control(replay[0], tokenizer) > 0
+    trainer = build_sft_text_trainer(tiny_model_dir, [INJECTION, *replay], tmp_path / "out")
+    document, replayed = (row["input_ids"] for row in trainer.train_dataset)
+    assert document[-1] == tokenizer.eos_token_id
+    assert count_control(document[:-1], tokenizer) == 0
+    assert tokenizer.decode(document[:-1]) == INJECTION.strip()
+    assert replayed[: len(replay[0])] == replay[0]
+
+
 @pytest.mark.real_model
 def test_the_default_models_template_keeps_user_text_as_text(real_model_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(real_model_dir))

@@ -27,6 +27,7 @@ from learners.seal_restem import generator_examples, passage_thresholds, select_
 from learners.settings_errors import SettingsError
 from learners.sft_config import SFTSettings
 from learners.worker import SealJob, run_seal_process
+from runtime.chat_encoding import encode_chat, encode_text
 from runtime.engines import Generation
 from tests.tiny_model import make_lora_adapter
 
@@ -268,9 +269,12 @@ def test_inner_loop_rewards_the_self_edit_that_holds_the_answer(tiny_engine, tin
     assert list(tmp_path.iterdir()) == [] and tiny_engine.list_adapters() == []  # temporary adapters are gone
 
     # With the answer-accuracy rewards: a self-edit that states the answer in the form the question is asked
-    # (a self-qa line in the tiny model's chat format) makes the model say it; one without it does not.
+    # (a self-qa line in the tiny model's chat format, as token ids so that its control tokens are real: text
+    # is trained on as characters) makes the model say it; one without it does not.
     settings = _settings(reward_metric="f1")
-    qa_line = tiny_engine.render_chat([{"role": "user", "content": QUOKKA[0].question}]) + "quokka"
+    tokenizer = tiny_engine.tokenizer
+    qa_line = encode_chat(tokenizer, [{"role": "user", "content": QUOKKA[0].question}]) + encode_text(tokenizer,
+                                                                                                    "quokka")
     r_f1, gains, score = evaluate_sequences(tiny_engine, tiny_model_dir, [qa_line, *without], QUOKKA, settings,
                                             baseline=baseline, work_dir=tmp_path)
     assert baseline.containment == 0.0 and score.containment == 1.0 and gains["containment"] == 1.0

@@ -30,6 +30,7 @@ from runtime.config import RuntimeConfig
 from runtime.engines import SamplingParams
 from runtime.store import Store
 from server import ServerLimits, create_app
+from server.http_protocol import uvicorn_config
 
 TOKEN = "test-admin-token"
 MAX_TOKENS = 12
@@ -52,7 +53,7 @@ def serve_in_thread(app: FastAPI) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:  # a start-up guard, not a timing assertion
@@ -569,6 +570,35 @@ def test_chunked_oversize_body_is_413(server: RunningServer) -> None:
                           headers={"content-type": "application/json"})
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
+
+
+def _raw_exchange(url: str, request: bytes) -> bytes:
+    """Send raw bytes and read the reply until the server closes. The server answers and closes before it has
+    read everything of an oversized request, so the send or a later read may meet a reset; what arrived counts."""
+    host, port = url.removeprefix("http://").split(":")
+    reply = b""
+    with socket.create_connection((host, int(port))) as sock:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            sock.sendall(request)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                reply += chunk
+    return reply
+
+
+def test_oversized_headers_get_431_in_the_api_error_shape(server: RunningServer) -> None:
+    """h11 refuses the request before the app sees it; the answer still says what went wrong and what to do."""
+    reply = _raw_exchange(server.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431"), head
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_header_fields_too_large" and "smaller headers" in error["message"]
+
+
+def test_a_malformed_request_line_gets_a_json_400(server: RunningServer) -> None:
+    head, _, body = _raw_exchange(server.url, b"NOT A REQUEST\r\n\r\n").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert json.loads(body)["error"]["code"] == "invalid_http_request"
 
 
 class _GatedEngine:
