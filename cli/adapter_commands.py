@@ -14,11 +14,14 @@ from cli.common import (
     ConfigOption,
     JsonOption,
     PolicyOption,
+    ServerOption,
+    admin_client,
     console,
     fail,
     load,
-    opened_store,
     print_json,
+    readable_store,
+    remote_errors,
     running_service,
 )
 
@@ -26,9 +29,9 @@ adapters_app = typer.Typer(help="The adapter registry: list, show lineage, promo
 
 
 @adapters_app.command("list")
-def adapters_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+def adapters_list(config: ConfigOption = None, as_json: JsonOption = False, server: ServerOption = None) -> None:
     """List the registry's adapters with status, method and parent."""
-    with opened_store(load(config), read_only=True) as store:
+    with readable_store(load(config), server) as store:
         if as_json:
             print_json(store.adapters())
             return
@@ -47,9 +50,10 @@ def adapters_list(config: ConfigOption = None, as_json: JsonOption = False) -> N
 
 
 @adapters_app.command("show")
-def adapters_show(name: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+def adapters_show(name: str, config: ConfigOption = None, as_json: JsonOption = False,
+                  server: ServerOption = None) -> None:
     """Show one adapter: lineage, run, metrics, checksum."""
-    with opened_store(load(config), read_only=True) as store:
+    with readable_store(load(config), server) as store:
         rec = store.get_adapter(name)
         if rec is None:
             fail(f"no adapter named {name!r}; see `runtime adapters list`")
@@ -71,6 +75,7 @@ def adapters_export(
     name: str,
     directory: Annotated[Path, typer.Argument(help="A new (or empty) directory to write it into.")],
     config: ConfigOption = None,
+    server: ServerOption = None,
 ) -> None:
     """Export NAME with its base model's public id and a model card, for vLLM, SGLang or PEFT elsewhere."""
     from runtime.adapter_export import export_adapter
@@ -78,10 +83,10 @@ def adapters_export(
     from runtime.models import public_model_id
 
     cfg = load(config)
-    with opened_store(cfg, read_only=True) as store:
+    with readable_store(cfg, server) as store:  # the record from the store; the files from the registry's directory
         try:
-            exported = export_adapter(AdapterRegistry(cfg.adapters_dir, store), store, name, directory,
-                                      public_model_id(cfg.model.name))
+            registry = AdapterRegistry(cfg.adapters_dir, store)  # type: ignore[arg-type]
+            exported = export_adapter(registry, store, name, directory, public_model_id(cfg.model.name))  # type: ignore[arg-type]
         except (KeyError, FileExistsError, AdapterVerificationError) as exc:
             fail(exc.args[0] if exc.args else exc)
     console.print(f"exported [bold]{name}[/bold] to {exported.path} (base model {exported.base_model})")
@@ -99,13 +104,23 @@ def adapters_promote(
     force: Annotated[bool, typer.Option("--force", help="Promote even an adapter the gate vetoed.")] = False,
     reason: Annotated[str | None, typer.Option("--reason", "-r", help="Why (recorded; required with --force).")
                       ] = None,
+    server: ServerOption = None,
 ) -> None:
     """Make NAME the serving adapter (a candidate waiting for manual promotion, a shadow, or an older one)."""
     if force and not (reason or "").strip():
         fail("--force needs --reason: a promotion past the gate's veto is recorded with why", USAGE_ERROR)
     import getpass
 
-    with running_service(load(config), policy) as service:
+    cfg = load(config)
+    client = admin_client(cfg, server)
+    if client is not None:  # the server that holds the store promotes (and serves) it
+        with client, remote_errors():
+            active = client.post(f"/admin/adapters/{name}/promote",
+                                 {"force": force, "reason": reason or "promoted by operator"})["active"]
+        lineage = active["lineage"]
+        console.print(f"[green]{active['name']} is active[/green] (lineage: {' -> '.join(['base', *lineage])})")
+        return
+    with running_service(cfg, policy) as service:
         try:
             record = service.promote(name, force=force, reason=reason or "promoted by operator",
                                      by=getpass.getuser())
@@ -115,9 +130,17 @@ def adapters_promote(
 
 
 @adapters_app.command("rollback")
-def adapters_rollback(config: ConfigOption = None, policy: PolicyOption = None) -> None:
+def adapters_rollback(config: ConfigOption = None, policy: PolicyOption = None, server: ServerOption = None) -> None:
     """Serve the adapter that was active before the current one again (or the base model)."""
-    with running_service(load(config), policy) as service:
+    cfg = load(config)
+    client = admin_client(cfg, server)
+    if client is not None:
+        with client, remote_errors():
+            before = client.get("/admin/adapters")["active"]
+            restored = client.post("/admin/rollback")["serving"]
+        console.print(f"[green]rolled back[/green] {before} -> {'base model' if restored == 'base' else restored}")
+        return
+    with running_service(cfg, policy) as service:
         before = service.engine.active_adapter
         try:
             restored = service.rollback()
@@ -131,9 +154,10 @@ def decisions_cmd(
     adapter: Annotated[str | None, typer.Option("--adapter", "-a", help="Only this adapter.")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n")] = 20,
     as_json: JsonOption = False,
+    server: ServerOption = None,
 ) -> None:
     """The gate's decisions and promotion events, newest first, with their reasons (--json: every check)."""
-    with opened_store(load(config), read_only=True) as store:
+    with readable_store(load(config), server) as store:
         decisions = store.decisions(limit, adapter=adapter)
         if as_json:
             print_json(decisions)

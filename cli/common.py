@@ -18,6 +18,7 @@ from runtime.config import ConfigError, RuntimeConfig
 from runtime.store.encoding import jsonable
 
 if TYPE_CHECKING:
+    from cli.remote import AdminClient, RemoteStore
     from orchestration.service import RuntimeService
     from runtime.store import Store
 
@@ -32,6 +33,12 @@ PolicyOption = Annotated[
     Path | None, typer.Option("--policy", "-p", help="Policy YAML (default: the config's `policy`).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+ServerOption = Annotated[
+    str | None,
+    typer.Option("--server", help="Act through this running `runtime serve` (URL; env RUNTIME_SERVER). Default: the "
+                 "server holding the configured store, if one runs, else the store itself. Its admin token comes "
+                 "from RUNTIME_ADMIN_TOKEN."),
+]
 
 def print_json(data: Any) -> None:
     """Print `data` as JSON on stdout (dataclasses as dicts, datetimes in ISO 8601): every `--json` output."""
@@ -60,14 +67,53 @@ def load(config: Path | None) -> RuntimeConfig:
 def opened_store(cfg: RuntimeConfig, *, read_only: bool) -> Iterator[Store]:
     """The store the config names, closed at the end; exits 2 if it cannot be opened."""
     from runtime.factory import open_store
-    from runtime.store import StoreError
+    from runtime.store import StoreError, StoreLockedError
 
     try:
         store = open_store(cfg, read_only=read_only)
+    except StoreLockedError as exc:
+        fail(f"{exc}\nIf a `runtime serve` on another data dir or host holds it, name it: --server URL (with "
+             "RUNTIME_ADMIN_TOKEN set).", USAGE_ERROR)
     except StoreError as exc:
         fail(exc, USAGE_ERROR)
     with store:
         yield store
+
+
+def admin_client(cfg: RuntimeConfig, server: str | None) -> AdminClient | None:
+    """A client of the running server that holds the store (or of ``--server``); ``None`` when none runs, so
+    the command opens the store itself (see :mod:`cli.remote`)."""
+    from cli.remote import AdminClient, server_url
+
+    url = server_url(cfg, server)
+    return AdminClient(url) if url is not None else None
+
+
+@contextmanager
+def remote_errors() -> Iterator[None]:
+    """Admin API failures as the command's own errors: exit 2 for set-up problems (no token, no answer, a bad
+    argument), 1 for a refused action, as the local path exits."""
+    from cli.remote import RemoteError
+
+    try:
+        yield
+    except RemoteError as exc:
+        fail(exc, USAGE_ERROR if exc.usage else 1)
+
+
+@contextmanager
+def readable_store(cfg: RuntimeConfig, server: str | None = None, *, read_only: bool = True
+                   ) -> Iterator[Store | RemoteStore]:
+    """The store to read: through the running server's admin API when one holds it, else opened here."""
+    from cli.remote import RemoteStore
+
+    client = admin_client(cfg, server)
+    if client is None:
+        with opened_store(cfg, read_only=read_only) as store:
+            yield store
+        return
+    with remote_errors(), RemoteStore(client) as remote:
+        yield remote
 
 
 @contextmanager

@@ -12,11 +12,14 @@ from cli.common import (
     USAGE_ERROR,
     ConfigOption,
     PolicyOption,
+    ServerOption,
+    admin_client,
     console,
     err_console,
     fail,
     load,
     opened_store,
+    remote_errors,
     running_service,
     training_progress,
 )
@@ -25,6 +28,7 @@ from runtime.config import ConfigError
 from runtime.jsonl import JSONLError, read_jsonl
 
 if TYPE_CHECKING:
+    from cli.remote import AdminClient
     from orchestration.service import RuntimeService
 
 EXIT_CODES = {"failed": 1, "vetoed": 3, "skipped": 4}
@@ -44,6 +48,7 @@ def learn_cmd(
         bool,
         typer.Option("--once/--loop", help="One cycle now, or the background loop on the policy's schedule."),
     ] = True,
+    server: ServerOption = None,
 ) -> None:
     """Learn from the log: one cycle through the policy gate and promotion, or the scheduled loop.
 
@@ -53,6 +58,14 @@ def learn_cmd(
     if method is not None and method not in LEARNING_METHODS:
         fail(f"--method: unknown learning method {method!r}; use one of {', '.join(LEARNING_METHODS)}", USAGE_ERROR)
     cfg = load(config)
+    client = admin_client(cfg, server)
+    if client is not None:  # the server holding the store learns (its policy), and serves what it learns
+        if not once:
+            fail(f"the server at {client.url} holds the store and runs its own learning loop (`runtime serve` "
+                 "learns on the policy's schedule); use `runtime learn --once` to start a cycle now", USAGE_ERROR)
+        with client, remote_errors():
+            _learn_through(client, method)
+        return
     with running_service(cfg, policy) as service:
         try:
             if once:
@@ -67,18 +80,42 @@ def _learn_once(service: RuntimeService, method: str | None) -> None:
     label = method or service.policy.schedule.method or service.config.learning.method
     with training_progress(console, f"{label} training") as progress:
         result = service.learn_now(method, progress=progress, phase=progress.phase)
+    _report(result.status, result.message, result.attempts, result.counts)
+
+
+def _learn_through(client: AdminClient, method: str | None) -> None:
+    """One cycle run by the server (``POST /admin/learn``), its progress followed until it ends."""
+    job = client.post("/admin/learn", {"method": method} if method else None)
+    console.print(f"the server at {client.url} runs the cycle (job {job['id']})")
+    with training_progress(console, f"{method or 'cycle'} training") as progress:
+        while job["status"] == "running":
+            time.sleep(0.5)
+            job = client.get(f"/admin/learn/{job['id']}")
+            shown = job.get("progress") or {}
+            if "phase" in shown:
+                progress.phase(shown["phase"], shown.get("phase_done", 0), shown.get("phase_total", 0))
+            if "step" in shown and shown.get("phase") in (None, "training"):
+                progress(shown["step"], shown.get("total", 0), {k: v for k, v in shown.items() if k == "loss"})
+    if job["status"] == "error":
+        fail(f"the cycle failed on the server: {job['error']}")
+    result = job["result"]
+    _report(result["status"], result["message"], result["attempts"], result["counts"])
+
+
+def _report(status: str, message: str, attempts: list[dict[str, Any]], counts: dict[str, int]) -> None:
+    """A cycle's outcome, and its exit code (:data:`EXIT_CODES`)."""
     style = {"activated": "green", "shadow": "green", "awaiting_promotion": "green", "nothing_to_learn": "yellow",
-             "skipped": "yellow"}.get(result.status, "red")
-    console.print(f"[{style}]{result.status}[/{style}]: {result.message}")
-    for attempt in result.attempts if len(result.attempts) > 1 else []:
+             "skipped": "yellow"}.get(status, "red")
+    console.print(f"[{style}]{status}[/{style}]: {message}")
+    for attempt in attempts if len(attempts) > 1 else []:
         console.print(
             f"  attempt {attempt['number']}: {attempt['status']} {attempt['adapter'] or ''} "
             f"(lr x{attempt['learning_rate_factor']:g}, anchors {attempt['anchors']}, {attempt['seconds']:.0f} s)"
         )
-    if result.counts:
-        console.print(f"examples: {result.counts}")
-    if result.status in EXIT_CODES:
-        raise typer.Exit(EXIT_CODES[result.status])
+    if counts:
+        console.print(f"examples: {counts}")
+    if status in EXIT_CODES:
+        raise typer.Exit(EXIT_CODES[status])
 
 
 def _learn_loop(service: RuntimeService) -> None:
@@ -105,6 +142,7 @@ def ingest_cmd(
     questions: Annotated[
         Path | None, typer.Option(help="JSONL of {question, answer}: the document's evaluation set")
     ] = None,
+    server: ServerOption = None,
 ) -> None:
     """Store new documents for knowledge learning (`runtime learn --method seal`).
 
@@ -113,6 +151,18 @@ def ingest_cmd(
     """
     docs = _read_documents(file, title, questions)
     cfg = load(config)
+    client = admin_client(cfg, server)
+    if client is not None:  # the server holding the store stores them (POST /v1/documents)
+        with client, remote_errors():
+            for doc in docs:
+                stored = client.post("/v1/documents", {"text": doc["text"], "title": doc["title"],
+                                                       "questions": doc["questions"] or None})
+                kept = len(doc["questions"])
+                console.print(
+                    f"stored [bold]{doc['title'] or stored['id'][:8]}[/bold] through {client.url}: "
+                    + (f"{kept} supplied questions" if kept else "its questions are written when it is learned")
+                )
+        return
     engine = None
     if any(not d["questions"] for d in docs):
         from runtime.factory import create_engine

@@ -10,11 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.common import ConfigOption, JsonOption, clip, console, fail, load, opened_store, print_json
+from cli.common import ConfigOption, JsonOption, ServerOption, clip, console, fail, load, print_json, readable_store
+from cli.remote import server_url
 from learners.config import full_config_schema
 from runtime.config import dump_config
 
 if TYPE_CHECKING:
+    from cli.remote import RemoteStore
     from runtime.store import Store
 
 config_app = typer.Typer(help="Show the effective configuration or its JSON schema.", no_args_is_help=True)
@@ -36,19 +38,20 @@ def log_cmd(
     config: ConfigOption = None,
     limit: Annotated[int, typer.Option("--limit", "-n", help="Rows of each table.")] = 20,
     as_json: JsonOption = False,
+    server: ServerOption = None,
 ) -> None:
     """Show recent interactions and learning signals from the store."""
     cfg = load(config)
-    if not cfg.store_path.exists():
+    if not cfg.store_path.exists() and server_url(cfg, server) is None:
         fail(f"no store at {cfg.store_path} yet: run `runtime demo` or an app first")
-    with opened_store(cfg, read_only=True) as store:
+    with readable_store(cfg, server) as store:
         if as_json:
             print_json({"interactions": store.recent_interactions(limit=limit), "signals": store.signals()[-limit:]})
             return
         print_log(store, console, limit=limit)
 
 
-def print_log(store: Store, out: Console, *, limit: int = 20) -> None:
+def print_log(store: Store | RemoteStore, out: Console, *, limit: int = 20) -> None:
     """Render the recent interactions and signals of `store` as two tables."""
     interactions = store.recent_interactions(limit=limit)
     table = Table(title=f"Recent interactions ({len(interactions)})", show_lines=False)

@@ -10,9 +10,22 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.common import USAGE_ERROR, ConfigOption, JsonOption, PolicyOption, clip, console, fail, load, opened_store
+from cli.common import (
+    USAGE_ERROR,
+    ConfigOption,
+    JsonOption,
+    PolicyOption,
+    ServerOption,
+    admin_client,
+    clip,
+    console,
+    fail,
+    load,
+    opened_store,
+    remote_errors,
+)
 from policies import Policy, PolicyError, load_policy, policy_schema
-from policies.shadow import shadow_report
+from policies.shadow import ShadowReport, shadow_report
 
 policy_app = typer.Typer(help="Learning policies: validate a file, print the JSON schema.", no_args_is_help=True)
 shadow_app = typer.Typer(help="Shadow mode: compare the shadow adapter with live serving.", no_args_is_help=True)
@@ -44,15 +57,22 @@ def shadow_report_cmd(
     policy: PolicyOption = None,
     adapter: Annotated[str | None, typer.Option("--adapter", "-a", help="Default: the current shadow.")] = None,
     as_json: JsonOption = False,
+    server: ServerOption = None,
 ) -> None:
-    """Live and shadow answers compared: agreement, rule violations, feedback, and the policy's verdict."""
+    """Live and shadow answers compared: agreement, rule violations, feedback, and the policy's verdict (with a
+    server running, by the server's policy)."""
     cfg = load(config)
     try:
         loaded = load_policy(policy or cfg.policy) if (policy or cfg.policy) else Policy()
     except PolicyError as exc:
         fail(exc, USAGE_ERROR)
-    with opened_store(cfg, read_only=True) as store:
-        report = shadow_report(store, loaded, adapter)
+    client = admin_client(cfg, server)
+    if client is not None:
+        with client, remote_errors():
+            report = ShadowReport(**client.get("/admin/shadow-report", adapter=adapter))
+    else:
+        with opened_store(cfg, read_only=True) as store:
+            report = shadow_report(store, loaded, adapter)
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
         return

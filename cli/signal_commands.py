@@ -9,10 +9,22 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from cli.common import USAGE_ERROR, ConfigOption, JsonOption, clip, console, fail, load, opened_store, print_json
+from cli.common import (
+    USAGE_ERROR,
+    ConfigOption,
+    JsonOption,
+    ServerOption,
+    clip,
+    console,
+    fail,
+    load,
+    print_json,
+    readable_store,
+)
 from runtime.store.models import LEARNING_STATES, ReviewDecision
 
 if TYPE_CHECKING:
+    from cli.remote import AdminClient, RemoteStore
     from runtime.store import Store
 
 signals_app = typer.Typer(
@@ -35,6 +47,7 @@ def signals_cmd(
     state: StateOption = None,
     limit: Annotated[int, typer.Option("--limit", "-n", help="Newest signals shown.")] = 50,
     as_json: JsonOption = False,
+    server: ServerOption = None,
 ) -> None:
     """List learning signals with their state (`held`: a vetoed update used them; retry or dismiss them)."""
     if ctx.invoked_subcommand is not None:
@@ -42,7 +55,7 @@ def signals_cmd(
     if state is not None and state not in LEARNING_STATES:
         fail(f"--state must be one of {', '.join(sorted(LEARNING_STATES))}", USAGE_ERROR)
     cfg = load(config)
-    with opened_store(cfg, read_only=True) as store:
+    with readable_store(cfg, server) as store:
         rows = store.signals(state=state)[-limit:]  # type: ignore[arg-type]
     if as_json:
         print_json(rows)
@@ -61,7 +74,7 @@ def signals_cmd(
     console.print(table)
 
 
-def _resolve_signal_ids(store: Store, ids: list[str]) -> list[str]:
+def _resolve_signal_ids(store: Store | RemoteStore, ids: list[str]) -> list[str]:
     """Full ids for ids or unique prefixes (as the tables show them); exits 1 naming any that do not match."""
     known = [s.id for s in store.signals()]
     resolved, problems = [], []
@@ -76,19 +89,29 @@ def _resolve_signal_ids(store: Store, ids: list[str]) -> list[str]:
     return resolved
 
 
+def _server_client(store: Store | RemoteStore) -> AdminClient | None:
+    """The admin client when `store` is a running server's (changes go through its API), else ``None``."""
+    return getattr(store, "client", None)
+
+
 @signals_app.command("retry")
 def signals_retry(
     ids: Annotated[list[str] | None, typer.Argument(help="Signal ids (or unique prefixes).")] = None,
     config: ConfigOption = None,
     all_held: Annotated[bool, typer.Option("--all-held", help="Every held signal.")] = False,
+    server: ServerOption = None,
 ) -> None:
     """Make held (or dismissed) signals pending again: the next learning cycle learns them."""
     cfg = load(config)
-    with opened_store(cfg, read_only=False) as store:
+    with readable_store(cfg, server, read_only=False) as store:
+        client = _server_client(store)
         chosen = [s.id for s in store.signals(state="held")] if all_held else _resolve_signal_ids(store, ids or [])
         if not chosen:
             fail("nothing to retry: give signal ids or --all-held (see `runtime signals --state held`)")
-        moved = store.set_learning_state("pending", signal_ids=chosen, reason="retried by operator")
+        if client is not None:
+            moved = client.post("/admin/signals/retry", {"ids": chosen})["retried"]
+        else:
+            moved = store.set_learning_state("pending", signal_ids=chosen, reason="retried by operator")
     console.print(f"[green]{moved} signal(s) pending again[/green]; the next cycle learns them"
                   + (f" ({len(chosen) - moved} were not held or dismissed)" if moved < len(chosen) else ""))
 
@@ -98,24 +121,34 @@ def signals_dismiss(
     ids: Annotated[list[str], typer.Argument(help="Signal ids (or unique prefixes).")],
     reason: Annotated[str, typer.Option("--reason", "-r", help="Why it is not to be learned (kept).")],
     config: ConfigOption = None,
+    server: ServerOption = None,
 ) -> None:
     """Dismiss held or pending signals with a reason: they are never learned (unless retried)."""
     if not reason.strip():
         fail("--reason must say why the signals are dismissed", USAGE_ERROR)
     cfg = load(config)
-    with opened_store(cfg, read_only=False) as store:
+    with readable_store(cfg, server, read_only=False) as store:
+        client = _server_client(store)
         chosen = _resolve_signal_ids(store, ids)
-        moved = store.set_learning_state("dismissed", signal_ids=chosen, reason=reason.strip())
+        if client is not None:
+            moved = client.post("/admin/signals/dismiss", {"ids": chosen, "reason": reason.strip()})["dismissed"]
+        else:
+            moved = store.set_learning_state("dismissed", signal_ids=chosen, reason=reason.strip())
     console.print(f"[yellow]{moved} signal(s) dismissed[/yellow]"
                   + (f" ({len(chosen) - moved} were already learned or dismissed)" if moved < len(chosen) else ""))
 
 
 def _review(ids: list[str], decision: ReviewDecision, reason: str | None, reviewer: str | None,
-            config: Path | None) -> None:
+            config: Path | None, server: str | None) -> None:
     cfg = load(config)
-    with opened_store(cfg, read_only=False) as store:
+    with readable_store(cfg, server, read_only=False) as store:
+        client = _server_client(store)
         chosen = _resolve_signal_ids(store, ids)
-        moved = store.review_signals(chosen, decision, reason=reason, reviewer=reviewer)
+        if client is not None:
+            moved = client.post("/admin/signals/review", {"ids": chosen, "decision": decision, "reason": reason,
+                                                          "reviewer": reviewer})["decided"]
+        else:
+            moved = store.review_signals(chosen, decision, reason=reason, reviewer=reviewer)
     done = "approved: the next cycle learns them" if decision == "approve" else "rejected: they are never learned"
     console.print(f"{moved} signal(s) {done}"
                   + (f" ({len(chosen) - moved} were not awaiting review)" if moved < len(chosen) else ""))
@@ -130,9 +163,10 @@ def signals_approve(
     reason: Annotated[str | None, typer.Option("--reason", "-r", help="Why (stored).")] = None,
     reviewer: ReviewerOption = None,
     config: ConfigOption = None,
+    server: ServerOption = None,
 ) -> None:
     """Approve signals awaiting review (`runtime signals --state review`): the next learning cycle learns them."""
-    _review(ids, "approve", reason, reviewer, config)
+    _review(ids, "approve", reason, reviewer, config, server)
 
 
 @signals_app.command("reject")
@@ -141,8 +175,9 @@ def signals_reject(
     reason: Annotated[str, typer.Option("--reason", "-r", help="Why they are not to be learned (stored).")],
     reviewer: ReviewerOption = None,
     config: ConfigOption = None,
+    server: ServerOption = None,
 ) -> None:
     """Reject signals awaiting review, with a reason: they are dismissed and never learned."""
     if not reason.strip():
         fail("--reason must say why the signals are rejected", USAGE_ERROR)
-    _review(ids, "reject", reason.strip(), reviewer, config)
+    _review(ids, "reject", reason.strip(), reviewer, config, server)

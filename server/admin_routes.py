@@ -132,6 +132,14 @@ async def learn_job(job_id: str, state: ServerState = Depends(get_state)) -> dic
     return job.to_dict()
 
 
+@router.get("/interactions")
+async def interactions(limit: int = Query(20, ge=1, le=10_000),
+                       state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    """The most recent interactions, newest first, with their messages."""
+    rows = await run_in_threadpool(lambda: state.store.recent_interactions(limit=limit))
+    return {"interactions": [jsonable(r) for r in rows]}
+
+
 @router.get("/decisions")
 async def decisions(limit: int = Query(50, ge=1, le=1000), adapter: str | None = None,
                     state: ServerState = Depends(get_state)) -> dict[str, Any]:

@@ -53,6 +53,7 @@ def serve_cmd(
     from policies import PolicyError
     from runtime.api_keys import ApiKeysError, load_api_keys
     from runtime.models import ModelNotFoundError
+    from runtime.server_file import remove_server_file, write_server_file
     from runtime.store import StoreError
     from server import ServerLimits, create_app
     from server.http_protocol import uvicorn_config
@@ -89,7 +90,11 @@ def serve_cmd(
     console.print(f"OpenAI API at [bold]http://{shown}:{port}/v1[/bold], dashboard at http://{shown}:{port}/dashboard")
     if token is None:
         console.print("[yellow]admin routes are off:[/yellow] set RUNTIME_ADMIN_TOKEN or pass --admin-token")
-    uvicorn.Server(uvicorn_config(server_app, host=host, port=port, log_level=log_level)).run()
+    write_server_file(cfg.store_path, host, port)  # how `runtime` commands find this server (runtime.server_file)
+    try:
+        uvicorn.Server(uvicorn_config(server_app, host=host, port=port, log_level=log_level)).run()
+    finally:
+        remove_server_file(cfg.store_path)
 
 
 def _check_port_free(host: str, port: int) -> None:

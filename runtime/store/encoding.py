@@ -8,7 +8,9 @@ import os
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def new_id() -> str:
@@ -80,3 +82,17 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
     return value
+
+
+def from_jsonable(cls: type[T], data: Mapping[str, Any]) -> T:
+    """The record ``jsonable`` turned into ``data`` (a store record read back from the admin API): ISO
+    timestamps become datetimes again; keys the record does not have (derived ones) are ignored."""
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if isinstance(value, str) and "datetime" in str(f.type):
+            value = datetime.fromisoformat(value)
+        values[f.name] = value
+    return cls(**values)
