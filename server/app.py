@@ -125,6 +125,7 @@ def _snapshot(state: ServerState) -> dict[str, Any]:
         "model": state.resolver.base_id,
         "active_adapter": state.engine.active_adapter,
         "loaded_adapters": len(state.engine.list_adapters()),
+        "engine_queue_depth": state.engine.queue_depth(),
         "store_counts": state.store.counts(),
         "learning": state.learn_jobs.running() is not None,
         "adapters_refused": len(state.service.integrity_failures) + state.resolver.refused,

@@ -3,7 +3,9 @@
 - ``runtime_http_requests_total{method,route,status}`` and ``runtime_http_request_duration_seconds``
   (a histogram; a streamed response counts until its last byte), by route template;
 - ``runtime_prompt_tokens_total`` / ``runtime_generated_tokens_total{adapter}``;
+- ``runtime_time_to_first_token_seconds`` (a histogram, streamed requests: the first text chunk);
 - at scrape time: ``runtime_active_adapter_info{adapter}``, ``runtime_loaded_adapters``,
+  ``runtime_engine_queue_depth`` (calls waiting for the embedded engine),
   ``runtime_store_rows{table}``, ``runtime_learning_job_running``, ``runtime_adapters_refused_total``, and from
   the log: ``runtime_learning_runs_total{method,status}``, ``runtime_gate_decisions_total{decision}``,
   ``runtime_gate_vetoes_total{kind,check}`` (the checks that vetoed), ``runtime_signals{state}`` (``pending`` are
@@ -44,6 +46,9 @@ class ServerMetrics:
                                      ["adapter"], registry=self.registry)
         self.generated_tokens = Counter("runtime_generated_tokens", "Tokens generated, by adapter.",
                                         ["adapter"], registry=self.registry)
+        self.first_token = Histogram("runtime_time_to_first_token_seconds",
+                                     "Streamed chat completions: from the request to its first generated text.",
+                                     buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_StateCollector(snapshot))
 
     def record_tokens(self, adapter: str | None, prompt: int, completion: int) -> None:
@@ -79,6 +84,10 @@ class _StateCollector(Collector):
         yield active
         yield GaugeMetricFamily("runtime_loaded_adapters", "Adapters loaded in the engine.",
                                 value=float(state.get("loaded_adapters", 0)))
+        if state.get("engine_queue_depth") is not None:  # unknown for a remote engine (vLLM, SGLang)
+            yield GaugeMetricFamily("runtime_engine_queue_depth",
+                                    "Calls (requests, adapter loads, gate evaluations) waiting for the engine.",
+                                    value=float(state["engine_queue_depth"]))
         rows = GaugeMetricFamily("runtime_store_rows", "Rows in the store, by table.", labels=["table"])
         for table, count in sorted(state.get("store_counts", {}).items()):
             rows.add_metric([table], float(count))

@@ -110,6 +110,7 @@ def _finish(c: Completion) -> Any:
 
 async def _stream_response(state: ServerState, prepared: PreparedRequest, completion_id: str, created: int,
                            include_usage: bool) -> StreamingResponse:
+    started = time.perf_counter()
     handle = await state.chat.stream(prepared)  # raises the API error before any byte is sent
     label = state.resolver.label(prepared.adapter) if isinstance(prepared.adapter, str | None) else None
 
@@ -121,8 +122,12 @@ async def _stream_response(state: ServerState, prepared: PreparedRequest, comple
 
     async def body() -> AsyncIterator[str]:
         yield chunk({"role": "assistant", "content": ""})
+        first = True
         try:
             async for text in handle.events():
+                if first and text:
+                    state.metrics.first_token.observe(time.perf_counter() - started)
+                    first = False
                 yield chunk({"content": text})
         except Exception as exc:  # noqa: BLE001 - reported in the stream: the status line is already sent
             api = exc if isinstance(exc, APIError) else translate_engine_error(exc)

@@ -42,12 +42,13 @@ def test_waiters_are_served_in_arrival_order() -> None:
         thread = threading.Thread(target=lambda i=i: (lock.acquire(), order.append(i), lock.release()))
         thread.start()
         threads.append(thread)
-        while len(lock._waiting) < i + 1:  # wait until thread i is queued before starting the next
+        while lock.waiting < i + 1:  # wait until thread i is queued before starting the next
             time.sleep(0.001)
+    assert lock.waiting == 5  # what the engine reports as its queue depth
     lock.release()
     for thread in threads:
         thread.join()
-    assert order == [0, 1, 2, 3, 4]
+    assert order == [0, 1, 2, 3, 4] and lock.waiting == 0
 
 
 def test_a_releasing_thread_does_not_jump_the_queue() -> None:

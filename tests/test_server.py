@@ -708,6 +708,9 @@ def test_metrics_answer_an_operators_questions(tiny_engine, tiny_model_dir: Path
         app = create_app(config, engine=tiny_engine, store=store, background_learning=False)
         try:
             with serve_in_thread(app) as url:
+                streamed = httpx.post(url + "/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 4})
+                assert streamed.status_code == 200
                 samples = _samples(httpx.get(url + "/metrics").text)
         finally:
             for name in tiny_engine.list_adapters():
@@ -723,3 +726,5 @@ def test_metrics_answer_an_operators_questions(tiny_engine, tiny_model_dir: Path
     assert samples[("runtime_correction_to_serving_seconds_sum", ())] >= 0
     assert samples[("runtime_store_queue_depth", ())] >= 0
     assert samples[("runtime_store_rejected_writes_total", ())] == 0
+    assert samples[("runtime_time_to_first_token_seconds_count", ())] == 1
+    assert samples[("runtime_engine_queue_depth", ())] == 0  # nothing waits for the engine at scrape time

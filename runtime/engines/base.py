@@ -321,6 +321,11 @@ class Engine(ABC):
         """Whether an adapter of that name is loaded."""
         return name in self.list_adapters()
 
+    def queue_depth(self) -> int | None:
+        """Calls (generations, adapter loads, evaluations) waiting for the engine; ``None`` when the engine
+        cannot tell (a remote server queues requests itself)."""
+        return None
+
     # -- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the model and its resources; the engine cannot be used afterwards."""

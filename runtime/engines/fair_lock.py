@@ -55,6 +55,12 @@ class FairRLock:
                 self._owner = None
                 self._cond.notify_all()
 
+    @property
+    def waiting(self) -> int:
+        """How many threads are queued for the lock (not counting its holder)."""
+        with self._cond:
+            return len(self._waiting)
+
     def __enter__(self) -> FairRLock:
         self.acquire()
         return self

@@ -287,6 +287,10 @@ class TransformersEngine(Engine):
         """The default adapter for requests (``None`` = the base model)."""
         return self._active
 
+    def queue_depth(self) -> int:
+        """Calls waiting for the engine's lock (the one in progress not counted)."""
+        return self._lock.waiting
+
     def list_adapters(self) -> list[str]:
         """Loaded adapter names, in load order (does not wait for generations in flight)."""
         with self._switch_lock:
