@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
+from server.dashboard_charts import daily, loss_curves, signals_by_run
 from server.serialize import (
     adapter_dict,
     decision_dict,
@@ -50,11 +51,13 @@ async def summary(request: Request, limit: int = Query(25, ge=1, le=500),
 
 
 def build_summary(state: ServerState, limit: int = 25) -> dict[str, Any]:
-    """Recent interactions, adapters with lineage, gate decisions, held signals, signals awaiting review, shadow pairs,
-    runs and jobs."""
+    """Recent interactions, adapters with lineage, gate decisions (every check), held signals, signals awaiting
+    review, shadow pairs, runs with the signals each used, jobs, and the series the charts draw."""
     store = state.store
     loaded = set(state.engine.list_adapters())
     pairs = store.shadow_pairs(limit)
+    runs = store.runs(limit)
+    used = signals_by_run(store.signals(), [r.id for r in runs])
     return {
         "generated_at": time.time(),
         "model": state.resolver.base_id,
@@ -68,6 +71,11 @@ def build_summary(state: ServerState, limit: int = 25) -> dict[str, Any]:
         "held_signals": [signal_dict(s) for s in store.signals(state="held")[-limit:]],
         "review_signals": [signal_dict(s) for s in store.signals(state="review")[-limit:]],
         "shadow_pairs": [shadow_pair_dict(live, shadow) for live, shadow in pairs],
-        "runs": [run_dict(r) for r in store.runs(limit)],
+        "runs": [{**run_dict(r), "signals_used": used[r.id]} for r in runs],
+        "charts": {
+            "loss": loss_curves(store.runs(50)),
+            "daily": daily(store.decisions(5000), store.signals(state="learned"),
+                           store.recent_interactions(5000, kind="live")),
+        },
         "learn_jobs": [j.to_dict() for j in state.learn_jobs.all()],
     }

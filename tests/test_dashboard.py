@@ -37,7 +37,7 @@ def populate(store: Store, adapter_dir: Path) -> dict[str, str]:
                           latency_ms=230.0, prompt_tokens=31, completion_tokens=9)
     store.log_interaction([{"role": "user", "content": "Capital of France?"}], "Paris.", thread_id="user-7",
                           adapter="sft-2", latency_ms=95.0, prompt_tokens=24, completion_tokens=3)
-    store.add_signal("correction", interaction_id=live, text="The refund window is 45 days.")
+    correction = store.add_signal("correction", interaction_id=live, text="The refund window is 45 days.")
     held = store.add_signal("demonstration", text="The moon is cheese.",
                             messages=[{"role": "user", "content": "What is the moon made of?"}])
     review = store.add_signal("demonstration", text="Two years.", principal="partner-app", state="review",
@@ -47,7 +47,7 @@ def populate(store: Store, adapter_dir: Path) -> dict[str, str]:
     ok_run = store.create_run("sft", parent_adapter=None, data_counts={"new": 4, "replay": 0})
     store.update_run(ok_run, status="running")
     store.update_run(ok_run, status="succeeded", output_adapter="sft-1",
-                     metrics={"history": [{"step": 10, "loss": 0.4123}]})
+                     metrics={"history": [{"step": s, "loss": 2.0 / s} for s in range(1, 11)]})
     store.upsert_adapter("sft-1", adapter_dir, method="sft", run_id=ok_run, status="retired",
                          metrics={"data_counts": {"new": 4, "replay": 0}})
     store.upsert_adapter("sft-2", adapter_dir, parent="sft-1", method="sft", status="active",
@@ -59,8 +59,13 @@ def populate(store: Store, adapter_dir: Path) -> dict[str, str]:
     store.update_run(failed, status="failed", error="training worker exited with code -9 (out of memory)")
     store.record_decision("sft-2", "approve", reasons=["all 5 protected behaviours pass"], run_id=ok_run)
     store.record_decision("sft-4", "veto", reasons=["protected behaviour 'capital-france' failed: expected "
-                                                    "'Paris' in the answer"], run_id=failed)
+                                                    "'Paris' in the answer"], run_id=failed,
+                          checks=[{"kind": "protected", "name": "capital-france", "passed": False, "veto": True,
+                                   "detail": "passes on the active adapter but the candidate's answer lacks 'Paris'",
+                                   "active": {"answer": "Paris is the capital.", "passed": True},
+                                   "candidate": {"answer": "Lyon is the capital.", "passed": False}}])
     store.set_learning_state("held", signal_ids=[held], reason="its update was vetoed", run_id=failed)
+    store.mark_consumed(ok_run, signal_ids=[correction])
     return {"live": live, "failed_run": failed, "held": held, "review": review}
 
 
@@ -129,6 +134,23 @@ def test_dashboard_renders_store_content(dashboard_server: tuple[str, dict[str, 
     runs = page.inner_text("#runs")
     assert "out of memory" in runs and "failed" in runs and "succeeded" in runs
     assert page.locator(f"tr[data-run='{ids['failed_run']}']").count() == 1
+
+    # Over time: loss per run, veto rate, latency and signals learned per day; the lineage as a graph.
+    assert page.locator("svg[data-chart='loss'] polyline").count() == 1
+    assert page.locator("svg[data-chart='veto'] [data-bar]").count() >= 1
+    assert page.locator("svg[data-chart='latency'] polyline").count() == 1
+    assert page.locator("svg[data-chart='learned'] [data-bar]").count() >= 1
+    assert page.locator("#lineage-graph [data-node]").count() == 5  # base and four adapters
+    assert page.locator("#lineage-graph [data-edge='sft-2->sdft-3']").count() == 1
+    assert page.locator("#lineage-graph [data-edge='base->sft-1']").count() == 1
+    # Each gate check's answers before and after, side by side; the signals each run used.
+    veto_row = page.locator("tr[data-decision='veto']")
+    veto_row.locator("summary").click()
+    check = veto_row.locator("tr[data-check='capital-france']").inner_text()
+    assert "Paris is the capital." in check and "Lyon is the capital." in check
+    failed_run = page.locator(f"tr[data-run='{ids['failed_run']}']")
+    failed_run.locator("summary").click()
+    assert "What is the moon made of?" in failed_run.inner_text()
 
     interactions = page.inner_text("#interactions")
     assert "What is the refund window?" in interactions and "Capital of France?" in interactions
