@@ -69,6 +69,8 @@ def test_log_learn_and_adapters(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert listed.exit_code == 0 and "active" in listed.output and "sft-" in listed.output
     with Store(tmp_path / "data" / "runtime.duckdb", read_only=True) as store:
         name = store.adapters()[0].name
+        settings = store.runs()[0].config["settings"]  # the hyperparameters the run used, complete
+    assert settings["num_epochs"] == 1 and "learning_rate" in settings and "min_steps" in settings
     shown = runner.invoke(app, ["adapters", "show", name, "--config", str(path)])
     assert shown.exit_code == 0 and "lineage: base ->" in shown.output and "train_seconds" in shown.output
     unknown = runner.invoke(app, ["adapters", "show", "nope", "--config", str(path)])

@@ -16,6 +16,7 @@ import pytest
 from orchestration.service import RuntimeService
 from runtime.store import Store
 from server import create_app
+from server.learn_jobs import LearnJob
 from tests.test_server import serve_in_thread, tiny_config
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -79,6 +80,9 @@ def dashboard_server(tiny_engine, tiny_model_dir: Path, tiny_adapter_dir: Path,
             ids = populate(store, tiny_adapter_dir)
             service = RuntimeService(config, tiny_engine, store)
             app = create_app(config, engine=tiny_engine, store=store, service=service, admin_token=TOKEN)
+            job = LearnJob(id="job-1", method="sft", status="finished", result={"status": "vetoed", "message": "m"},
+                           progress={"phase": "gate", "phase_done": 3, "phase_total": 5, "step": 20, "total": 20})
+            app.state.runtime.learn_jobs._jobs[job.id] = job  # a cycle this server ran, as the page shows it
             with serve_in_thread(app) as url:
                 # One real chat completion, so the page shows an interaction logged by the server itself.
                 served = httpx.post(url + "/v1/chat/completions", json={
@@ -134,6 +138,8 @@ def test_dashboard_renders_store_content(dashboard_server: tuple[str, dict[str, 
     runs = page.inner_text("#runs")
     assert "out of memory" in runs and "failed" in runs and "succeeded" in runs
     assert page.locator(f"tr[data-run='{ids['failed_run']}']").count() == 1
+
+    assert "gate 3/5" in page.inner_text("tr[data-job='job-1']")  # the phase the cycle reached
 
     # Over time: loss per run, veto rate, latency and signals learned per day; the lineage as a graph.
     assert page.locator("svg[data-chart='loss'] polyline").count() == 1
