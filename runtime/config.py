@@ -65,6 +65,11 @@ class EngineConfig(_Section):
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Default completion length.")
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="Default sampling temperature (0 = greedy).")
     system_prompt: str | None = Field(None, description="Optional system message the agent prepends.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, le=86_400,
+        description="Deadline of a served request, from its arrival (a client's shorter timeout, sent as the OpenAI "
+        "SDK's `X-Stainless-Timeout` header, wins): past it the generation stops and the request ends with 504.",
+    )
 
 
 class StoreConfig(_Section):

@@ -134,8 +134,18 @@ def _snapshot(state: ServerState) -> dict[str, Any]:
     }
 
 
+def shutdown_app(app: FastAPI) -> None:
+    """Run the app's shutdown if its lifespan did not (uvicorn skips it on a forced exit); otherwise nothing."""
+    state: ServerState = app.state.runtime
+    _shutdown(state, state.service.loop is not None)
+
+
 def _shutdown(state: ServerState, started_background: bool) -> None:
-    """Stop the learning loop, flush the log and close what the app created (the service, the engine, the store)."""
+    """Stop the learning loop, flush the log and close what the app created (the service, the engine, the store).
+    Runs once: a second call does nothing."""
+    if state.shut_down:
+        return
+    state.shut_down = True
     try:
         if started_background:
             state.service.stop_background()

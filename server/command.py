@@ -43,11 +43,15 @@ def serve_cmd(
         typer.Option(help="Serve on a non-loopback address although anyone who reaches it may chat, rate, correct "
                      "and teach (every signal is training data)."),
     ] = False,
+    grace_s: Annotated[
+        float,
+        typer.Option(min=0, help="On SIGTERM or Ctrl-C, how long requests in flight may finish before they are "
+                     "cancelled; a second signal stops at once."),
+    ] = 30.0,
 ) -> None:
     """Serve the OpenAI-compatible API, feedback and admin routes, and the dashboard (see docs/server.md)."""
     import os
 
-    import uvicorn
     from rich.markup import escape
 
     from policies import PolicyError
@@ -56,7 +60,8 @@ def serve_cmd(
     from runtime.server_file import remove_server_file, write_server_file
     from runtime.store import StoreError
     from server import ServerLimits, create_app
-    from server.http_protocol import uvicorn_config
+    from server.app import shutdown_app
+    from server.http_protocol import graceful_server, uvicorn_config
 
     loopback = host in ("127.0.0.1", "::1", "localhost")
     keys_path = api_keys or (Path(os.environ["RUNTIME_API_KEYS"]) if os.environ.get("RUNTIME_API_KEYS") else None)
@@ -91,10 +96,14 @@ def serve_cmd(
     if token is None:
         console.print("[yellow]admin routes are off:[/yellow] set RUNTIME_ADMIN_TOKEN or pass --admin-token")
     write_server_file(cfg.store_path, host, port)  # how `runtime` commands find this server (runtime.server_file)
+    # Removed at the app's shutdown: after a graceful stop uvicorn re-raises the signal, ending the process.
+    server_app.state.runtime.owned.callback(remove_server_file, cfg.store_path)
+    server = graceful_server(uvicorn_config(server_app, host=host, port=port, log_level=log_level, grace_s=grace_s))
     try:
-        uvicorn.Server(uvicorn_config(server_app, host=host, port=port, log_level=log_level)).run()
+        server.run()
     finally:
         remove_server_file(cfg.store_path)
+        shutdown_app(server_app)  # a no-op after a graceful stop; after a forced one, uvicorn skipped it
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -76,10 +76,30 @@ class JSONErrorH11Protocol(H11Protocol):
 
 
 def uvicorn_config(app: Any, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-                   **options: Any) -> Any:
-    """The ``uvicorn.Config`` ``runtime serve`` runs with: this protocol and its header limit (``options`` are
-    further ``uvicorn.Config`` arguments)."""
+                   grace_s: float | None = None, **options: Any) -> Any:
+    """The ``uvicorn.Config`` ``runtime serve`` runs with: this protocol and its header limit; ``grace_s`` is how
+    long a stop waits for requests in flight before cancelling them (``options`` are further ``uvicorn.Config``
+    arguments)."""
     import uvicorn
 
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=JSONErrorH11Protocol,
-                          h11_max_incomplete_event_size=MAX_HEADER_BYTES, **options)
+                          h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_graceful_shutdown=grace_s,
+                          **options)
+
+
+def graceful_server(config: Any) -> Any:
+    """A ``uvicorn.Server`` for ``config`` that stops gracefully on SIGTERM or SIGINT and at once on a second
+    signal of either kind (uvicorn forces only on a second SIGINT).
+
+    On the first signal it stops accepting, lets requests in flight finish for up to the config's grace
+    period, cancels the rest (the engine stops their generations at the next token when it closes), then
+    runs the app's shutdown: the learning loop stops, the store is flushed, the engine closes."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit:
+                self.force_exit = True
+            super().handle_exit(sig, frame)
+
+    return GracefulServer(config)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
@@ -24,7 +24,7 @@ from server.schemas import (
     ResponseMessage,
     Usage,
 )
-from server.serving import Completion, PreparedRequest, prepare, translate_engine_error
+from server.serving import ClientGone, Completion, Deadline, PreparedRequest, prepare, translate_engine_error
 from server.state import ServerState, get_state
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_role("chat"))])
@@ -83,10 +83,14 @@ async def chat_completions(
     prepared.adapter = await run_in_threadpool(state.resolver.resolve, body.model)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    deadline = Deadline.for_request(config.engine.request_timeout_s, request.headers.get("x-stainless-timeout"))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _stream_response(state, prepared, completion_id, created, include_usage)
-    choices = await state.chat.complete(prepared)
+        return await _stream_response(state, prepared, completion_id, created, include_usage, deadline)
+    try:
+        choices = await state.chat.complete(prepared, deadline=deadline, disconnected=lambda: _disconnected(request))
+    except ClientGone:  # nobody reads this answer; the generation was stopped
+        return Response(status_code=499)
     for c in choices:
         state.metrics.record_tokens(c.adapter, c.prompt_tokens, c.completion_tokens)
     first = choices[0]
@@ -108,10 +112,16 @@ def _finish(c: Completion) -> Any:
     return c.finish_reason if c.finish_reason in ("stop", "length") else "stop"
 
 
+async def _disconnected(request: Request) -> None:
+    """Return when the client of a request whose body was read disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _stream_response(state: ServerState, prepared: PreparedRequest, completion_id: str, created: int,
-                           include_usage: bool) -> StreamingResponse:
+                           include_usage: bool, deadline: Deadline) -> StreamingResponse:
     started = time.perf_counter()
-    handle = await state.chat.stream(prepared)  # raises the API error before any byte is sent
+    handle = await state.chat.stream(prepared, deadline=deadline)  # raises the API error before any byte is sent
     label = state.resolver.label(prepared.adapter) if isinstance(prepared.adapter, str | None) else None
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage, ToolMessage
-from starlette.concurrency import run_in_threadpool
 
 from agent.chat_model import INTERACTION_ID_KEY, EngineChatModel
 from runtime.adapters import AdapterRegistry, AdapterVerificationError
@@ -268,28 +268,76 @@ class ChatService:
             kwargs["stop"] = req.stop
         return kwargs
 
-    def complete_blocking(self, req: PreparedRequest) -> list[Completion]:
-        """All ``n`` choices, one logged chat-model call each (choice i samples with ``seed + i``)."""
-        model = self._model_for(req.adapter)
-        out = []
-        for i in range(req.n):
-            seed = None if req.seed is None else req.seed + i
-            try:
-                message = model.invoke(req.messages, req.config, **self._call_kwargs(req, seed))
-            except Exception as exc:  # noqa: BLE001 - translated or re-raised
-                _raise_translated(exc)
-            out.append(_completion(message))
+    async def complete(self, req: PreparedRequest, *, deadline: Deadline | None = None,
+                       disconnected: Callable[[], Awaitable[None]] | None = None) -> list[Completion]:
+        """All ``n`` choices (choice i samples with ``seed + i``), each generated as a stream so that it stops at
+        the next token when the client goes away (``disconnected`` returns; :class:`ClientGone` is raised) or
+        the ``deadline`` passes (a 504 :class:`APIError`)."""
+        out: list[Completion] = []
+        current: list[StreamHandle] = []
+
+        async def watch() -> None:
+            await disconnected()  # type: ignore[misc]
+            if current:
+                current[-1].abort("gone")
+
+        watcher = asyncio.create_task(watch()) if disconnected is not None else None
+        try:
+            for i in range(req.n):
+                seed = None if req.seed is None else req.seed + i
+                handle = StreamHandle(self._model_for(req.adapter), req, self._call_kwargs(req, seed),
+                                      deadline=deadline)
+                current.append(handle)
+                if watcher is not None and watcher.done():
+                    raise ClientGone()
+                await handle.start()
+                async for _ in handle.events():
+                    pass
+                assert handle.result is not None
+                out.append(handle.result)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         return out
 
-    async def complete(self, req: PreparedRequest) -> list[Completion]:
-        """:meth:`complete_blocking` in a worker thread."""
-        return await run_in_threadpool(self.complete_blocking, req)
-
-    async def stream(self, req: PreparedRequest) -> StreamHandle:
+    async def stream(self, req: PreparedRequest, *, deadline: Deadline | None = None) -> StreamHandle:
         """Start streaming one choice; raises the API error at once if the request cannot start."""
-        handle = StreamHandle(self._model_for(req.adapter), req, self._call_kwargs(req, req.seed))
+        handle = StreamHandle(self._model_for(req.adapter), req, self._call_kwargs(req, req.seed), deadline=deadline)
         await handle.start()
         return handle
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was complete; the generation was stopped."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a request must be answered by (``time.monotonic()`` seconds), and the timeout it came from."""
+
+    at: float
+    timeout_s: float
+
+    @classmethod
+    def for_request(cls, config_timeout_s: float, client_timeout: str | None) -> Deadline:
+        """The server's ``engine.request_timeout_s``, or the client's shorter timeout (the OpenAI SDK sends it
+        as ``X-Stainless-Timeout``, in seconds); an unreadable client value is ignored."""
+        timeout = config_timeout_s
+        try:
+            sent = float(client_timeout) if client_timeout else None
+        except ValueError:
+            sent = None
+        if sent is not None and 0 < sent < timeout:
+            timeout = sent
+        return cls(time.monotonic() + timeout, timeout)
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def error(self) -> APIError:
+        return APIError(504, f"The request did not finish within its deadline of {self.timeout_s:g} s (the server's "
+                        "engine.request_timeout_s, or the client's timeout); its generation was stopped. Ask for "
+                        "fewer tokens, or retry when the server is less busy.", code="deadline_exceeded")
 
 
 class StreamHandle:
@@ -299,24 +347,49 @@ class StreamHandle:
     interaction id). Leaving the iteration early (client gone) stops the producer between tokens.
     """
 
-    def __init__(self, model: EngineChatModel, req: PreparedRequest, kwargs: dict[str, Any]) -> None:
+    def __init__(self, model: EngineChatModel, req: PreparedRequest, kwargs: dict[str, Any], *,
+                 deadline: Deadline | None = None) -> None:
         self._model = model
         self._req = req
         self._kwargs = kwargs
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._stop = threading.Event()
         self._first: tuple[str, Any] | None = None
+        self._deadline = deadline
+        self._timer: asyncio.TimerHandle | None = None
         self.result: Completion | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         put: Callable[[tuple[str, Any]], None] = lambda item: loop.call_soon_threadsafe(  # noqa: E731
             self._queue.put_nowait, item)
+        if self._deadline is not None:
+            self._timer = loop.call_later(max(self._deadline.remaining(), 0.0), self.abort, "deadline")
         threading.Thread(target=self._produce, args=(put,), name="chat-stream", daemon=True).start()
         first = await self._queue.get()
-        if first[0] == "error":
-            _raise_translated(first[1])
+        try:
+            self._check(first)
+        except BaseException:
+            if self._timer is not None:
+                self._timer.cancel()
+            self.cancel()
+            raise
         self._first = first
+
+    def abort(self, why: str) -> None:
+        """Stop the producer at its next token and end :meth:`events` with ``why`` (``gone``: the client left;
+        ``deadline``: the request ran out of time). Call on the event loop."""
+        self._stop.set()
+        self._queue.put_nowait((why, None))
+
+    def _check(self, item: tuple[str, Any]) -> None:
+        kind, value = item
+        if kind == "error":
+            _raise_translated(value)
+        elif kind == "gone":
+            raise ClientGone()
+        elif kind == "deadline":
+            raise self._deadline.error()  # type: ignore[union-attr]
 
     def _produce(self, put: Callable[[tuple[str, Any]], None]) -> None:
         iterator = self._model.stream(self._req.messages, self._req.config, **self._kwargs)
@@ -364,6 +437,8 @@ class StreamHandle:
                     self.result = value
                     return
                 else:
-                    _raise_translated(value)
+                    self._check((kind, value))
         finally:
+            if self._timer is not None:
+                self._timer.cancel()
             self.cancel()

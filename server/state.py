@@ -60,6 +60,8 @@ class ServerState:
     admin_token: str | None
     dashboard_requires_token: bool
     owned: ExitStack = field(default_factory=ExitStack)
+    shut_down: bool = False
+    """Whether the app's shutdown ran (it runs once)."""
     api_keys: ApiKeys | None = None
 
     @property

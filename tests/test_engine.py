@@ -129,6 +129,30 @@ def test_stop_strings_cut_the_output(engine: TransformersEngine) -> None:
         assert cut.finish_reason == "stop"
 
 
+def test_the_stop_string_check_reads_only_the_newest_tokens(engine: TransformersEngine) -> None:
+    """Issue 16: matching a stop string costs what the stop string costs, not the text generated so far."""
+    import torch
+
+    from runtime.engines.decoding import StopStringTail
+
+    tokenizer = engine.tokenizer
+    seen: list[int] = []
+
+    class Counting:
+        def decode(self, ids: list[int], **kwargs: object) -> str:
+            seen.append(len(ids))
+            return tokenizer.decode(ids, **kwargs)
+
+    stop = "zebra quokka"
+    ids = tokenizer("word " * 300 + stop, add_special_tokens=False)["input_ids"]
+    prompt = tokenizer("a prompt", add_special_tokens=False)["input_ids"]
+    rows = torch.tensor([prompt + ids, prompt + ids[:-3] + ids[:3]])
+    check = StopStringTail(Counting(), [stop, "x" * 200], prompt_width=len(prompt))
+    assert check(rows, None).tolist() == [True, False]
+    assert seen and max(seen) <= 204 < len(ids)  # the longest stop string (200) + 4 tokens, not 300+ tokens
+    assert check(torch.tensor([prompt]), None).tolist() == [False]  # nothing generated yet
+
+
 def test_generation_stops_at_end_of_turn(engine: TransformersEngine, tiny: dict[str, Path]) -> None:
     [free] = engine.generate(PROMPTS[:1], GREEDY)
     tokenizer = AutoTokenizer.from_pretrained(tiny["base"])

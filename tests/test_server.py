@@ -602,7 +602,7 @@ def test_a_malformed_request_line_gets_a_json_400(server: RunningServer) -> None
 
 
 class _GatedEngine:
-    """The tiny engine, but `chat` waits for a gate: shows whether the server answers while it waits."""
+    """The tiny engine, but generating waits for a gate: shows whether the server answers while it waits."""
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
@@ -613,6 +613,11 @@ class _GatedEngine:
         self.entered.set()
         self.gate.wait()
         return self._engine.chat(*args, **kwargs)
+
+    def stream_chat(self, *args: Any, **kwargs: Any) -> Any:  # how the server generates every answer
+        self.entered.set()
+        self.gate.wait()
+        return self._engine.stream_chat(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)

@@ -11,12 +11,20 @@ import torch
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-__all__ = ["CancelCriteria", "StreamDeltas", "TokenQueueStreamer", "cut_at_stop", "safe_stream_length"]
+__all__ = [
+    "CancelCriteria",
+    "StopStringTail",
+    "StreamDeltas",
+    "TokenQueueStreamer",
+    "cut_at_stop",
+    "safe_stream_length",
+]
 
 
-def cut_at_stop(text: str, stops: Sequence[str] | None) -> tuple[str, bool]:
-    """Cut ``text`` before the earliest occurrence of any stop string; return (text, whether it was cut)."""
-    positions = [i for i in (text.find(s) for s in stops or ()) if i >= 0]
+def cut_at_stop(text: str, stops: Sequence[str] | None, start: int = 0) -> tuple[str, bool]:
+    """Cut ``text`` before the earliest occurrence of any stop string (searched from ``start``); return (text,
+    whether it was cut)."""
+    positions = [i for i in (text.find(s, start) for s in stops or ()) if i >= 0]
     if not positions:
         return text, False
     return text[: min(positions)], True
@@ -53,7 +61,9 @@ class StreamDeltas:
     def update(self, text: str) -> tuple[str, bool]:
         """The delta to emit now for the text so far (``""`` when none) and whether it reached a stop string
         (then the text is complete: stop generating)."""
-        shown, cut = cut_at_stop(text, self._stops)
+        # What was emitted holds no stop string nor the start of one (held back below), so only the text
+        # since then is searched: the cost follows the new text, not all of it.
+        shown, cut = cut_at_stop(text, self._stops, self.emitted)
         end = len(shown) if cut else safe_stream_length(shown, self._stops)
         if end <= self.emitted:
             return "", cut
@@ -83,12 +93,41 @@ class TokenQueueStreamer(BaseStreamer):
 
 
 class CancelCriteria(StoppingCriteria):
-    """Stops generation as soon as ``event`` is set."""
+    """Stops generation as soon as any of ``events`` is set (the request's, the engine's closing)."""
 
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         return torch.full(  # type: ignore[return-value]
-            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+            (input_ids.shape[0],), any(e.is_set() for e in self.events), dtype=torch.bool, device=input_ids.device
         )
+
+
+class StopStringTail(StoppingCriteria):
+    """Stops each row whose generated text ends in one of ``stops``, checking only the newest tokens.
+
+    Each step decodes the last ``max(len(stop)) + 4`` generated tokens of a row (a stop string of ``n``
+    characters spans at most ``n`` tokens, plus partial-byte tokens at its ends), so a check costs what the
+    longest stop string costs, never the text generated so far, and nothing is precomputed over the
+    vocabulary (transformers' ``StopStringCriteria`` builds tables that grow with the stop strings' length).
+    The text is cut at the stop string afterwards (:func:`cut_at_stop`).
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_width: int) -> None:
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.window = max((len(s) for s in self.stops), default=0) + 4
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self.prompt_width
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if generated <= 0 or not self.stops:
+            return done  # type: ignore[return-value]
+        start = input_ids.shape[1] - min(generated, self.window)
+        for row, tail in enumerate(input_ids[:, start:].tolist()):
+            text = self.tokenizer.decode(tail, skip_special_tokens=True)
+            if any(stop in text for stop in self.stops):
+                done[row] = True
+        return done  # type: ignore[return-value]

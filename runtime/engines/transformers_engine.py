@@ -27,7 +27,7 @@ from runtime.engines.base import (
     resolve_per_row,
     selected_adapter,
 )
-from runtime.engines.decoding import CancelCriteria, StreamDeltas, TokenQueueStreamer, cut_at_stop
+from runtime.engines.decoding import CancelCriteria, StopStringTail, StreamDeltas, TokenQueueStreamer, cut_at_stop
 from runtime.engines.errors import ContextLengthError, EngineError
 from runtime.engines.fair_lock import FairRLock
 from runtime.engines.peft_adapters import AdapterSet
@@ -84,6 +84,7 @@ class TransformersEngine(Engine):
         # it starts, and finishes on it. Lock order: `_lock` before `_switch_lock`, never the reverse.
         self._switch_lock = threading.Lock()
         self._closed = False
+        self._closing = threading.Event()  # set by close(): generations in flight stop at the next token
         self._active: str | None = None
 
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -303,7 +304,9 @@ class TransformersEngine(Engine):
             return self._adapters.path(name)
 
     def close(self) -> None:
-        """Free the model (and GPU memory); later calls raise :class:`EngineError`."""
+        """Free the model (and GPU memory); later calls raise :class:`EngineError`. Generations in flight stop
+        at their next token (their answers are cut short) instead of holding the close up."""
+        self._closing.set()
         with self._lock:
             if self._closed:
                 return
@@ -381,7 +384,6 @@ class TransformersEngine(Engine):
         config.max_length = None
         config.eos_token_id = sorted(self._eos_ids)
         config.pad_token_id = self._tokenizer.pad_token_id
-        config.stop_strings = list(params.stop) if params.stop else None
         if params.temperature > 0:
             config.do_sample = True
             config.temperature = params.temperature
@@ -403,19 +405,21 @@ class TransformersEngine(Engine):
     ) -> list[list[int]]:
         """Generated token ids per row (caller holds the lock)."""
         config = self._generation_config_for(params)
-        criteria = StoppingCriteriaList([CancelCriteria(cancel)] if cancel is not None else [])
+        cancels = [self._closing] if cancel is None else [self._closing, cancel]
         outputs: list[list[int]] = [[] for _ in encoded]
         model = self._adapters.model
         with self._seeded(params.seed):
             for part in self._adapters.plan(names):
                 input_ids, attention_mask = self._pad([encoded[i] for i in part.rows], left=True)
+                criteria = StoppingCriteriaList([CancelCriteria(*cancels)])
+                if params.stop:
+                    criteria.append(StopStringTail(self._tokenizer, params.stop, input_ids.shape[1]))
                 with part.context(), torch.inference_mode():
                     out = model.generate(
                         input_ids=input_ids,
                         attention_mask=attention_mask,
                         generation_config=config,
                         stopping_criteria=criteria,
-                        tokenizer=self._tokenizer,
                         streamer=streamer,
                         **part.kwargs,
                     )
