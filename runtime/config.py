@@ -65,6 +65,14 @@ class EngineConfig(_Section):
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Default completion length.")
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="Default sampling temperature (0 = greedy).")
     system_prompt: str | None = Field(None, description="Optional system message the agent prepends.")
+    max_batch_size: int = Field(
+        8, ge=1, le=256,
+        description="Requests the embedded engine decodes together, step by step (continuous batching: requests "
+        "join and leave between tokens, each on its own adapter); 1 runs one request at a time.",
+    )
+    max_queued_requests: int = Field(
+        256, ge=0, description="Requests that may wait for a place in the batch; beyond it the server answers 429.",
+    )
     request_timeout_s: float = Field(
         600.0, gt=0, le=86_400,
         description="Deadline of a served request, from its arrival (a client's shorter timeout, sent as the OpenAI "

@@ -20,6 +20,8 @@ def create_engine(config: RuntimeConfig) -> Engine:
             dtype=config.engine.dtype,
             num_threads=config.engine.num_threads or serving_cpu_threads(),
             cache_dir=config.model.cache_dir,
+            max_batch_size=config.engine.max_batch_size,
+            max_queued_requests=config.engine.max_queued_requests,
         )
     if kind in ("vllm", "sglang"):
         import os

@@ -20,7 +20,15 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Huma
 
 from agent.chat_model import INTERACTION_ID_KEY, EngineChatModel
 from runtime.adapters import AdapterRegistry, AdapterVerificationError
-from runtime.engines import ACTIVE, AdapterChoice, AdapterLoadError, ContextLengthError, Engine, UnknownAdapterError
+from runtime.engines import (
+    ACTIVE,
+    AdapterChoice,
+    AdapterLoadError,
+    ContextLengthError,
+    Engine,
+    EngineBusyError,
+    UnknownAdapterError,
+)
 from server.errors import APIError
 from server.limits import ServerLimits
 from server.schemas import ChatCompletionRequest, ChatMessage
@@ -228,6 +236,8 @@ def _completion(message: AIMessage | AIMessageChunk) -> Completion:
 
 def translate_engine_error(exc: Exception) -> APIError | None:
     """The API error for an engine error a client caused (``None``: not the client's fault)."""
+    if isinstance(exc, EngineBusyError):
+        return APIError(429, f"The engine is busy: {exc}.", code="engine_busy", headers={"Retry-After": "1"})
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), code="context_length_exceeded", param="messages")
     if isinstance(exc, UnknownAdapterError):

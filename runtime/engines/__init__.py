@@ -18,6 +18,7 @@ from runtime.engines.errors import (
     AdapterExistsError,
     AdapterLoadError,
     ContextLengthError,
+    EngineBusyError,
     EngineError,
     UnknownAdapterError,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "ContextLengthError",
     "Conversation",
     "Engine",
+    "EngineBusyError",
     "EngineError",
     "Generation",
     "ModelNotFoundError",

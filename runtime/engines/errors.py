@@ -47,3 +47,7 @@ class ContextLengthError(EngineError, ValueError):
             f"The request needs {prompt_tokens} prompt + {max_new_tokens} new tokens, more than the model's "
             f"context of {context} tokens: shorten the conversation or lower max_new_tokens."
         )
+
+
+class EngineBusyError(EngineError):
+    """The engine's queue of waiting requests is full (``engine.max_queued_requests``); retry later."""

@@ -159,6 +159,14 @@ class AdapterSet:
         self._peft = None
 
     # -- running ------------------------------------------------------------------------------------
+    def batch_group(self, name: str | None) -> str:
+        """The running batch a row on ``name`` can share: ``"shared"`` for the base model and plain LoRA
+        adapters (mixed-batch inference), else the adapter's own."""
+        if name is None:
+            return "shared"
+        self.check(name)
+        return "shared" if self._loaded[name].mixed_batch else f"adapter:{name}"
+
     def plan(self, adapters: list[str | None]) -> list[BatchPart]:
         """Split a batch whose row ``i`` uses ``adapters[i]`` (None = base) into parts to run.
 

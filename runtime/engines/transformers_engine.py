@@ -7,6 +7,7 @@ import gc
 import threading
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from runtime.engines.base import (
     resolve_per_row,
     selected_adapter,
 )
+from runtime.engines.continuous_batching import BatchRow, ContinuousBatcher
 from runtime.engines.decoding import CancelCriteria, StopStringTail, StreamDeltas, TokenQueueStreamer, cut_at_stop
 from runtime.engines.errors import ContextLengthError, EngineError
 from runtime.engines.fair_lock import FairRLock
@@ -70,6 +72,8 @@ class TransformersEngine(Engine):
         dtype: str | torch.dtype = "auto",
         num_threads: int | None = None,
         cache_dir: Path | None = None,
+        max_batch_size: int = 1,
+        max_queued_requests: int = 256,
     ) -> None:
         check_not_spawning(f"a TransformersEngine for {model}")
         if num_threads is not None:
@@ -105,6 +109,14 @@ class TransformersEngine(Engine):
         if not self._eos_ids:
             raise EngineError(
                 f"{self.model_path} defines no end-of-sequence token: cannot tell when to stop."
+            )
+        self._batcher: ContinuousBatcher | None = None
+        if max_batch_size > 1:  # requests of different clients share the decoding steps
+            self._batcher = ContinuousBatcher(
+                model_fn=lambda: self._adapters.model, plan=lambda names: self._adapters.plan(names),
+                group_of=lambda name: self._adapters.batch_group(name), lock=self._lock, eos_ids=self._eos_ids,
+                tokenizer=self._tokenizer, device=self._device, max_batch_size=max_batch_size,
+                max_queued=max_queued_requests,
             )
 
     # -- properties -----------------------------------------------------------------------------------
@@ -167,6 +179,12 @@ class TransformersEngine(Engine):
             return []
         for ids in encoded:
             self._check_fits(len(ids), params.max_new_tokens)
+        if self._batcher is not None:
+            with self._switch_lock:
+                self._check_open()
+                names = self._resolve_many(adapter, len(encoded))
+            outputs = self._run_batched(encoded, params, names)
+            return [self._finish(len(e), out, params, n) for e, out, n in zip(encoded, outputs, names, strict=True)]
         with self._lock:
             self._check_open()
             names = self._resolve_many(adapter, len(encoded))
@@ -256,6 +274,8 @@ class TransformersEngine(Engine):
         self, name: str, path: str | Path, *, activate: bool = False, replace: bool = False
     ) -> None:
         """Load a PEFT LoRA adapter as ``name`` (see :meth:`Engine.load_adapter`)."""
+        if replace:
+            self._wait_unused(name)  # a request finishes on the weights it started with
         with self._lock:
             self._check_open()
             self._adapters.load(name, path, replace=replace)
@@ -264,7 +284,8 @@ class TransformersEngine(Engine):
                     self._active = name
 
     def unload_adapter(self, name: str) -> None:
-        """Unload ``name``; if it was active, the base model becomes active."""
+        """Unload ``name``; if it was active, the base model becomes active. Requests on it finish first."""
+        self._wait_unused(name)
         with self._lock, self._switch_lock:
             self._check_open()
             self._adapters.unload(name)
@@ -289,8 +310,9 @@ class TransformersEngine(Engine):
         return self._active
 
     def queue_depth(self) -> int:
-        """Calls waiting for the engine's lock (the one in progress not counted)."""
-        return self._lock.waiting
+        """Calls waiting for the engine: for its lock (the one in progress not counted) and, with continuous
+        batching, requests waiting to join a batch."""
+        return self._lock.waiting + (self._batcher.queued if self._batcher is not None else 0)
 
     def list_adapters(self) -> list[str]:
         """Loaded adapter names, in load order (does not wait for generations in flight)."""
@@ -307,6 +329,8 @@ class TransformersEngine(Engine):
         """Free the model (and GPU memory); later calls raise :class:`EngineError`. Generations in flight stop
         at their next token (their answers are cut short) instead of holding the close up."""
         self._closing.set()
+        if self._batcher is not None:
+            self._batcher.close()
         with self._lock:
             if self._closed:
                 return
@@ -319,6 +343,54 @@ class TransformersEngine(Engine):
                 torch.cuda.empty_cache()
 
     # -- internals ------------------------------------------------------------------------------------
+    def _wait_unused(self, name: str) -> None:
+        """With continuous batching, wait until no request runs (or waits) on adapter ``name``."""
+        if self._batcher is not None:
+            self._batcher.wait_unused(name)
+
+    def _run_batched(self, encoded: list[list[int]], params: SamplingParams, names: list[str | None]
+                     ) -> list[list[int]]:
+        """Generated token ids per row, through the continuous batcher (each row its own request)."""
+        assert self._batcher is not None
+        rows = []
+        for i, (ids, name) in enumerate(zip(encoded, names, strict=True)):
+            row_params = params if params.seed is None else replace(params, seed=params.seed + i)
+            rows.append(self._batcher.submit(BatchRow(ids, row_params, name)))
+        for row in rows:
+            row.done.wait()
+        for row in rows:
+            if row.error is not None:
+                raise row.error
+        return [row.generated for row in rows]
+
+    def _stream_batched(self, ids: list[int], params: SamplingParams, adapter: AdapterChoice
+                        ) -> Generator[str, None, Generation]:
+        """:meth:`_stream` through the continuous batcher."""
+        assert self._batcher is not None
+        with self._switch_lock:
+            self._check_open()
+            name = self._resolve(adapter)
+        row = self._batcher.submit(BatchRow(ids, params, name))
+        try:
+            generated: list[int] = []
+            deltas = StreamDeltas(params.stop)
+            while (chunk := row.tokens.get()) is not None:
+                generated.extend(chunk)
+                delta, cut = deltas.update(self._tokenizer.decode(generated, skip_special_tokens=True))
+                if delta:
+                    yield delta
+                if cut:
+                    row.cancel.set()
+                    break
+            row.done.wait()
+            if row.error is not None:
+                raise row.error
+            result = self._finish(len(ids), row.generated, params, name)
+            if rest := deltas.rest(result.text):
+                yield rest
+            return result
+        finally:
+            row.cancel.set()
     def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
         if self.context_length is not None and prompt_tokens + max_new_tokens > self.context_length:
             raise ContextLengthError(prompt_tokens, max_new_tokens, self.context_length)
@@ -482,6 +554,8 @@ class TransformersEngine(Engine):
     def _stream(
         self, ids: list[int], params: SamplingParams, adapter: AdapterChoice
     ) -> Generator[str, None, Generation]:
+        if self._batcher is not None:
+            return (yield from self._stream_batched(ids, params, adapter))
         streamer = TokenQueueStreamer()
         cancel = threading.Event()
         box: dict[str, Any] = {}
