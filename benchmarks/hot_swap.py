@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config = RuntimeConfig.model_validate(
             {"data_dir": str(tmp_path / "data"), "model": {"name": str(model_dir)}, "engine": {"device": "cpu"}}
         )
-        engine = TransformersEngine(model_dir, device="cpu", num_threads=args.threads or serving_cpu_threads())
+        engine = TransformersEngine(model_dir, device="cpu", num_threads=args.threads or serving_cpu_threads(),
+                                    max_batch_size=config.engine.max_batch_size)  # as the server's engine
         service = RuntimeService.from_config(config, engine=engine)
         names = []
         for i in range(args.adapters):
