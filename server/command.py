@@ -101,6 +101,8 @@ def serve_cmd(
     server = graceful_server(uvicorn_config(server_app, host=host, port=port, log_level=log_level, grace_s=grace_s))
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it stopped on; the stop was graceful (as uvicorn.run)
+        pass
     finally:
         remove_server_file(cfg.store_path)
         shutdown_app(server_app)  # a no-op after a graceful stop; after a forced one, uvicorn skipped it
