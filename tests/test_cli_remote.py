@@ -46,7 +46,10 @@ def setup(tmp_path: Path, tiny_model_dir: Path, tiny_adapter_dir: Path) -> tuple
         held = store.add_signal("correction", interaction_id=iid, text="Marenport")
         store.set_learning_state("held", signal_ids=[held], reason="vetoed update")
         pending = store.add_signal("demonstration", text="Zebulon", messages=[{"role": "user", "content": "Who?"}])
-    return config, data / "runtime.duckdb", {"held": held, "pending": pending}
+        review = [store.add_signal("demonstration", text=t, principal="partner", state="review",
+                                   messages=[{"role": "user", "content": f"{t}?"}]) for t in ("Yes", "No")]
+    return config, data / "runtime.duckdb", {"held": held, "pending": pending, "approve": review[0],
+                                             "reject": review[1]}
 
 
 def invoke(*args: str, token: str | None = TOKEN) -> object:
@@ -96,6 +99,15 @@ def test_every_command_works_through_the_server_holding_the_store(setup, tmp_pat
             dismissed = invoke("signals", "dismiss", ids["pending"], "--reason", "wrong", "--config", str(config))
             assert dismissed.exit_code == 0 and "1 signal(s) dismissed" in dismissed.output
 
+            approved = invoke("signals", "approve", ids["approve"], "--config", str(config))
+            assert approved.exit_code == 0 and "1 signal(s) approved" in approved.output, approved.output
+            rejected = invoke("signals", "reject", ids["reject"], "--reason", "wrong", "--config", str(config))
+            assert rejected.exit_code == 0 and "1 signal(s) rejected" in rejected.output, rejected.output
+            exported = invoke("adapters", "export", "a1", str(tmp_path / "exported"), "--config", str(config))
+            assert exported.exit_code == 0 and (tmp_path / "exported" / "README.md").is_file(), exported.output
+            shadow = invoke("shadow", "report", "--config", str(config))
+            assert shadow.exit_code == 0 and "shadow adapter" in shadow.output, shadow.output
+
             promoted = invoke("adapters", "promote", "a2", "--config", str(config))
             assert promoted.exit_code == 0 and "a2 is active" in promoted.output, promoted.output
             assert app_.state.runtime.engine.active_adapter == "a2"  # the server serves what the CLI promoted
@@ -125,6 +137,9 @@ def test_every_command_works_through_the_server_holding_the_store(setup, tmp_pat
     assert local_reads(config) == remote_after  # the same output with the store opened directly
     with Store(store_path, read_only=True) as store:
         assert store.get_signal(ids["pending"]).state == "dismissed"
+        assert store.get_signal(ids["approve"]).state == "learned"  # approved, then learned by the cycle
+        assert store.get_signal(ids["reject"]).state == "dismissed"
+        assert {r.decision for r in store.signal_reviews()} == {"approve", "reject"}
         assert len(store.documents()) == 1
         assert sum(a.method == "sft" and a.status == "active" for a in store.adapters()) == 1
 
