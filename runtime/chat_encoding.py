@@ -13,7 +13,10 @@ transform it here. Messages whose content is not a string (multimodal parts) are
 
 from __future__ import annotations
 
+import copy
 import re
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,8 +35,35 @@ def special_token_strings(tokenizer: Any) -> list[str]:
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of untrusted text: special-token strings in it are spelled with ordinary tokens."""
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    """Token ids of untrusted text: special-token strings in it are spelled with ordinary tokens.
+
+    Safe to call from many threads at once, beside other uses of ``tokenizer``."""
+    splitting = _splitting_tokenizer(tokenizer)
+    return list(splitting(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+_SPLITTING: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_SPLITTING_LOCK = threading.Lock()
+
+
+def _splitting_tokenizer(tokenizer: Any) -> Any:
+    """A copy of ``tokenizer`` that always splits special tokens, made once per tokenizer.
+
+    A fast tokenizer keeps "split special tokens" as state of its Rust tokenizer, and transformers sets that
+    state at each call from the call's argument. Asking the shared tokenizer to split would, for the moment of
+    the call, make a concurrent call on another thread (a chat template's own text, say) split its control
+    tokens too, or this call parse the user's ``<|im_end|>`` as the real one. The copy's state never changes.
+    """
+    with _SPLITTING_LOCK:
+        splitting = _SPLITTING.get(tokenizer)
+        if splitting is None:
+            splitting = copy.deepcopy(tokenizer)
+            splitting.split_special_tokens = True
+            backend = getattr(splitting, "_tokenizer", None)
+            if backend is not None and hasattr(backend, "encode_special_tokens"):
+                backend.encode_special_tokens = True
+            _SPLITTING[tokenizer] = splitting
+        return splitting
 
 
 def encode_chat(

@@ -6,6 +6,8 @@ generation, the anchors and TRL's dataset tokenisation used before.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,25 @@ def test_a_benign_conversation_encodes_as_before(tokenizer) -> None:
 
 def test_untrusted_text_is_spelled_out(tokenizer) -> None:
     assert count_control(encode_text(tokenizer, INJECTION), tokenizer) == 0
+
+
+def test_threads_encoding_at_once_get_what_one_thread_gets(tokenizer) -> None:
+    """Splitting special tokens is state of a fast tokenizer's Rust backend; set on the shared tokenizer, a
+    template's own control tokens encoded on another thread at that moment came out spelled as text (and the
+    model answered a different prompt). Many threads encoding hostile and benign chats at once must each get
+    what one thread alone gets."""
+    conversations = [HOSTILE, [{"role": "user", "content": "hello"}]] * 4
+    expected = [encode_chat(tokenizer, c) for c in conversations]
+    barrier = threading.Barrier(len(conversations))
+
+    def encode(conversation) -> list[list[int]]:
+        barrier.wait()
+        return [encode_chat(tokenizer, conversation) for _ in range(40)]
+
+    with ThreadPoolExecutor(len(conversations)) as pool:
+        results = list(pool.map(encode, conversations))
+    for got, want in zip(results, expected, strict=True):
+        assert all(ids == want for ids in got)
 
 
 def test_the_engine_serves_the_user_text_as_text(tiny_engine, tokenizer) -> None:

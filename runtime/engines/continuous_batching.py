@@ -125,18 +125,12 @@ class ContinuousBatcher:
         with self._cond:
             return len(self._waiting)
 
-    def uses(self, adapter: str) -> bool:
-        """Whether a waiting or running row is on ``adapter`` (an unload or replace waits for them)."""
-        with self._cond:
-            return any(r.adapter == adapter for r in self._waiting) or any(
-                r.adapter == adapter for b in self._batches.values() for r in b.rows)
-
     def wait_unused(self, adapter: str) -> None:
-        """Block until no row is on ``adapter``."""
+        """Block until no waiting or running row is on ``adapter`` (an unload or replace waits for them)."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._uses_locked(adapter) or self._closed)
+            self._cond.wait_for(lambda: not self._uses(adapter) or self._closed)
 
-    def _uses_locked(self, adapter: str) -> bool:
+    def _uses(self, adapter: str) -> bool:
         return any(r.adapter == adapter for r in self._waiting) or any(
             r.adapter == adapter for b in self._batches.values() for r in b.rows)
 

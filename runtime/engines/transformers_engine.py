@@ -363,6 +363,19 @@ class TransformersEngine(Engine):
                 raise row.error
         return [row.generated for row in rows]
 
+    def _deltas(self, tokens: Any, deltas: StreamDeltas, cancel: threading.Event) -> Iterator[str]:
+        """The text deltas of token chunks arriving on ``tokens`` (``None`` ends them); at a stop string, ``cancel``
+        is set and the deltas end (``deltas.rest`` gives what remains of the final text)."""
+        generated: list[int] = []
+        while (chunk := tokens.get()) is not None:
+            generated.extend(chunk)
+            delta, cut = deltas.update(self._tokenizer.decode(generated, skip_special_tokens=True))
+            if delta:
+                yield delta
+            if cut:
+                cancel.set()
+                return
+
     def _stream_batched(self, ids: list[int], params: SamplingParams, adapter: AdapterChoice
                         ) -> Generator[str, None, Generation]:
         """:meth:`_stream` through the continuous batcher."""
@@ -372,16 +385,8 @@ class TransformersEngine(Engine):
             name = self._resolve(adapter)
         row = self._batcher.submit(BatchRow(ids, params, name))
         try:
-            generated: list[int] = []
             deltas = StreamDeltas(params.stop)
-            while (chunk := row.tokens.get()) is not None:
-                generated.extend(chunk)
-                delta, cut = deltas.update(self._tokenizer.decode(generated, skip_special_tokens=True))
-                if delta:
-                    yield delta
-                if cut:
-                    row.cancel.set()
-                    break
+            yield from self._deltas(row.tokens, deltas, row.cancel)
             row.done.wait()
             if row.error is not None:
                 raise row.error
@@ -574,16 +579,8 @@ class TransformersEngine(Engine):
         thread = threading.Thread(target=work, name="engine-stream", daemon=True)
         thread.start()
         try:
-            generated: list[int] = []
             deltas = StreamDeltas(params.stop)
-            while (chunk := streamer.tokens.get()) is not None:
-                generated.extend(chunk)
-                delta, cut = deltas.update(self._tokenizer.decode(generated, skip_special_tokens=True))
-                if delta:
-                    yield delta
-                if cut:
-                    cancel.set()
-                    break
+            yield from self._deltas(streamer.tokens, deltas, cancel)
             thread.join()
             if "error" in box:
                 raise box["error"]
