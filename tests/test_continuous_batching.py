@@ -95,6 +95,40 @@ def test_unloading_an_adapter_waits_for_its_requests(batched, tiny_adapter_dir: 
     assert stream.generation.adapter == "b" and rest is not None
 
 
+def test_scoring_runs_in_chunks_between_steps_and_holds_its_adapter(batched, tiny_engine,
+                                                                     tiny_adapter_dir: Path) -> None:
+    """Scores and KL of more rows than the batch holds (so several chunks, the engine let go between them) are
+    those of the unbatched engine; an unload waits for a scoring call on the adapter to finish."""
+    prompts = [f"Question {i}:" for i in range(6)]
+    completions = [" tell me more" * (i + 1) for i in range(6)]
+    batched.load_adapter("s", tiny_adapter_dir)
+    tiny_engine.load_adapter("s", tiny_adapter_dir)
+    try:
+        got = batched.score(prompts, completions, adapter="s")
+        want = tiny_engine.score(prompts, completions, adapter="s")
+        kl_got = batched.kl_divergence(prompts, completions, adapter="s")
+        kl_want = tiny_engine.kl_divergence(prompts, completions, adapter="s")
+        chunks = batched._scoring_chunks(6, "s")
+        rows, (names,) = next(chunks)  # a chunk in progress: the engine is held, the adapter in use
+        assert rows == slice(0, 4) and names == ["s"] * 4
+        unloaded = threading.Event()
+        unloader = threading.Thread(target=lambda: (batched.unload_adapter("s"), unloaded.set()))
+        unloader.start()
+        rows, (names,) = next(chunks)  # the engine was let go between the chunks, the adapter was not
+        assert rows == slice(4, 6) and batched.has_adapter("s") and not unloaded.is_set()
+        assert batched._run_score([[5, 6, 7]] * 2, [1, 1], names)  # still servable on "s"
+        chunks.close()  # the last chunk done: the unload goes ahead
+        unloader.join()
+        assert unloaded.is_set()
+    finally:
+        tiny_engine.unload_adapter("s")
+        if batched.has_adapter("s"):
+            batched.unload_adapter("s")
+    assert [len(r) for r in got] == [len(r) for r in want]
+    assert all(abs(a - b) < 1e-4 for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True))
+    assert all(abs(a - b) < 1e-5 for a, b in zip(kl_got, kl_want, strict=True)) and max(kl_got) > 0
+
+
 def test_a_full_queue_is_refused_and_the_server_answers_429(tiny_model_dir: Path, tmp_path: Path) -> None:
     engine = TransformersEngine(tiny_model_dir, device="cpu", num_threads=1, max_batch_size=2, max_queued_requests=1)
     try:

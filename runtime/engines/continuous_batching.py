@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,7 @@ class ContinuousBatcher:
         self._cond = threading.Condition()
         self._waiting: deque[BatchRow] = deque()
         self._batches: dict[str, _Batch] = {}
+        self._held: Counter[str] = Counter()  # adapters in use by work outside the batches (scoring)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="engine-scheduler", daemon=True)
         self._thread.start()
@@ -130,8 +132,23 @@ class ContinuousBatcher:
         with self._cond:
             self._cond.wait_for(lambda: not self._uses(adapter) or self._closed)
 
+    @contextmanager
+    def holding(self, adapters: Iterable[str | None]) -> Iterator[None]:
+        """Count ``adapters`` as in use, for :meth:`wait_unused`, while work outside the batches runs on them
+        (scoring, which takes the engine's lock between steps)."""
+        names = Counter(a for a in adapters if a is not None)
+        with self._cond:
+            self._held.update(names)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held.subtract(names)
+                self._held = +self._held  # drop the zero counts
+                self._cond.notify_all()
+
     def _uses(self, adapter: str) -> bool:
-        return any(r.adapter == adapter for r in self._waiting) or any(
+        return self._held[adapter] > 0 or any(r.adapter == adapter for r in self._waiting) or any(
             r.adapter == adapter for b in self._batches.values() for r in b.rows)
 
     def close(self) -> None:

@@ -230,10 +230,10 @@ class TransformersEngine(Engine):
             starts.append(start)
         if not sequences:
             return []
-        with self._lock:
-            self._check_open()
-            names = self._resolve_many(adapter, len(sequences))
-            return self._run_score(sequences, starts, names)
+        results: list[list[float]] = []
+        for rows, (names,) in self._scoring_chunks(len(sequences), adapter):
+            results += self._run_score(sequences[rows], starts[rows], names)
+        return results
 
     def kl_divergence(
         self,
@@ -254,16 +254,38 @@ class TransformersEngine(Engine):
         starts = [start for _, start in aligned]
         if not sequences:
             return []
-        with self._lock:
-            self._check_open()
-            ref = self._resolve_many(reference, len(sequences))
-            new = self._resolve_many(adapter, len(sequences))
-            ref_lp = {row: lp for row, lp, _ in self._completion_logprobs(sequences, starts, ref)}
-            result = [0.0] * len(sequences)
-            for row, lp, _ in self._completion_logprobs(sequences, starts, new):
+        result = [0.0] * len(sequences)
+        for rows, (ref, new) in self._scoring_chunks(len(sequences), reference, adapter):
+            chunk, chunk_starts = sequences[rows], starts[rows]
+            ref_lp = {row: lp for row, lp, _ in self._completion_logprobs(chunk, chunk_starts, ref)}
+            for row, lp, _ in self._completion_logprobs(chunk, chunk_starts, new):
                 p_ref = ref_lp[row]
-                result[row] = float((p_ref.exp() * (p_ref - lp)).sum(-1).mean())
-            return result
+                result[rows.start + row] = float((p_ref.exp() * (p_ref - lp)).sum(-1).mean())
+        return result
+
+    def _scoring_chunks(self, n: int, *choices: AdapterChoices) -> Iterator[tuple[slice, list[list[str | None]]]]:
+        """Split ``n`` scoring rows into chunks, each run while the caller holds the engine (the body of the loop
+        runs under the lock): ``(rows, adapter names per choice for those rows)``.
+
+        Unbatched, one chunk holds the engine for the whole call. With continuous batching a chunk is at most
+        ``max_batch_size`` rows, and the engine is let go between chunks, so a long gate evaluation or KL check
+        runs between decoding steps of the traffic instead of stalling it; the adapters are resolved once and
+        held (an unload waits) until the last chunk is done."""
+        if self._batcher is None:
+            with self._lock:
+                self._check_open()
+                yield slice(0, n), [self._resolve_many(c, n) for c in choices]
+            return
+        with self._switch_lock:
+            self._check_open()
+            names = [self._resolve_many(c, n) for c in choices]
+        size = self._batcher.max_batch_size
+        with self._batcher.holding(name for per_row in names for name in per_row):
+            for start in range(0, n, size):
+                rows = slice(start, min(start + size, n))
+                with self._lock:
+                    self._check_open()
+                    yield rows, [per_row[rows] for per_row in names]
 
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` (without added special tokens)."""
