@@ -216,7 +216,9 @@ class ContinuousBatcher:
 
     def _prefill(self, row: BatchRow) -> tuple[Any, torch.Tensor]:
         ids = torch.tensor([row.ids], dtype=torch.long, device=self._device)
-        out = self._forward([row], input_ids=ids, attention_mask=torch.ones_like(ids))
+        # Only the last position's logits: the prompt's others are never used, and the vocabulary projection of
+        # every prompt position costs about as much as the rest of a short prompt's prefill.
+        out = self._forward([row], input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
         return _cache_of(out), out.logits[:, -1, :]
 
     def _join(self, batch: _Batch, row: BatchRow, cache: Any) -> None:
