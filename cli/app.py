@@ -15,6 +15,7 @@ from cli.demo import demo_cmd
 from cli.key_commands import keys_app
 from cli.learn_commands import ingest_cmd, learn_cmd
 from cli.log_commands import config_app, log_cmd
+from cli.log_shipping_commands import logs_app
 from cli.policy_commands import policy_app, shadow_app
 from cli.signal_commands import signals_app
 
@@ -47,6 +48,7 @@ def _main(
 
 app.add_typer(config_app, name="config")
 app.command("log")(log_cmd)
+app.add_typer(logs_app, name="logs")
 app.command("learn")(learn_cmd)
 app.command("ingest")(ingest_cmd)
 app.add_typer(signals_app, name="signals")

@@ -60,6 +60,7 @@ def train_seal(
         generator_output_dir=str(staging / "generator"),
         settings=settings,
         parent_adapter_dir=job.parent_adapter_dir,
+        parent_adapter_checksum=job.parent_adapter_checksum,
         generator_adapter_dir=generator.path if generator else None,
         replay_examples=replay,
         device=job.device,

@@ -7,20 +7,31 @@ known; the staging directory is never published (that is the caller's step, afte
 
 A SEAL update (self-edit search, generator rounds and the serving candidate) runs the same way from a
 :class:`SealJob` with :func:`run_seal_process`.
+
+Where a job runs is a :class:`JobExecutor`: :class:`LocalProcessExecutor` (the child process above, the default)
+or ``learners.ray_executor.RayExecutor`` (a task on a Ray cluster). The ``run_*`` functions take one, or use the
+one set for the current context by :func:`use_executor` (which a learning cycle sets from ``learning.executor``).
+Wherever it runs, a job whose model or adapter directories are fsspec URLs reads local copies of them (adapters
+verified by checksum, see :func:`runtime.adapters.fetch_adapter`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
+from runtime import shared_storage
 from runtime.cpu import learner_cpu_threads
 from runtime.processes import MAIN_GUARD_HINT
 
@@ -53,6 +64,9 @@ class TrainJob:
     texts: list[str | list[int]] = field(default_factory=list)
     """``method="sft"`` on plain text sequences instead of ``examples`` (a SEAL candidate trained again); see
     :data:`learners.examples.TrainingText`."""
+    parent_adapter_checksum: str | None = None
+    """The registry checksum of the parent adapter, verified when ``parent_adapter_dir`` is a URL (none: the one in
+    its ``lineage.json``)."""
 
 
 @dataclass
@@ -77,6 +91,7 @@ class SealJob:
     method: str = "seal"
     anchors: list[dict[str, Any]] = field(default_factory=list)
     anchor_settings: dict[str, Any] = field(default_factory=dict)
+    parent_adapter_checksum: str | None = None
 
 
 def pick_training_device(
@@ -111,25 +126,28 @@ def pick_training_device(
 
 
 def run_training_process(
-    job: TrainJob, progress: ProgressFn | None = None, *, timeout_s: float | None = None
+    job: TrainJob, progress: ProgressFn | None = None, *, timeout_s: float | None = None,
+    executor: JobExecutor | None = None,
 ) -> dict[str, Any]:
-    """Run `job` in a child process and return its result (metrics, timings); raises `TrainingFailed`."""
+    """Run `job` in a worker (`executor`, default :func:`current_executor`) and return its result (metrics,
+    timings); raises `TrainingFailed`."""
     from learners.registry import get_method
 
     if get_method(job.method).kind != "trainer":
         raise ValueError(f"{job.method!r} is not a method with a train function of its own")
-    return _run_child(job, progress, timeout_s)
+    return (executor or current_executor()).run(job, progress, timeout_s)
 
 
 def run_seal_process(
-    job: SealJob, progress: ProgressFn | None = None, *, timeout_s: float | None = None
+    job: SealJob, progress: ProgressFn | None = None, *, timeout_s: float | None = None,
+    executor: JobExecutor | None = None,
 ) -> dict[str, Any]:
-    """Run a SEAL update in a child process; returns ``SealResult.to_dict()``. Raises `TrainingFailed`.
+    """Run a SEAL update in a worker; returns ``SealResult.to_dict()``. Raises `TrainingFailed`.
 
-    ``timeout_s`` kills the child (nothing is kept); ``settings["time_budget_s"]`` instead ends the self-edit
+    ``timeout_s`` kills the worker (nothing is kept); ``settings["time_budget_s"]`` instead ends the self-edit
     search gracefully and still trains the candidate.
     """
-    return _run_child(job, progress, timeout_s)
+    return (executor or current_executor()).run(job, progress, timeout_s)
 
 
 @dataclass
@@ -145,18 +163,84 @@ class CallJob:
     niceness: int = 10
 
 
-def run_call_process(job: CallJob, *, timeout_s: float | None = None) -> Any:
-    """Run `job` in a child process and return the function's (picklable) result; raises `TrainingFailed`."""
-    return _run_child(job, None, timeout_s)
+def run_call_process(job: CallJob, *, timeout_s: float | None = None, executor: JobExecutor | None = None) -> Any:
+    """Run `job` in a worker and return the function's (picklable) result; raises `TrainingFailed`."""
+    return (executor or current_executor()).run(job, None, timeout_s)
 
 
-_JOB_KINDS: dict[str, type] = {"train": TrainJob, "seal": SealJob, "call": CallJob}
+Job = TrainJob | SealJob | CallJob
+JOB_KINDS: dict[str, type] = {"train": TrainJob, "seal": SealJob, "call": CallJob}
 
 
-def _run_child(job: TrainJob | SealJob | CallJob, progress: ProgressFn | None, timeout_s: float | None) -> Any:
+def job_kind(job: Job) -> str:
+    """``train``, ``seal`` or ``call``: the key of `job`'s class in :data:`JOB_KINDS`."""
+    return next(k for k, cls in JOB_KINDS.items() if isinstance(job, cls))
+
+
+class JobExecutor(Protocol):
+    """Runs a job somewhere and returns its result, raising :class:`TrainingFailed` when the job fails, crashes or
+    runs past `timeout_s`. Nothing it produces is published: the caller verifies and publishes the output."""
+
+    name: str
+
+    def run(self, job: Job, progress: ProgressFn | None, timeout_s: float | None) -> Any: ...
+
+
+class LocalProcessExecutor:
+    """Each job in a fresh ``spawn`` child process of this one, at lower priority (the default executor).
+
+    Progress is reported step by step; the child ends when this process does.
+    """
+
+    name = "local"
+
+    def run(self, job: Job, progress: ProgressFn | None, timeout_s: float | None) -> Any:
+        return _run_child(job, progress, timeout_s)
+
+
+_EXECUTOR: contextvars.ContextVar[JobExecutor | None] = contextvars.ContextVar("learner_executor", default=None)
+_CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("learner_cancel", default=None)
+
+CANCELLED_MESSAGE = "cancelled: the runtime is stopping; nothing was published and the signals stay for the next cycle"
+
+
+def cancel_requested() -> bool:
+    """Whether the jobs of this context were cancelled (:func:`cancelled_by`): an executor polls it while it waits."""
+    event = _CANCEL.get()
+    return event is not None and event.is_set()
+
+
+@contextlib.contextmanager
+def cancelled_by(event: threading.Event) -> Iterator[None]:
+    """Local jobs started in this context (thread) end soon after `event` is set: the child process is killed and
+    the job raises :class:`TrainingFailed` (nothing is published). How a stopping server stops a running cycle."""
+    token = _CANCEL.set(event)
+    try:
+        yield
+    finally:
+        _CANCEL.reset(token)
+
+
+def current_executor() -> JobExecutor:
+    """The executor set by :func:`use_executor` in this context, else a :class:`LocalProcessExecutor`."""
+    return _EXECUTOR.get() or LocalProcessExecutor()
+
+
+@contextlib.contextmanager
+def use_executor(executor: JobExecutor) -> Iterator[JobExecutor]:
+    """Run every job started in this context (thread or task) with `executor`, including those a learning method
+    starts itself (``auto`` candidates and their evaluation, SEAL)."""
+    token = _EXECUTOR.set(executor)
+    try:
+        yield executor
+    finally:
+        _EXECUTOR.reset(token)
+
+
+def _run_child(job: Job, progress: ProgressFn | None, timeout_s: float | None) -> Any:
     ctx = mp.get_context("spawn")
     messages: mp.Queue = ctx.Queue()
-    kind = next(k for k, cls in _JOB_KINDS.items() if isinstance(job, cls))
+    kind = job_kind(job)
     child = ctx.Process(target=_child_main, args=(kind, asdict(job), messages), name=f"learner-{job.method}")
     child.start()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -165,6 +249,9 @@ def _run_child(job: TrainJob | SealJob | CallJob, progress: ProgressFn | None, t
     error: str | None = None
     try:
         while True:
+            if cancel_requested():
+                child.kill()
+                raise TrainingFailed(CANCELLED_MESSAGE)
             try:
                 kind, payload = messages.get(timeout=0.5)
             except queue_mod.Empty:
@@ -219,23 +306,55 @@ def _die_with_parent() -> None:
 def _child_main(kind: str, job_dict: dict[str, Any], messages: mp.Queue) -> None:
     _die_with_parent()
     messages.put(("started", os.getpid()))
-    job = _JOB_KINDS[kind](**job_dict)
+    job = JOB_KINDS[kind](**job_dict)
     try:
         _lower_priority(job.niceness)
-        if job.device == "cpu":
-            os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        elif job.device.startswith("cuda:"):
-            os.environ["CUDA_VISIBLE_DEVICES"] = job.device.split(":", 1)[1]
-        _quiet_libraries()
-        import torch
-
-        torch.set_num_threads(job.num_threads or learner_cpu_threads())
-        run = {"train": _train, "seal": _seal, "call": _call}[kind]
-        result = run(job, lambda step, total, logs: messages.put(("progress", (step, total, logs))))
+        result = execute_job(job, lambda step, total, logs: messages.put(("progress", (step, total, logs))))
         messages.put(("done", result))
     except BaseException:
         messages.put(("error", traceback.format_exc(limit=8)))
         raise SystemExit(1) from None
+
+
+def execute_job(job: Job, progress: ProgressFn) -> Any:
+    """Run `job` in this process (a worker: it sets this process's visible GPUs and torch threads) and return its
+    result. URL inputs are read from local copies first (:func:`localize_inputs`)."""
+    if job.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif job.device.startswith("cuda:"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = job.device.split(":", 1)[1]
+    _quiet_libraries()
+    import torch
+
+    torch.set_num_threads(job.num_threads or learner_cpu_threads())
+    localize_inputs(job)
+    kind = job_kind(job)
+    return {"train": _train, "seal": _seal, "call": _call}[kind](job, progress)
+
+
+_URL_INPUTS = {"train": ("parent_adapter_dir",), "seal": ("parent_adapter_dir", "generator_adapter_dir")}
+"""Adapter inputs of each job kind; ``base_model_dir`` is an input of every kind (a ``CallJob``'s in ``kwargs``)."""
+
+
+def localize_inputs(job: Job, cache_dir: str | Path | None = None) -> None:
+    """Replace the job's input directories that are fsspec URLs by local copies, in place: adapters through
+    :func:`runtime.adapters.fetch_adapter` (checksum verified; the parent against ``parent_adapter_checksum`` when
+    set), the base model through a cached download. `cache_dir` defaults to ``<runtime cache>/fetched``."""
+    from runtime.adapters import fetch_adapter
+    from runtime.models import default_cache_dir
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "fetched"
+    kind = job_kind(job)
+    fields: dict[str, Any] = job.kwargs if isinstance(job, CallJob) else job.__dict__
+    for name in ("base_model_dir", "parent_adapter_dir") if isinstance(job, CallJob) else _URL_INPUTS[kind]:
+        url = fields.get(name)
+        if shared_storage.is_url(url):
+            checksum = getattr(job, "parent_adapter_checksum", None) if name == "parent_adapter_dir" else None
+            fields[name] = str(fetch_adapter(url, checksum, cache / "adapters"))
+    base = fields.get("base_model_dir")
+    if shared_storage.is_url(base):
+        key = hashlib.sha256(base.encode()).hexdigest()[:12]
+        fields["base_model_dir"] = str(shared_storage.cached_download(base, cache / "models" / key))
 
 
 def _quiet_libraries() -> None:

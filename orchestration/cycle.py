@@ -21,6 +21,7 @@ from learners.auto_trainer import NoAcceptableCandidate
 from learners.callbacks import PhaseFn
 from learners.datasets import DatasetBuild, build_dataset
 from learners.examples import TrainingText
+from learners.executors import executor_from_config
 from learners.registry import get_method, method_sections, scale_settings, settings_dict, validate_learning
 from learners.worker import (
     ProgressFn,
@@ -28,6 +29,7 @@ from learners.worker import (
     TrainJob,
     pick_training_device,
     run_training_process,
+    use_executor,
 )
 from policies.decision import Gate, GateDecision, approve_all
 from policies.gate import PolicyGate
@@ -35,7 +37,7 @@ from runtime.adapters import AdapterRegistry, AdapterVerificationError, Lineage
 from runtime.config import ConfigError, RepairConfig, RuntimeConfig
 from runtime.cpu import learner_cpu_threads
 from runtime.models import resolve_model
-from runtime.store import AdapterRecord, Store
+from runtime.store import AdapterRecord, Store, StoreError, import_segments
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,19 @@ class _Context:
     used_documents: list[str] = field(default_factory=list)
 
 
+def _import_shipped_logs(store: Store, url: str) -> None:
+    """Bring in what other processes shipped (runtime.store.importing), so their signals reach this cycle; an
+    unreachable share is logged and the cycle learns from what the store holds."""
+    try:
+        report = import_segments(store, url)
+    except StoreError as exc:
+        log.warning("learning cycle: shipped logs not imported from %s (%s); learning from what is here", url, exc)
+        return
+    if report.imported:
+        log.info("learning cycle: imported %d log segments (%s new rows) from %s", len(report.imported),
+                 report.rows_added, url)
+
+
 def run_cycle(
     config: RuntimeConfig,
     store: Store,
@@ -142,7 +157,8 @@ def run_cycle(
     ``held`` for the operator (``runtime signals``); when it is approved, they are ``learned``.
 
     Training runs on `device` (default: a spare GPU that is not `serving_device`, else the CPU) with
-    `num_threads` CPU threads (default: half the cores, :func:`runtime.cpu.learner_cpu_threads`).
+    `num_threads` CPU threads (default: half the cores, :func:`runtime.cpu.learner_cpu_threads`), in a child
+    process; with ``learning.executor: ray``, as a Ray task with the resources of ``learning.ray`` instead.
     """
     method = method or config.learning.method
     kind = get_method(method).kind
@@ -160,6 +176,8 @@ def run_cycle(
         if phase is not None:
             phase(name, done, total)
 
+    if config.store.import_from:
+        _import_shipped_logs(store, config.store.import_from)
     on_phase("dataset", 0, 1)
     build = build_dataset(
         store,
@@ -200,6 +218,7 @@ def run_cycle(
         min_positive_score=config.learning.min_positive_score,
     ).anchors
     repair = config.learning.repair
+    executor = executor_from_config(config.learning)
     started = time.monotonic()
     attempts: list[Attempt] = []
     while True:
@@ -208,9 +227,10 @@ def run_cycle(
         if number > 1 and repair.time_budget_s is not None:
             left = repair.time_budget_s - (time.monotonic() - started)
             budget = left if budget is None else min(budget, left)
-        attempt, verdict, record, anchors = _attempt(
-            ctx, number, anchors, attempts[-1].run_id if attempts else None, budget
-        )
+        with use_executor(executor):  # learning.executor: also for jobs a method starts itself (auto, SEAL)
+            attempt, verdict, record, anchors = _attempt(
+                ctx, number, anchors, attempts[-1].run_id if attempts else None, budget
+            )
         attempts.append(attempt)
         if attempt.status == "failed":
             return CycleResult("failed", "; ".join(attempt.reasons), attempt.run_id, counts=counts,
@@ -300,6 +320,7 @@ def _attempt(
         output_dir=str(staging / "adapter"),
         lora=dict(ctx.config.learning.lora),
         parent_adapter_dir=parent.path if parent else None,
+        parent_adapter_checksum=parent.checksum if parent else None,
         device=ctx.device,
         num_threads=ctx.num_threads,
         anchors=[a.to_dict() for a in anchors],

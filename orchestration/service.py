@@ -21,7 +21,7 @@ from typing import Any
 
 from learners.callbacks import PhaseFn
 from learners.config import load_config
-from learners.worker import ProgressFn
+from learners.worker import ProgressFn, cancelled_by
 from orchestration.cycle import CycleResult, run_cycle
 from orchestration.loop import LearningLoop
 from policies.decision import Gate, approve_all
@@ -61,6 +61,7 @@ class RuntimeService:
         self.registry = AdapterRegistry(config.adapters_dir, store)
         self.shadow = ShadowSwitch()
         self._cycle_lock = threading.Lock()
+        self._stopping = threading.Event()  # set by stop_learning(): cancels the running cycle's training
         self._swap_lock = threading.RLock()
         self._loop: Any = None
         self._gate: Gate | None = None
@@ -134,7 +135,8 @@ class RuntimeService:
             return approve_all
         if self._gate is None:
             self._gate = PolicyGate(
-                self.policy, self.engine, repair_prompts_per_check=self.config.learning.repair.max_prompts_per_check
+                self.policy, self.engine, repair_prompts_per_check=self.config.learning.repair.max_prompts_per_check,
+                load=self.registry.load_into,
             )
         return self._gate
 
@@ -162,20 +164,21 @@ class RuntimeService:
                 return CycleResult("skipped", why)
             with self._swap_lock:
                 self._prune()
-            result = run_cycle(
-                self.config,
-                self.store,
-                method or self.policy.schedule.method,
-                gate=self.gate(),
-                promotion=self.policy.promotion.mode,
-                progress=progress,
-                device=device,
-                num_threads=self.policy.resources.cpu_threads,
-                timeout_s=timeout_s if timeout_s is not None else self.policy.schedule.timeout_s,
-                protected_prompts=[b.conversation() for b in self.policy.protected],
-                max_signals_per_principal=self.policy.signals.max_per_principal_per_update,
-                phase=phase,
-            )
+            with cancelled_by(self._stopping):  # stop_learning() kills its training process
+                result = run_cycle(
+                    self.config,
+                    self.store,
+                    method or self.policy.schedule.method,
+                    gate=self.gate(),
+                    promotion=self.policy.promotion.mode,
+                    progress=progress,
+                    device=device,
+                    num_threads=self.policy.resources.cpu_threads,
+                    timeout_s=timeout_s if timeout_s is not None else self.policy.schedule.timeout_s,
+                    protected_prompts=[b.conversation() for b in self.policy.protected],
+                    max_signals_per_principal=self.policy.signals.max_per_principal_per_update,
+                    phase=phase,
+                )
             self._apply(result)
             self.last_cycle = result
             return result
@@ -283,8 +286,20 @@ class RuntimeService:
             self._loop.start()
         return self._loop
 
+    def stop_learning(self) -> None:
+        """Stop learning now: the loop stops and a cycle in progress (scheduled or asked for) is cancelled. Its
+        training process is killed, the run is marked failed, nothing is published, and its signals stay pending
+        for the next cycle. Returns when no cycle runs. A gate evaluation in progress finishes first."""
+        self._stopping.set()
+        try:
+            self.stop_background()
+            with self._cycle_lock:  # a cycle started by hand ends too
+                pass
+        finally:
+            self._stopping.clear()
+
     def stop_background(self) -> None:
-        """Stop the learning loop (a cycle in progress finishes first)."""
+        """Stop the learning loop (a cycle in progress finishes first; :meth:`stop_learning` cancels it)."""
         if self._loop is not None:
             self._loop.shutdown()
             self._loop = None

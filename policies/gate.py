@@ -68,9 +68,13 @@ class PolicyGate:
     active adapter). Call it with ``(candidate, build)``; it returns a :class:`~orchestration.cycle.GateDecision`.
     """
 
-    def __init__(self, policy: Policy, engine: Engine, *, repair_prompts_per_check: int = 4) -> None:
+    def __init__(self, policy: Policy, engine: Engine, *, repair_prompts_per_check: int = 4,
+                 load: Callable[[Engine, AdapterRecord], None] | None = None) -> None:
         self.policy = policy
         self.engine = engine
+        # How a candidate gets into the engine: the registry's `load_into` (checksum verified, fetched from shared
+        # storage, sent to replicas by location); plain `engine.load_adapter(name, path)` without a registry.
+        self._load = load or (lambda engine, record: engine.load_adapter(record.name, record.path))
         self.repair_prompts_per_check = repair_prompts_per_check
         if any(b.expect.max_kl_to_base is not None for b in policy.protected) and not hasattr(
             engine, "kl_divergence"
@@ -86,7 +90,7 @@ class PolicyGate:
         """Judge `candidate`; ``on_check(done, total)`` is told as each check finishes."""
         loaded_here = not self.engine.has_adapter(candidate.name)
         if loaded_here:
-            self.engine.load_adapter(candidate.name, candidate.path)
+            self._load(self.engine, candidate)
         active = self.engine.active_adapter
         try:
             results = self.evaluate(candidate.name, active, build if candidate.method != "seal" else None,

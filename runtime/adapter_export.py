@@ -40,13 +40,13 @@ def export_adapter(registry: AdapterRegistry, store: Store, name: str, target: s
     record = store.get_adapter(name)
     if record is None:
         raise KeyError(f"no adapter named {name!r}; see `runtime adapters list`")
-    registry.verify(record)
+    source = registry.local_copy(record)  # verified; fetched first from a registry on shared storage
     target = Path(target)
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} is not empty; export into a new directory")
     target.mkdir(parents=True, exist_ok=True)
     for file in _FILES:
-        shutil.copy2(Path(record.path) / file, target / file)
+        shutil.copy2(source / file, target / file)
     config_path = target / "adapter_config.json"
     adapter_config = json.loads(config_path.read_text())
     adapter_config["base_model_name_or_path"] = base_model

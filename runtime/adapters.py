@@ -8,6 +8,13 @@ Layout under ``adapters_dir``::
 Publishing verifies the staged adapter (config parses, weights load, all finite, non-empty), computes a
 checksum, writes ``lineage.json`` and moves the directory into place with one ``rename``, so a reader sees
 either no adapter or a whole one. Only then is the adapter recorded in the store.
+
+``adapters_dir`` may also be an fsspec URL that every replica can read (``s3://bucket/adapters``,
+``file:///mnt/shared/adapters``). Then runs stage on local disk (``<cache_dir>/staging/<run_id>``), publishing
+uploads the adapter to ``<url>/<name>/`` with ``lineage.json`` written last (an adapter directory without it is
+incomplete), the store records the URL as the adapter's path, and every reader goes through
+:func:`fetch_adapter`: a copy in a local cache whose checksum is verified against the registry record before
+anything loads it.
 """
 
 from __future__ import annotations
@@ -16,11 +23,13 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from runtime import shared_storage
 from runtime.engines import Engine
 from runtime.store import AdapterRecord, AdapterRole, Store
 
@@ -59,7 +68,7 @@ def adapter_checksum(path: str | Path) -> str:
     """SHA-256 over the adapter's config and weight files (names and bytes), in name order."""
     digest = hashlib.sha256()
     for file in sorted(Path(path).iterdir()):
-        if file.is_file() and file.name != LINEAGE_FILE:
+        if file.is_file() and file.name not in (LINEAGE_FILE, shared_storage.COMPLETE_MARKER):
             digest.update(file.name.encode())
             with file.open("rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
@@ -95,12 +104,124 @@ def verify_adapter(path: str | Path) -> dict[str, Any]:
     return config
 
 
-class AdapterRegistry:
-    """Published adapters in `root`, recorded in `store`."""
+def recorded_checksum(adapter_dir: str | Path) -> str | None:
+    """The checksum in the adapter's own ``lineage.json`` (written at publishing); ``None`` when there is none."""
+    lineage = Path(adapter_dir) / LINEAGE_FILE
+    try:
+        return json.loads(lineage.read_text()).get("checksum")
+    except (OSError, ValueError, AttributeError):
+        return None
 
-    def __init__(self, root: str | Path, store: Store) -> None:
-        self.root = Path(root)
+
+def _remote_checksum(location: str) -> str | None:
+    fs, path = shared_storage.filesystem(shared_storage.join_url(location, LINEAGE_FILE))
+    try:
+        return json.loads(fs.cat_file(path)).get("checksum")
+    except FileNotFoundError:
+        return None
+    except (ValueError, AttributeError) as exc:
+        raise AdapterVerificationError(f"{location}/{LINEAGE_FILE} is not valid JSON ({exc})") from None
+
+
+def fetch_adapter(location: str | Path, checksum: str | None, cache_dir: str | Path) -> Path:
+    """A local copy of the adapter at `location`, verified, for an engine to load: what a replica calls before
+    ``engine.load_adapter``.
+
+    Args:
+        location: the adapter's path as the registry records it (``AdapterRecord.path``): a local directory, or
+            an fsspec URL such as ``s3://bucket/adapters/rewrite-20261121-101500-3`` or
+            ``file:///mnt/shared/adapters/...``.
+        checksum: the checksum the registry recorded at publishing (``AdapterRecord.checksum``). Pass it whenever
+            you have it: it is what proves the files are the ones the gate approved. ``None`` checks against the
+            ``lineage.json`` inside the adapter directory instead, which catches a corrupt or partial copy but
+            not files replaced together with their lineage.
+        cache_dir: a local directory for downloaded copies, one subdirectory per adapter and checksum (reused
+            while it still verifies; safe to delete at any time).
+
+    Returns:
+        A local directory holding exactly the verified files: `location` itself when it is a local path (verified
+        in place), else the copy under `cache_dir`.
+
+    Raises:
+        AdapterVerificationError: the adapter is missing, incomplete (no ``lineage.json``: a publish still
+            running or one that crashed) or does not match the checksum. Nothing is left in the cache then, and
+            the caller must not load anything.
+        ValueError: `location` is a URL whose protocol has no fsspec package installed (e.g. ``s3fs``).
+    """
+    if not shared_storage.is_url(location):
+        path = Path(location)
+        if not path.is_dir():
+            raise AdapterVerificationError(f"{path}: no adapter directory there")
+        _check_checksum(path, checksum or recorded_checksum(path), str(location))
+        return path
+    location = str(location).rstrip("/")
+    remote = _remote_checksum(location)
+    if remote is None:
+        raise AdapterVerificationError(
+            f"{location}: no {LINEAGE_FILE}, so the adapter is missing or incomplete (its publishing has not "
+            "finished, or crashed); nothing was loaded. Retry once the registry lists it."
+        )
+    expected = checksum or remote
+    name = location.rsplit("/", 1)[-1]
+    cache = Path(cache_dir)
+    target = cache / f"{name}-{expected[:16]}"
+    if target.is_dir():
+        if adapter_checksum(target) == expected:
+            return target
+        shutil.rmtree(target, ignore_errors=True)  # a damaged cached copy: fetch it again
+    partial = cache / f".{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        shared_storage.download_dir(location, partial)
+        _check_checksum(partial, expected, location)
+        try:
+            os.replace(partial, target)
+        except OSError:  # another process fetched the same adapter meanwhile: keep its copy if it verifies
+            if not (target.is_dir() and adapter_checksum(target) == expected):
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def _check_checksum(path: Path, expected: str | None, location: str) -> None:
+    if expected is None:
+        raise AdapterVerificationError(
+            f"{location}: no checksum to verify against (none given and no {LINEAGE_FILE}); nothing was loaded"
+        )
+    actual = adapter_checksum(path)
+    if actual != expected:
+        raise AdapterVerificationError(
+            f"{location}: its files do not match the registry checksum ({actual[:12]}... instead of "
+            f"{expected[:12]}...): changed or corrupted after publishing; nothing was loaded. Restore the adapter "
+            "or roll back to another one."
+        )
+
+
+def default_adapter_cache(location: str) -> Path:
+    """Where local copies of the adapters of the registry at `location` go by default."""
+    from runtime.models import default_cache_dir
+
+    key = hashlib.sha256(location.encode()).hexdigest()[:12]
+    return default_cache_dir() / "adapters" / key
+
+
+class AdapterRegistry:
+    """Published adapters in `root`, recorded in `store`.
+
+    `root` is a local directory or an fsspec URL every replica can read (see the module docstring); with a URL,
+    runs stage and readers cache under `cache_dir` (default :func:`default_adapter_cache`).
+    """
+
+    def __init__(self, root: str | Path, store: Store, *, cache_dir: str | Path | None = None) -> None:
         self.store = store
+        self.url: str | None = str(root).rstrip("/") if shared_storage.is_url(root) else None
+        if self.url is not None:
+            self.cache_dir = Path(cache_dir) if cache_dir is not None else default_adapter_cache(self.url)
+            self.root = self.cache_dir
+            """The registry's directory; for a URL registry, its local cache (staging and fetched copies)."""
+        else:
+            self.root = Path(root)
+            self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / "fetched"
         self.staging_root = self.root / "staging"
 
     def staging_dir(self, run_id: str) -> Path:
@@ -118,7 +239,7 @@ class AdapterRegistry:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         n = len(self.store.adapters()) + 1
         name = f"{method}-{stamp}-{n}"
-        while (self.root / name).exists() or self.store.get_adapter(name) is not None:
+        while self._exists(name) or self.store.get_adapter(name) is not None:
             n += 1
             name = f"{method}-{stamp}-{n}"
         return name
@@ -128,8 +249,8 @@ class AdapterRegistry:
         staged = Path(staged)
         verify_adapter(staged)
         checksum = adapter_checksum(staged)
-        target = self.root / name
-        if target.exists():
+        target: str | Path = self.location_of(name)
+        if self._exists(name):
             raise FileExistsError(f"adapter {name!r} already exists at {target}")
         parent_record = self.store.get_adapter(lineage.parent) if lineage.parent else None
         ancestry = [*parent_record.lineage, parent_record.name] if parent_record else []
@@ -149,9 +270,14 @@ class AdapterRegistry:
                 indent=2,
             )
         )
-        _share_with_group(staged)
-        self.root.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, target)  # atomic on one filesystem: staging lives under root
+        if self.url is not None:
+            # lineage.json last: it marks the directory complete (fetch_adapter refuses one without it)
+            shared_storage.upload_dir(staged, str(target), last=(LINEAGE_FILE,))
+            shutil.rmtree(staged, ignore_errors=True)
+        else:
+            _share_with_group(staged)
+            self.root.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, target)  # atomic on one filesystem: staging lives under root
         return self.store.upsert_adapter(
             name,
             target,
@@ -252,19 +378,40 @@ class AdapterRegistry:
             raise KeyError(f"no adapter named {name!r}; see `runtime adapters list`")
         return record
 
+    def location_of(self, name: str) -> str | Path:
+        """Where the adapter `name` is (or would be) published: a path, or a URL for a URL registry."""
+        return shared_storage.join_url(self.url, name) if self.url is not None else self.root / name
+
+    def _exists(self, name: str) -> bool:
+        location = self.location_of(name)
+        return shared_storage.exists(str(location)) if self.url is not None else Path(location).exists()
+
     def verify(self, record: AdapterRecord) -> None:
         """Raise :class:`AdapterVerificationError` unless `record`'s files match the checksum recorded at publishing."""
+        self.local_copy(record)
+
+    def local_copy(self, record: AdapterRecord) -> Path:
+        """A local directory holding `record`'s files, verified against its recorded checksum: the adapter's own
+        directory, or for an adapter on shared storage a copy under ``cache_dir`` (:func:`fetch_adapter`).
+        Raises :class:`AdapterVerificationError`."""
+        if shared_storage.is_url(record.path):
+            return fetch_adapter(record.path, record.checksum, self.cache_dir)
         if not Path(record.path).is_dir() or adapter_checksum(record.path) != record.checksum:
             raise AdapterVerificationError(
                 f"adapter {record.name!r} at {record.path} is missing or does not match its recorded checksum; "
                 "it was changed on disk after publishing. Re-train it or restore the directory."
             )
+        return Path(record.path)
 
     def load_into(self, engine: Engine, record: AdapterRecord) -> None:
         """Load a registry adapter into `engine`, its checksum verified first. Every load goes through here (by
         name, at start-up, on promotion, for the gate), so files changed on disk are never served."""
-        self.verify(record)
-        engine.load_adapter(record.name, record.path)
+        load_shared = getattr(engine, "load_shared_adapter", None)
+        if load_shared is not None and shared_storage.is_url(record.path):
+            # replicas elsewhere read the shared location themselves and verify the checksum before loading
+            load_shared(record.name, record.path, record.checksum)
+            return
+        engine.load_adapter(record.name, str(self.local_copy(record)))
 
     def fall_back(self, record: AdapterRecord, reason: str) -> AdapterRecord | None:
         """`record` (active) cannot serve: activate its nearest ancestor whose files verify, else nothing (the base

@@ -45,6 +45,19 @@ class ModelConfig(_Section):
     )
 
 
+class ReplicaEndpointConfig(_Section):
+    """One serving replica of `engine.replicas` (see docs/replicas.md)."""
+
+    kind: Literal["vllm", "sglang", "runtime"] = Field(
+        description="`vllm`, `sglang`, or `runtime` (a `runtime serve --role replica` server)."
+    )
+    base_url: str = Field(pattern=r"^https?://", description="The replica's address, e.g. http://10.0.0.5:8000.")
+    api_key: str | None = Field(
+        None, description="Bearer token sent to it (a runtime replica: its admin token); default: "
+        "$RUNTIME_ENGINE_API_KEY.",
+    )
+
+
 class EngineConfig(_Section):
     """The serving engine."""
 
@@ -78,6 +91,23 @@ class EngineConfig(_Section):
         description="Deadline of a served request, from its arrival (a client's shorter timeout, sent as the OpenAI "
         "SDK's `X-Stainless-Timeout` header, wins): past it the generation stops and the request ends with 504.",
     )
+    replicas: list[ReplicaEndpointConfig] = Field(
+        default_factory=list,
+        description="Serving replicas (vLLM, SGLang or `runtime serve --role replica` endpoints): when set, the engine "
+        "is a replica set that spreads requests over them and promotes adapters on all of them in two phases "
+        "(engine.kind and engine.base_url are then not used).",
+    )
+    replica_probe_interval_s: float = Field(
+        2.0, gt=0, le=3600, description="How often replicas out of rotation are probed to catch up and rejoin.",
+    )
+
+    @field_validator("replicas")
+    @classmethod
+    def _distinct_replicas(cls, value: list[ReplicaEndpointConfig]) -> list[ReplicaEndpointConfig]:
+        urls = [r.base_url.rstrip("/") for r in value]
+        if len(set(urls)) != len(urls):
+            raise ValueError("each replica may be listed once (two entries have the same base_url)")
+        return value
 
 
 class StoreConfig(_Section):
@@ -87,6 +117,24 @@ class StoreConfig(_Section):
     queue_size: int = Field(10_000, ge=1, description="Bounded queue between the request path and the writer.")
     batch_size: int = Field(4096, ge=1, description="Rows the writer commits per transaction at most.")
     flush_interval_s: float = Field(0.05, gt=0, le=10, description="Writer wake-up interval.")
+    ship_to: str | None = Field(
+        None, description="Log shipping (docs/log_shipping.md): an fsspec URL or path (`/mnt/logs`, "
+        "`file:///mnt/logs`, `s3://bucket/logs`) this process ships its committed interactions, signals and "
+        "documents to, as Parquet segments, in the background and at close. Unset: nothing is shipped.",
+    )
+    writer_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="This process's name in the shipped log (its folder at `ship_to`); unique per store. Default: "
+        "one the store makes (host name and a random suffix) and keeps.",
+    )
+    ship_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="Seconds between background rounds of shipping (`ship_to`) and importing "
+        "(`import_from`).",
+    )
+    import_from: str | None = Field(
+        None, description="On the learner: the fsspec URL or path the other processes ship to; their segments are "
+        "imported into this store in the background and at the start of every learning cycle. Unset: no import.",
+    )
 
 
 AnchorSource = Literal["log", "protected", "probe"]
@@ -149,6 +197,37 @@ class RepairConfig(_Section):
     )
 
 
+class RayConfig(_Section):
+    """Where and how training jobs run when ``learning.executor`` is ``ray`` (``pip install 'learning-runtime[ray]'``).
+
+    The Ray nodes must read the base model and the parent adapter and write the candidate: with no `model_dir` and
+    `shared_dir`, they use the learner's own paths (one machine, or the same shared mount on every node).
+    """
+
+    address: str | None = Field(
+        None, description="`ray.init(address=...)`: `auto` (the cluster this node belongs to), `ray://host:10001` "
+        "(Ray Client) or an address; none: $RAY_ADDRESS, else a Ray started in the learner process. A Ray "
+        "already initialised in the process is reused.",
+    )
+    namespace: str | None = Field(None, description="Ray namespace to connect in.")
+    runtime_env: dict[str, Any] | None = Field(
+        None, description="Ray runtime_env of the job (e.g. `{pip: [learning-runtime==...]}`); the nodes must be "
+        "able to import this package.",
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs the training task reserves (and its torch threads).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs the training task reserves (0: it trains on the CPU).")
+    memory_gib: float | None = Field(None, gt=0, description="Memory the task reserves, in GiB (none: no reservation).")
+    max_retries: int = Field(0, ge=0, description="Ray retries of a task whose worker died (0: report it as failed).")
+    model_dir: str | None = Field(
+        None, description="Where the nodes read the base model: a path or fsspec URL of a model directory "
+        "(none: the learner's resolved model path).",
+    )
+    shared_dir: str | None = Field(
+        None, description="fsspec URL (or shared path) every node and the learner can write: candidates are "
+        "staged there and fetched by the learner (none: the task writes into the learner's staging path).",
+    )
+
+
 class LearningConfig(_Section):
     """The background learner.
 
@@ -160,7 +239,15 @@ class LearningConfig(_Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     method: str = Field("rewrite", description="The learning method (see learners.registry).")
-    adapters_dir: Path | None = Field(None, description="Adapter registry (default: <data_dir>/adapters).")
+    adapters_dir: Path | str | None = Field(
+        None, description="Adapter registry (default: <data_dir>/adapters): a directory, or an fsspec URL every "
+        "replica can read (`s3://bucket/adapters`, `file:///mnt/shared/adapters`).",
+    )
+    executor: Literal["local", "ray"] = Field(
+        "local", description="Where training jobs run: `local` (a low-priority child process) or `ray` (a Ray "
+        "task, see `learning.ray`).",
+    )
+    ray: RayConfig = Field(default_factory=RayConfig)
     promote_positive_ratings: bool = Field(
         False, description="Treat a positively rated answer as a demonstration for SDFT."
     )
@@ -174,6 +261,14 @@ class LearningConfig(_Section):
     anchors: AnchorsConfig = Field(default_factory=AnchorsConfig)
     repair: RepairConfig = Field(default_factory=RepairConfig)
     lora: dict[str, Any] = Field(default_factory=dict, description="LoRA settings (see learners.lora_config).")
+
+    @field_validator("adapters_dir", mode="before")
+    @classmethod
+    def _path_unless_url(cls, value: Any) -> Any:
+        """A URL (``scheme://...``) stays a string; anything else is a path."""
+        if isinstance(value, str) and "://" not in value:
+            return Path(value)
+        return value
 
 
 class RuntimeConfig(_Section):
@@ -191,7 +286,8 @@ class RuntimeConfig(_Section):
         return self.store.path or self.data_dir / "runtime.duckdb"
 
     @property
-    def adapters_dir(self) -> Path:
+    def adapters_dir(self) -> Path | str:
+        """The registry directory, or its fsspec URL."""
         return self.learning.adapters_dir or self.data_dir / "adapters"
 
 
@@ -290,7 +386,8 @@ def _resolve_relative_paths(config: RuntimeConfig, base: Path) -> None:
 
     config.data_dir = fix(config.data_dir)  # type: ignore[assignment]
     config.store.path = fix(config.store.path)
-    config.learning.adapters_dir = fix(config.learning.adapters_dir)
+    if not isinstance(config.learning.adapters_dir, str):  # a URL is left as it is
+        config.learning.adapters_dir = fix(config.learning.adapters_dir)
     config.policy = fix(config.policy)
     config.learning.anchors.probe_file = fix(config.learning.anchors.probe_file)
     config.model.cache_dir = fix(config.model.cache_dir)

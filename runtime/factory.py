@@ -9,7 +9,10 @@ from runtime.store import Store
 
 
 def create_engine(config: RuntimeConfig) -> Engine:
-    """The serving engine the config names (the embedded `TransformersEngine` by default)."""
+    """The serving engine the config names (the embedded `TransformersEngine` by default; a `ReplicaSet` when
+    ``engine.replicas`` lists serving replicas)."""
+    if config.engine.replicas:
+        return _replica_set(config)
     kind = config.engine.kind
     if kind == "transformers":
         from runtime.engines import TransformersEngine
@@ -44,6 +47,31 @@ def create_engine(config: RuntimeConfig) -> Engine:
     )
 
 
+def _replica_set(config: RuntimeConfig) -> Engine:
+    import os
+
+    from runtime.adapters import adapter_checksum, recorded_checksum
+    from runtime.config import ConfigError
+    from runtime.engines import ReplicaEndpoint, ReplicaSet
+
+    if config.engine.base_url:
+        raise ConfigError(
+            "engine.replicas and engine.base_url are both set: list every server under engine.replicas and remove "
+            "engine.base_url."
+        )
+
+    def checksum_of(location: str) -> str | None:
+        # The registry's checksum (written at publishing) when the directory has one, else the files' own.
+        if "://" in location:
+            return None
+        return recorded_checksum(location) or adapter_checksum(location)
+
+    env_key = os.environ.get("RUNTIME_ENGINE_API_KEY")
+    endpoints = [ReplicaEndpoint(r.kind, r.base_url, r.api_key or env_key) for r in config.engine.replicas]
+    return ReplicaSet(endpoints, checksum_of=checksum_of, probe_interval_s=config.engine.replica_probe_interval_s,
+                      timeout=config.engine.request_timeout_s)
+
+
 def open_store(config: RuntimeConfig, *, read_only: bool = False) -> Store:
     """Open (creating if needed) the DuckDB interaction log the config names."""
     return Store(
@@ -52,4 +80,8 @@ def open_store(config: RuntimeConfig, *, read_only: bool = False) -> Store:
         batch_size=config.store.batch_size,
         flush_interval_s=config.store.flush_interval_s,
         read_only=read_only,
+        ship_to=config.store.ship_to,
+        import_from=config.store.import_from,
+        writer_id=config.store.writer_id,
+        ship_interval_s=config.store.ship_interval_s,
     )

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.errors import APIError
 from server.learn_jobs import LEARN_METHODS
+from server.replica_routes import refuse_on_replica
 from server.schemas import (
     LearnRequest,
     PromoteRequest,
@@ -77,7 +78,7 @@ async def adapter(name: str, state: ServerState = Depends(get_state)) -> dict[st
     return await run_in_threadpool(read)
 
 
-@router.post("/adapters/{name}/promote")
+@router.post("/adapters/{name}/promote", dependencies=[Depends(refuse_on_replica)])
 async def promote(name: str, request: Request, body: PromoteRequest | None = None,
                   state: ServerState = Depends(get_state)) -> dict[str, Any]:
     """Make ``name`` the active adapter (the engine serves it at once). An adapter the gate vetoed needs
@@ -90,7 +91,7 @@ async def promote(name: str, request: Request, body: PromoteRequest | None = Non
     return {"active": adapter_dict(record, loaded=state.engine.has_adapter(record.name))}
 
 
-@router.post("/rollback")
+@router.post("/rollback", dependencies=[Depends(refuse_on_replica)])
 async def rollback(state: ServerState = Depends(get_state)) -> dict[str, Any]:
     """Restore the adapter that was active before the current one (or the base model)."""
     service = state.service
@@ -99,7 +100,7 @@ async def rollback(state: ServerState = Depends(get_state)) -> dict[str, Any]:
             "serving": record.name if record is not None else "base"}
 
 
-@router.post("/learn", status_code=202)
+@router.post("/learn", status_code=202, dependencies=[Depends(refuse_on_replica)])
 async def learn(body: LearnRequest | None = None, state: ServerState = Depends(get_state)) -> JSONResponse:
     """Start one learning cycle in the background; poll ``GET /admin/learn/{job}`` (or ``/admin/runs``)."""
     service = state.service
@@ -192,7 +193,7 @@ async def signals(limit: int = Query(100, ge=1, le=10_000), state: str | None = 
     return {"signals": [jsonable(s) for s in rows[-limit:]]}
 
 
-@router.post("/signals/retry")
+@router.post("/signals/retry", dependencies=[Depends(refuse_on_replica)])
 async def retry_signals(body: SignalRetryRequest, server: ServerState = Depends(get_state)) -> dict[str, Any]:
     """Make held (or dismissed) signals pending: the next cycle learns them, through the gate again."""
     def retry() -> dict[str, Any]:
@@ -205,7 +206,7 @@ async def retry_signals(body: SignalRetryRequest, server: ServerState = Depends(
     return await run_in_threadpool(retry)
 
 
-@router.post("/signals/dismiss")
+@router.post("/signals/dismiss", dependencies=[Depends(refuse_on_replica)])
 async def dismiss_signals(body: SignalDismissRequest, server: ServerState = Depends(get_state)) -> dict[str, Any]:
     """Dismiss held or pending signals with a reason; they are not learned unless retried."""
     moved = await run_in_threadpool(
@@ -214,7 +215,7 @@ async def dismiss_signals(body: SignalDismissRequest, server: ServerState = Depe
     return {"dismissed": moved, "requested": len(body.ids)}
 
 
-@router.post("/signals/review")
+@router.post("/signals/review", dependencies=[Depends(refuse_on_replica)])
 async def review_signals(body: SignalReviewRequest, request: Request,
                          server: ServerState = Depends(get_state)) -> dict[str, Any]:
     """Approve (the next cycle learns them) or reject (dismissed, with the reason) signals awaiting review.

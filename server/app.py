@@ -24,7 +24,7 @@ from runtime.config import RuntimeConfig
 from runtime.engines import Engine
 from runtime.factory import create_engine, open_store
 from runtime.store import Store
-from server import admin_routes, dashboard, feedback_routes, openai_routes, ops_routes
+from server import admin_routes, dashboard, feedback_routes, openai_routes, ops_routes, replica_routes
 from server.errors import install_error_handlers
 from server.learn_jobs import LearnJobs
 from server.limits import BodySizeLimitMiddleware, ServerLimits
@@ -48,6 +48,7 @@ def create_app(
     dashboard_requires_token: bool = False,
     background_learning: bool = True,
     api_keys: ApiKeys | None = None,
+    role: replica_routes.ServerRole = "learner",
 ) -> FastAPI:
     """Build the server app.
 
@@ -65,7 +66,12 @@ def create_app(
         background_learning: start the service's scheduled learning loop with the app (lifespan).
         api_keys: API keys with roles for the public routes (:mod:`runtime.api_keys`); signals are recorded
             under the key's principal. ``None``: the public routes are open.
+        role: ``learner`` (serves, learns, owns the adapter registry) or ``replica`` (serves and logs only: no
+            learning loop, the learning routes answer 409, and ``/admin/replica`` lets the learner's replica set
+            load, verify and switch adapters; see docs/replicas.md).
     """
+    if role == "replica":
+        background_learning = False
     if service is not None:
         engine = engine or service.engine
         store = store or service.store
@@ -111,9 +117,10 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.runtime = state
+    replica_routes.set_role(app, role)
     install_error_handlers(app)
-    for router in (openai_routes.router, feedback_routes.router, admin_routes.router, dashboard.router,
-                   ops_routes.router):
+    for router in (openai_routes.router, feedback_routes.router, admin_routes.router, replica_routes.router,
+                   dashboard.router, ops_routes.router):
         app.include_router(router)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=state.limits.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost: sees every status
@@ -147,8 +154,7 @@ def _shutdown(state: ServerState, started_background: bool) -> None:
         return
     state.shut_down = True
     try:
-        if started_background:
-            state.service.stop_background()
+        state.service.stop_learning()  # the loop, and a cycle in progress (scheduled or by hand) is cancelled
         if not state.store.closed:
             state.store.flush()
     except Exception:  # noqa: BLE001 - shutdown goes on

@@ -43,6 +43,12 @@ def serve_cmd(
         typer.Option(help="Serve on a non-loopback address although anyone who reaches it may chat, rate, correct "
                      "and teach (every signal is training data)."),
     ] = False,
+    role: Annotated[
+        str,
+        typer.Option(help="learner: serve, learn and own the adapter registry. replica: serve and log only (no "
+                     "learning; the learner's engine.replicas loads and switches adapters here through /admin/replica, "
+                     "which needs --admin-token)."),
+    ] = "learner",
     grace_s: Annotated[
         float,
         typer.Option(min=0, help="On SIGTERM or Ctrl-C, how long requests in flight may finish before they are "
@@ -79,6 +85,8 @@ def serve_cmd(
             "authenticating proxy, or pass --allow-unauthenticated to accept this.",
             USAGE_ERROR,
         )
+    if role not in ("learner", "replica"):
+        fail(f"--role must be learner or replica, not {role!r}", USAGE_ERROR)
     cfg = load(config)
     _check_port_free(host, port)
     token = admin_token or os.environ.get("RUNTIME_ADMIN_TOKEN") or None
@@ -87,7 +95,7 @@ def serve_cmd(
             server_app = create_app(
                 cfg, admin_token=token, limits=ServerLimits(max_body_bytes=max_body_bytes, max_tokens=max_tokens),
                 dashboard_requires_token=(not loopback) if dashboard_token is None else dashboard_token,
-                background_learning=background_learning, api_keys=keys,
+                background_learning=background_learning, api_keys=keys, role=role,  # type: ignore[arg-type]
             )
     except (ConfigError, PolicyError, StoreError, ModelNotFoundError) as exc:
         fail(exc, USAGE_ERROR)
@@ -95,6 +103,8 @@ def serve_cmd(
     console.print(f"OpenAI API at [bold]http://{shown}:{port}/v1[/bold], dashboard at http://{shown}:{port}/dashboard")
     if token is None:
         console.print("[yellow]admin routes are off:[/yellow] set RUNTIME_ADMIN_TOKEN or pass --admin-token")
+    if role == "replica":
+        console.print("serving replica: logs interactions, never learns; the learner loads adapters via /admin/replica")
     write_server_file(cfg.store_path, host, port)  # how `runtime` commands find this server (runtime.server_file)
     # Removed at the app's shutdown: after a graceful stop uvicorn re-raises the signal, ending the process.
     server_app.state.runtime.owned.callback(remove_server_file, cfg.store_path)

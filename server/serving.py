@@ -19,6 +19,7 @@ from typing import Any
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
 from agent.chat_model import INTERACTION_ID_KEY, EngineChatModel
+from runtime import shared_storage
 from runtime.adapters import AdapterRegistry, AdapterVerificationError
 from runtime.engines import (
     ACTIVE,
@@ -123,7 +124,7 @@ class ModelResolver:
                            "see GET /admin/decisions for the reasons.", code="model_not_found", param="model")
         with self._load_lock:
             if not self.engine.has_adapter(model):
-                if not Path(record.path).is_dir():
+                if not shared_storage.is_url(record.path) and not Path(record.path).is_dir():
                     raise APIError(404, f"The adapter {model!r} is registered but its files are missing at "
                                    f"{record.path}.", code="model_not_found", param="model")
                 try:

@@ -370,3 +370,29 @@ def test_a_cycle_reports_each_phase_and_each_gate_check(tmp_path: Path, tiny_mod
     assert names.index("training") < names.index("verification") < names.index("gate") < names.index("promotion")
     assert ("training", 1, 1 + config.learning.repair.max_attempts) in phases
     assert [p for p in phases if p[0] == "gate" and p[2]] == [("gate", n, 3) for n in (1, 2, 3)]
+
+
+def test_stop_learning_cancels_a_running_cycle(tmp_path: Path, tiny_model_dir: Path, tiny_engine, store: Store
+                                              ) -> None:
+    """What a stopping server does: the cycle's training process is killed at once (not after its 200 epochs),
+    the run fails as cancelled, nothing is published and the signals stay pending for the next cycle."""
+    import threading
+
+    from orchestration.service import RuntimeService
+
+    config = make_config(tmp_path, tiny_model_dir, sft={"num_epochs": 200})
+    teach_some(store)
+    service = RuntimeService(config, tiny_engine, store)
+    training = threading.Event()
+    outcome: list = []
+    cycle = threading.Thread(target=lambda: outcome.append(
+        service.learn_now("sft", progress=lambda *step: training.set())))
+    cycle.start()
+    assert training.wait(600), "the cycle never reached a training step"
+    service.stop_learning()
+    assert not service.cycle_running
+    cycle.join()
+    [result] = outcome
+    assert result.status == "failed" and "cancelled" in result.message
+    assert store.get_run(result.run_id).status == "failed" and store.adapters() == []
+    assert len(store.signals(unconsumed_only=True)) == 2

@@ -1,7 +1,9 @@
 """Engines: one interface to generate, chat, stream and score with hot-swappable LoRA adapters.
 
 ``TransformersEngine`` is the embedded default (in-process, PEFT multi-adapter, CPU or GPU).
-``VLLMEngine`` and ``SGLangEngine`` drive a running vLLM or SGLang server over HTTP.
+``VLLMEngine`` and ``SGLangEngine`` drive a running vLLM or SGLang server over HTTP; ``RuntimeReplicaEngine`` a
+``runtime serve --role replica`` server. ``ReplicaSet`` spreads requests over several of them and promotes adapters
+on all of them in two phases.
 """
 
 from runtime.engines.base import (
@@ -29,6 +31,8 @@ from runtime.engines.http_errors import (
     ServerTimeoutError,
     UnsupportedOperationError,
 )
+from runtime.engines.replica_set import NoReplicaAvailableError, ReplicaEndpoint, ReplicaSet, ReplicaStatus
+from runtime.engines.runtime_replica import RuntimeReplicaEngine
 from runtime.engines.sglang_engine import SGLangEngine
 from runtime.engines.transformers_engine import TransformersEngine
 from runtime.engines.vllm_engine import VLLMEngine
@@ -47,6 +51,11 @@ __all__ = [
     "EngineError",
     "Generation",
     "ModelNotFoundError",
+    "NoReplicaAvailableError",
+    "ReplicaEndpoint",
+    "ReplicaSet",
+    "ReplicaStatus",
+    "RuntimeReplicaEngine",
     "SGLangEngine",
     "SamplingParams",
     "ServerConnectionError",

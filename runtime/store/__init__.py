@@ -9,7 +9,8 @@ Open one :class:`Store` per file per process and share it::
         store.add_signal("correction", interaction_id=iid, text="Hello! How can I help?")
         store.signals(unconsumed_only=True)
 
-See :mod:`runtime.store.store` for the write path, durability and the crash loss window.
+See :mod:`runtime.store.store` for the write path, durability and the crash loss window, and
+:mod:`runtime.store.shipping` / :mod:`runtime.store.importing` for shipping the log to a learner as Parquet.
 """
 
 from runtime.store.errors import (
@@ -28,6 +29,7 @@ from runtime.store.errors import (
     UnknownRecordError,
     WriteFailure,
 )
+from runtime.store.importing import ImportReport, import_segments
 from runtime.store.migrations import MIGRATIONS, SCHEMA_VERSION, Migration, MigrationStep
 from runtime.store.models import (
     AdapterRecord,
@@ -46,6 +48,8 @@ from runtime.store.models import (
     SignalKind,
     SignalReview,
 )
+from runtime.store.segments import LogShippingError
+from runtime.store.shipping import ShipReport, ship_segments
 from runtime.store.store import Store
 
 __all__ = [
@@ -57,9 +61,11 @@ __all__ = [
     "CorruptStoreError",
     "DecisionKind",
     "Document",
+    "ImportReport",
     "Interaction",
     "InteractionKind",
     "LearningRun",
+    "LogShippingError",
     "Message",
     "Migration",
     "MigrationError",
@@ -70,6 +76,7 @@ __all__ = [
     "ReviewDecision",
     "RunStatus",
     "SchemaTooNewError",
+    "ShipReport",
     "Signal",
     "SignalKind",
     "SignalReview",
@@ -83,4 +90,6 @@ __all__ = [
     "StoreWriterError",
     "UnknownRecordError",
     "WriteFailure",
+    "import_segments",
+    "ship_segments",
 ]

@@ -138,11 +138,44 @@ CREATE TABLE signal_reviews (
 """
 """Signals and documents record who sent them; review decisions (approve or reject, why, by whom) are kept."""
 
+_V5_LOG_SHIPPING = """
+CREATE SEQUENCE log_seq;
+ALTER TABLE interactions ADD COLUMN log_seq BIGINT DEFAULT nextval('log_seq');
+ALTER TABLE signals ADD COLUMN log_seq BIGINT DEFAULT nextval('log_seq');
+ALTER TABLE documents ADD COLUMN log_seq BIGINT DEFAULT nextval('log_seq');
+ALTER TABLE interactions ADD COLUMN origin VARCHAR;
+ALTER TABLE signals ADD COLUMN origin VARCHAR;
+ALTER TABLE documents ADD COLUMN origin VARCHAR;
+CREATE TABLE log_writer (
+    writer_id VARCHAR NOT NULL,
+    next_segment BIGINT NOT NULL
+);
+CREATE TABLE shipped_marks (
+    table_name VARCHAR PRIMARY KEY,
+    last_log_seq BIGINT NOT NULL,
+    segment BIGINT,
+    shipped_at TIMESTAMP NOT NULL
+);
+CREATE TABLE imported_segments (
+    name VARCHAR PRIMARY KEY,
+    writer_id VARCHAR NOT NULL,
+    segment BIGINT NOT NULL,
+    table_name VARCHAR NOT NULL,
+    rows_in_segment BIGINT NOT NULL,
+    rows_added BIGINT NOT NULL,
+    imported_at TIMESTAMP NOT NULL
+);
+"""
+"""Log shipping (:mod:`runtime.store.shipping`): rows get a commit-ordered ``log_seq`` (the single writer takes
+values in commit order, so "everything up to N" is a high-water mark) and the ``origin`` writer id of the
+process that logged them (NULL: this store); the writer's id, segment counter and marks; the segments imported."""
+
 MIGRATIONS: list[Migration] = [
     (1, _V1),
     (2, _V2_LEARNING_STATES),
     (3, _V3_ADAPTER_ROLES),
     (4, _V4_PRINCIPALS_AND_REVIEWS),
+    (5, _V5_LOG_SHIPPING),
 ]
 """The migrations this version of the package knows, oldest first."""
 

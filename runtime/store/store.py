@@ -54,6 +54,7 @@ from runtime.store.errors import (
     StoreTimeoutError,
 )
 from runtime.store.inserts import make_inserter, warm_up
+from runtime.store.log_sync import LogSync
 from runtime.store.migrations import MIGRATIONS, Migration
 from runtime.store.models import (
     ADAPTER_ROLES,
@@ -113,13 +114,18 @@ class Store(StoreReads):
             with ``StoreLockedError`` while another process has the file open for writing.
         put_timeout_s: how long a write may block on a full queue before ``StoreBackpressureError``.
         migrations: the migration list to apply (tests and tooling; defaults to the package's own).
+        ship_to, import_from, writer_id, ship_interval_s: log shipping (:mod:`runtime.store.shipping`): every
+            ``ship_interval_s`` a background thread ships the rows committed here to the fsspec URL ``ship_to`` as
+            Parquet segments under ``writer_id`` (default: an id the store makes and keeps), and imports what
+            other processes shipped to ``import_from``; :meth:`close` ships once more. Off by default.
 
     Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(self, path: str | Path, *, queue_size: int = 10_000, batch_size: int = 4096,
                  flush_interval_s: float = 0.05, read_only: bool = False, put_timeout_s: float = 5.0,
-                 migrations: Sequence[Migration] | None = None) -> None:
+                 migrations: Sequence[Migration] | None = None, ship_to: str | None = None,
+                 import_from: str | None = None, writer_id: str | None = None, ship_interval_s: float = 5.0) -> None:
         check_not_spawning(f"a Store on {path}")
         if queue_size < 1 or batch_size < 1 or flush_interval_s < 0 or put_timeout_s <= 0:
             raise ValueError(
@@ -133,6 +139,8 @@ class Store(StoreReads):
         self._cursor_lock = threading.Lock()
         self._writer: Writer | None = None
         self._rejected_writes = 0
+        self.log_sync: LogSync | None = None
+        """The background log shipping of this store (``None`` unless ``ship_to`` or ``import_from`` is set)."""
         if not read_only:
             registry.claim(str(self.path), self)
         try:
@@ -152,7 +160,14 @@ class Store(StoreReads):
                     self._conn, inserters, queue_size=queue_size, batch_size=batch_size,
                     flush_interval_s=flush_interval_s, name=f"store-writer:{self.path.name}",
                 )
+                if ship_to is not None or import_from is not None:
+                    self.log_sync = LogSync(self, ship_to=ship_to, import_from=import_from, writer=writer_id,
+                                            interval_s=ship_interval_s)
+                    self.log_sync.start()
         except BaseException:
+            if self._writer is not None:
+                self._writer.put(StopOp(), timeout=None)
+                self._writer.join()
             self._conn.close()
             registry.release(str(self.path), self)
             raise
@@ -188,6 +203,8 @@ class Store(StoreReads):
 
         Raises :class:`StoreWriterError` (after closing) if background writes failed since the last flush.
         """
+        if self.log_sync is not None and not self._closed:
+            self.log_sync.stop()  # one last shipment while the writer still runs
         with self._state_lock:
             if self._closed:
                 return
