@@ -76,6 +76,15 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
+def map_concurrently(fn: Callable[[_T], _R], items: Iterable[_T], max_workers: int, name: str) -> list[_R]:
+    """``[fn(item) for item in items]``, the items in up to ``max_workers`` threads (one item: no thread)."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(len(items), max_workers), thread_name_prefix=name) as pool:
+        return list(pool.map(fn, items))
+
+
 class OpenAIHTTPEngine(Engine):
     """Base of the engines that drive an OpenAI-compatible server (use :class:`VLLMEngine` or
     :class:`SGLangEngine`).
@@ -287,16 +296,9 @@ class OpenAIHTTPEngine(Engine):
             AdapterExistsError: ``name`` is loaded and ``replace`` is false.
             AdapterLoadError: the server could not load it (or could not be reached); nothing changed.
         """
-        check_adapter_name(name)
-        sent_path = protocol.server_path(path)
         with self._admin:
-            with self._lock:
-                self._check_open()
-                current = self._table.get(name)
-            if current is not None and not replace:
-                raise AdapterExistsError(
-                    f"An adapter named {name!r} is already loaded; unload it first or pass replace=True."
-                )
+            current = self._current_for_load(name, replace)
+            sent_path = protocol.server_path(path)
             retired: str | None = None
             if current is None:
                 try:
@@ -310,6 +312,19 @@ class OpenAIHTTPEngine(Engine):
                 self._table.put(name, served, activate=activate)
             if retired is not None:
                 self._retire(retired)
+
+    def _current_for_load(self, name: str, replace: bool) -> ServedAdapter | None:
+        """What ``name`` serves now (``None``: not loaded), checked for a load (call under ``_admin``): a valid
+        name, an open engine, and :class:`AdapterExistsError` for a loaded ``name`` without ``replace``."""
+        check_adapter_name(name)
+        with self._lock:
+            self._check_open()
+            current = self._table.get(name)
+        if current is not None and not replace:
+            raise AdapterExistsError(
+                f"An adapter named {name!r} is already loaded; unload it first or pass replace=True."
+            )
+        return current
 
     def unload_adapter(self, name: str) -> None:
         """Unload ``name`` from the server; if it was active, the base model becomes active."""
@@ -382,11 +397,7 @@ class OpenAIHTTPEngine(Engine):
             return resolve_per_row(adapter, n, self._table.target)
 
     def _map(self, fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
-        items = list(items)
-        if len(items) <= 1:
-            return [fn(item) for item in items]
-        with ThreadPoolExecutor(min(len(items), self._max_concurrency), thread_name_prefix="http-engine") as pool:
-            return list(pool.map(fn, items))
+        return map_concurrently(fn, items, self._max_concurrency, "http-engine")
 
     def _request_json(
         self, path: str, body: Mapping[str, Any], target: RequestTarget, params: SamplingParams

@@ -20,7 +20,6 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable, Generator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -39,7 +38,7 @@ from runtime.engines.base import (
 )
 from runtime.engines.errors import AdapterExistsError, AdapterLoadError, EngineError, UnknownAdapterError
 from runtime.engines.http_errors import ServerConnectionError
-from runtime.engines.openai_http import OpenAIHTTPEngine
+from runtime.engines.openai_http import OpenAIHTTPEngine, map_concurrently
 from runtime.engines.runtime_replica import ChecksumOf, RuntimeReplicaEngine
 from runtime.engines.served_adapters import check_adapter_name
 from runtime.engines.sglang_engine import SGLangEngine
@@ -437,11 +436,7 @@ class ReplicaSet(Engine):
                     replica.outstanding -= 1
 
     def _map(self, fn: Callable[[_T], _R], items: Sequence[_T] | range) -> list[_R]:
-        items = list(items)
-        if len(items) <= 1:
-            return [fn(item) for item in items]
-        with ThreadPoolExecutor(min(len(items), 16), thread_name_prefix="replica-set") as pool:
-            return list(pool.map(fn, items))
+        return map_concurrently(fn, items, 16, "replica-set")
 
     # -- internals: replicas and adapters ---------------------------------------------------------------
     def _connect(self, replica: _Replica) -> OpenAIHTTPEngine:

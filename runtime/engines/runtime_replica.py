@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from runtime.engines.base import ACTIVE, AdapterChoices, Generation, SamplingParams
-from runtime.engines.errors import AdapterExistsError, AdapterLoadError, EngineError
+from runtime.engines.errors import AdapterLoadError, EngineError
 from runtime.engines.http_errors import ServerError, UnsupportedOperationError
 from runtime.engines.openai_http import OpenAIHTTPEngine
 from runtime.engines.openai_protocol import response_message, route_missing, server_path
-from runtime.engines.served_adapters import RequestTarget, ServedAdapter, check_adapter_name
+from runtime.engines.served_adapters import RequestTarget, ServedAdapter
 
 __all__ = ["ChecksumOf", "RuntimeReplicaEngine"]
 
@@ -116,15 +116,8 @@ class RuntimeReplicaEngine(OpenAIHTTPEngine):
             AdapterLoadError: the replica refused (checksum mismatch, missing files, weights that do not load)
                 or could not be reached (then ``__cause__`` is the transport error); nothing changed.
         """
-        check_adapter_name(name)
         with self._admin:
-            with self._lock:
-                self._check_open()
-                current = self._table.get(name)
-            if current is not None and not replace:
-                raise AdapterExistsError(
-                    f"An adapter named {name!r} is already loaded; unload it first or pass replace=True."
-                )
+            self._current_for_load(name, replace)
             route = f"{REPLICA_ROUTE}/adapters/{name}"
             body = {"location": location, "checksum": checksum, "activate": activate}
             try:
