@@ -6,20 +6,22 @@ What runs (every process its own data directory and DuckDB spool; one shared dir
 - the learner, ``runtime serve`` with ``engine.replicas`` naming the two: it serves through them, imports every
   shipped segment and runs the learning cycle (policy: promotion ``manual``, so this script promotes while
   traffic runs);
-- two app processes embedding ``LearningAgent`` (their own embedded engine): each answers a few questions and
-  teaches corrections (``agent.teach``), ships its log and exits.
+- two app processes embedding ``LearningAgent`` that follow the learner (``engine.follow_replicas``: they serve
+  through the replicas, on the adapter the learner made active there): each answers a few questions, teaches
+  corrections (``agent.teach``), which its store ships, and then keeps sending requests until the end.
 
 Then: the learner imports the apps' signals and learns them in one cycle; client threads send traffic through
-the learner's OpenAI API; the candidate is promoted during that traffic, replica 2 is killed with ``kill -9``
-at the same moment, and restarted; the script measures how long the restarted replica takes to serve the new
-adapter. At the end every process is stopped, its spool shipped, and the learner's store is compared with every
-writer's spool.
+the learner's OpenAI API while the apps send theirs through the replicas; the candidate is promoted during that
+traffic, replica 2 is killed with ``kill -9`` at the same moment, and restarted; the script measures how long
+the restarted replica takes to serve the new adapter. At the end every process is stopped, its spool shipped, and
+the learner's store is compared with every writer's spool.
 
 Figures (``benchmarks/results/fleet.json``):
 
-- ``requests_total``: requests sent through the learner during the run (and by the apps);
-- ``stale_adapter_responses``: answers (no error) from an adapter that was neither the active one when the request
-  started nor when it ended (a request that started before the switch may finish on the adapter it started with);
+- ``requests_total``: requests sent through the learner and by the apps (``requests_by_apps`` of them);
+- ``stale_adapter_responses``: answers (no error) from an adapter that was neither the learner's active one when
+  the request started nor when it ended (a request that started before the switch may finish on the adapter it
+  started with), counted over the learner's traffic and the apps' (``stale_app_responses``);
 - ``acked_rows_lost``: rows a writer committed to its spool (read after the run) that never reached the learner;
 - ``rows_imported_twice``: rows added by importing every segment once more (idempotence), plus duplicate ids;
 - ``signals_learned`` / ``signals_sent``: the apps' corrections the learner's cycle consumed;
@@ -64,23 +66,48 @@ REPLICA_TOKEN = "fleet-replica"
 LOG_TABLES = ("interactions", "signals", "documents")
 
 APP_SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, sys, time
+    import httpx
     from agent import LearningAgent
 
     def main():
         config_path, job_path, out_path = sys.argv[1:4]
         job = json.loads(open(job_path).read())
-        agent = LearningAgent.from_config(config_path)
-        answered = 0
+        agent = LearningAgent.from_config(config_path)  # engine.follow_replicas: it serves through the replicas
+        admin = httpx.Client(base_url=job["learner_url"], headers={"Authorization": "Bearer " + job["admin_token"]})
+
+        def learner_active():  # instrumentation: what the learner says is active; retried, see _active
+            for attempt in range(3):
+                try:
+                    return admin.get("/admin/adapters").json()["active"]
+                except httpx.TransportError:
+                    if attempt == 2:
+                        raise
+
+        answered, records = 0, []
         try:
             for question in job["questions"]:
                 agent.invoke(question)
                 answered += 1
             for fact in job["teach"]:
                 agent.teach(fact["question"], fact["demonstration"])
+            open(job["taught_file"], "w").write("taught")  # shipped within store.ship_interval_s
+            n = 0
+            while not os.path.exists(job["stop_file"]):  # traffic through the replicas, during the promotion
+                before = learner_active()
+                error = served = None
+                try:
+                    served = agent.invoke(job["traffic"][n % len(job["traffic"])]).adapter
+                except Exception as exc:
+                    error = type(exc).__name__ + ": " + str(exc)[:200]
+                after = learner_active()
+                records.append({"served": served, "before": before, "after": after, "error": error,
+                                "stale": error is None and served not in (before, after)})
+                n += 1
         finally:
             agent.close()  # flushes the spool and ships it one last time
-        open(out_path, "w").write(json.dumps({"requests": answered, "taught": len(job["teach"])}))
+        open(out_path, "w").write(json.dumps({"requests": answered + len(records), "taught": len(job["teach"]),
+                                              "records": records}))
 
     if __name__ == "__main__":
         main()
@@ -97,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--method", default=None, help="learning method (default: the config's)")
     parser.add_argument("--threads", type=int, default=1, help="engine.num_threads of each process")
+    parser.add_argument("--after-s", type=float, default=15.0,
+                        help="seconds of traffic after the killed replica caught up")
     parser.add_argument("--ready-timeout", type=float, default=900.0)
     parser.add_argument("--learn-timeout", type=float, default=3600.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "fleet.json")
@@ -184,9 +213,10 @@ def _run(tmp: Path, rows: list[dict[str, Any]], model_dir: str, args: argparse.N
         learner.ready(args.ready_timeout)
         print("replicas and learner ready", flush=True)
 
-        apps = _run_apps(tmp, rows, model_dir, shared, engine, args)
+        apps = _start_apps(tmp, rows, model_dir, shared, engine, replicas, learner.url, args)
+        _wait_taught(apps, args.ready_timeout)
         taught = [fact["question"] for app in apps for fact in app["job"]["teach"]]
-        print(f"apps done: {sum(a['requests'] for a in apps)} requests, {len(taught)} corrections", flush=True)
+        print(f"apps taught {len(taught)} corrections and send traffic through the replicas", flush=True)
 
         with httpx.Client(base_url=learner.url, timeout=600, headers=auth) as http:
             _wait_signals(http, len(taught), timeout_s=120)
@@ -196,21 +226,27 @@ def _run(tmp: Path, rows: list[dict[str, Any]], model_dir: str, args: argparse.N
             promotion_s = catch_up_s = None
             if candidate and (cycle.get("result") or {}).get("status") in ("approved", "awaiting_promotion"):
                 promotion_s, catch_up_s = _promote_with_a_replica_killed(http, candidate, replicas[1], args)
-            time.sleep(2.0)
+            time.sleep(args.after_s)  # traffic on the new adapter, the caught-up replica included
             traffic.stop()
+            _stop_apps(apps, tmp)
             learned = _learned(http)
         print(f"cycle: {(cycle.get('result') or {}).get('status')}; promoted {candidate}", flush=True)
     finally:
         traffic.stop()
+        (tmp / "apps.stop").touch()
         for process in processes:
             process.stop()
     losses = _compare_spools(tmp, shared, [p.name for p in replicas] + [a["name"] for a in apps])
-    records = traffic.records
+    app_records = [r for a in apps for r in a["records"]]
+    records = traffic.records + app_records
     return {
         "benchmark": "fleet",
-        "requests_total": len(records) + sum(a["requests"] for a in apps),
+        "requests_total": len(traffic.records) + sum(a["requests"] for a in apps),
+        "requests_by_apps": sum(a["requests"] for a in apps),
         "requests_failed": sum(1 for r in records if r["error"]),
         "stale_adapter_responses": sum(1 for r in records if r["stale"]),
+        "stale_app_responses": sum(1 for r in app_records if r["stale"]),
+        "app_requests_by_adapter": _by_adapter(app_records),
         "acked_rows_lost": losses["lost"],
         "rows_imported_twice": losses["twice"],
         "rows_per_writer": losses["per_writer"],
@@ -230,21 +266,27 @@ def _run(tmp: Path, rows: list[dict[str, Any]], model_dir: str, args: argparse.N
     }
 
 
-def _run_apps(tmp: Path, rows: list[dict[str, Any]], model_dir: str, shared: Path, engine: dict[str, Any],
-              args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Start both app processes at once; each answers questions, teaches corrections, ships and exits."""
+def _start_apps(tmp: Path, rows: list[dict[str, Any]], model_dir: str, shared: Path, engine: dict[str, Any],
+                replicas: list[_Process], learner_url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Start both app processes: each follows the learner through the replicas, answers questions, teaches
+    corrections, then sends traffic until ``apps.stop`` exists."""
     script = tmp / "app.py"
     script.write_text(APP_SCRIPT)
     k, q = args.facts_per_app, args.questions_per_app
+    follow = {**engine, "follow_replicas": True, "replica_probe_interval_s": 0.5,
+              "replicas": [{"kind": "runtime", "base_url": r.url, "api_key": REPLICA_TOKEN} for r in replicas]}
     apps = []
     for i in (1, 2):
         name = f"app-{i}"
         config = tmp / f"{name}.yaml"
+        store = {"ship_to": str(shared), "writer_id": name, "ship_interval_s": 1.0}
         config.write_text(yaml.safe_dump({"data_dir": str(tmp / name), "model": {"name": model_dir},
-                                          "engine": dict(engine),
-                                          "store": {"ship_to": str(shared), "writer_id": name}}))
+                                          "engine": follow, "store": store}))
         job = {"teach": rows[(i - 1) * k: i * k],
-               "questions": [r["question"] for r in rows[2 * k + (i - 1) * q: 2 * k + i * q]]}
+               "questions": [r["question"] for r in rows[2 * k + (i - 1) * q: 2 * k + i * q]],
+               "traffic": [r["question"] for r in rows[-4:]],
+               "learner_url": learner_url, "admin_token": ADMIN,
+               "taught_file": str(tmp / f"{name}.taught"), "stop_file": str(tmp / "apps.stop")}
         (tmp / f"{name}.job.json").write_text(json.dumps(job))
         out = tmp / f"{name}.out.json"
         log = (tmp / f"{name}.log").open("wb")
@@ -252,11 +294,32 @@ def _run_apps(tmp: Path, rows: list[dict[str, Any]], model_dir: str, shared: Pat
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"})
         apps.append({"name": name, "proc": proc, "out": out, "job": job, "log": tmp / f"{name}.log"})
+    return apps
+
+
+def _wait_taught(apps: list[dict[str, Any]], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for app in apps:
+        while not Path(app["job"]["taught_file"]).exists():
+            if app["proc"].poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{app['name']} failed:\n{app['log'].read_text()[-3000:]}")
+            time.sleep(0.2)
+
+
+def _stop_apps(apps: list[dict[str, Any]], tmp: Path) -> None:
+    (tmp / "apps.stop").touch()
     for app in apps:
         if app["proc"].wait() != 0:
             raise SystemExit(f"{app['name']} failed:\n{app['log'].read_text()[-3000:]}")
         app.update(json.loads(app["out"].read_text()))
-    return apps
+
+
+def _by_adapter(records: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in records:
+        key = "error" if r["error"] else str(r["served"] or "base")
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 class _Traffic:
@@ -314,8 +377,15 @@ class _Traffic:
 
 
 def _active(http: httpx.Client, headers: dict[str, str]) -> str | None:
-    """The learner's active adapter (``None``: the base model)."""
-    response = http.get("/admin/adapters", headers=headers)
+    """The learner's active adapter (``None``: the base model). Retried: a kept-alive connection the server
+    closed just as it was reused is reset, which says nothing about the fleet."""
+    for attempt in range(3):
+        try:
+            response = http.get("/admin/adapters", headers=headers)
+            break
+        except httpx.TransportError:
+            if attempt == 2:
+                raise
     response.raise_for_status()
     return response.json()["active"]
 
@@ -412,11 +482,13 @@ def _counts(path: Path) -> dict[str, int]:
 
 def _markdown(r: dict[str, Any]) -> str:
     return (
-        "| requests | failed | stale answers | acked rows lost | rows imported twice | signals learned / sent | "
-        "promotion s | replica catch-up s |\n|---|---|---|---|---|---|---|---|\n"
-        f"| {r['requests_total']} | {r['requests_failed']} | {r['stale_adapter_responses']} | {r['acked_rows_lost']} | "
+        "| requests (by apps) | failed | stale answers (apps') | acked rows lost | rows imported twice | "
+        "signals learned / sent | promotion s | replica catch-up s |\n|---|---|---|---|---|---|---|---|\n"
+        f"| {r['requests_total']} ({r['requests_by_apps']}) | {r['requests_failed']} | "
+        f"{r['stale_adapter_responses']} ({r['stale_app_responses']}) | {r['acked_rows_lost']} | "
         f"{r['rows_imported_twice']} | {r['signals_learned']} / {r['signals_sent']} | "
         f"{_fmt(r['promotion_seconds'])} | {_fmt(r['replica_catch_up_seconds'])} |\n\n"
+        f"Apps' requests by the adapter that served them: {r['app_requests_by_adapter']}.\n\n"
         f"Goals: stale 0, lost 0, twice 0, every signal learned. Cycle: {r['cycle']}. "
         f"Machine: {r['config']['machine']}; wall {r.get('wall_s')} s.\n"
     )

@@ -32,7 +32,7 @@ from policies.schema import Policy
 from policies.shadow import ShadowMirror, ShadowReport, ShadowSwitch, shadow_report
 from runtime.adapters import AdapterRegistry, AdapterVerificationError
 from runtime.config import RuntimeConfig
-from runtime.engines import AdapterLoadError, Engine
+from runtime.engines import AdapterLoadError, Engine, follower_refusal
 from runtime.factory import create_engine, open_store
 from runtime.store import AdapterRecord, Store
 
@@ -111,6 +111,8 @@ class RuntimeService:
         good ancestor serves instead, or the base model, and the registry records the rollback with the reason
         (see :attr:`integrity_failures`).
         """
+        if self.engine.follower:  # the fleet's learner sets what the replicas serve
+            return
         with self._swap_lock:
             active = self.registry.active()
             while active is not None:
@@ -156,6 +158,7 @@ class RuntimeService:
         The policy's spare-device thresholds apply only with `spare_only` (the background loop checks them
         before it calls this); a cycle asked for by hand runs on the best device available.
         """
+        self._require_learner("run a learning cycle")
         if not self._cycle_lock.acquire(blocking=False):
             raise CycleInProgress("a learning cycle is already running; wait for it to finish")
         try:
@@ -218,6 +221,7 @@ class RuntimeService:
         An adapter the gate ever vetoed needs ``force=True``, every time (also after it was forced once and
         rolled back); the promotion is then recorded as forced, with `by` (who) and `reason` (why).
         """
+        self._require_learner(f"promote {name!r}")
         with self._swap_lock:
             record = self.store.get_adapter(name)
             if record is None:
@@ -243,6 +247,7 @@ class RuntimeService:
 
     def rollback(self, *, reason: str = "rolled back by operator") -> AdapterRecord | None:
         """Serve the adapter that was active before the current one again (``None``: the base model)."""
+        self._require_learner("roll back")
         with self._swap_lock:
             _current, previous = self.registry.previous_active()
             if previous is not None:
@@ -281,10 +286,16 @@ class RuntimeService:
 
     def start_background(self) -> Any:
         """Start the APScheduler learning loop in this process (see :class:`orchestration.loop.LearningLoop`)."""
+        self._require_learner("start background learning")
         if self._loop is None:
             self._loop = LearningLoop(self)
             self._loop.start()
         return self._loop
+
+    def _require_learner(self, what: str) -> None:
+        """A process that follows the fleet's learner (``engine.follow_replicas``) neither learns nor promotes."""
+        if self.engine.follower:
+            raise follower_refusal(what)
 
     def stop_learning(self) -> None:
         """Stop learning now: the loop stops and a cycle in progress (scheduled or asked for) is cancelled. Its

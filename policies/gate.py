@@ -5,7 +5,9 @@ it while it is judged. Then, on the same engine, with greedy decoding:
 
 - **protected behaviours**: each prompt is answered by the active adapter and by the candidate; a
   behaviour that passes on the active adapter and fails on the candidate is a veto (one that already
-  fails on the active adapter is recorded, not held against the candidate);
+  fails on the active adapter is recorded, not held against the candidate). All prompts go to the engine in one
+  batched call (per answer length), which decodes them together; the active adapter's answers are kept for the
+  next candidate judged against it (a repair attempt);
 - **retention suites**: the candidate may lose at most ``max_drop`` points against the active adapter;
 - **target checks**: the candidate must now give the taught answers (``min_pass_rate`` of the new examples);
 - **conflicts**: a taught answer must not contradict a protected behaviour. A new example conflicts with a
@@ -24,6 +26,7 @@ repair; a target or conflict veto does not (the update did not learn, or it must
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -84,6 +87,7 @@ class PolicyGate:
                 "cannot give; remove it or use the transformers engine"
             )
         self._retention_cache: dict[tuple[str, str | None, str | None], list[float]] = {}
+        self._active_answers: dict[tuple[str, int, str | None], str] = {}
 
     def __call__(self, candidate: AdapterRecord, build: DatasetBuild,
                  on_check: Callable[[int, int], None] | None = None) -> GateDecision:
@@ -120,8 +124,9 @@ class PolicyGate:
         judged on them by its own evaluation, so it passes ``None``. ``on_check(done, total)`` follows the
         protected behaviours, retention suites and target check as each finishes.
         """
+        answers = self._protected_answers(candidate, active)
         steps: list[Callable[[], CheckResult | None]] = [
-            *(partial(self._protected, b, candidate, active) for b in self.policy.protected),
+            *(partial(self._protected, b, candidate, active, answers[i]) for i, b in enumerate(self.policy.protected)),
             *(partial(self._retention, s, candidate, active) for s in self.policy.retention),
         ]
         if build is not None and self.policy.targets.enabled:
@@ -187,16 +192,38 @@ class PolicyGate:
 
     # --- checks ------------------------------------------------------------------------------------------
 
-    def _protected(self, behaviour: ProtectedBehaviour, candidate: str, active: str | None) -> CheckResult:
+    def _protected_answers(self, candidate: str, active: str | None) -> list[tuple[str, str]]:
+        """The active model's and the candidate's greedy answers to every protected prompt, asked in one batched
+        call per answer length (the engine decodes them together) rather than one call per behaviour. The active
+        model's answers are kept for the next candidate judged against the same active adapter (a repair)."""
+        behaviours = self.policy.protected
+        out: list[tuple[str, str]] = [("", "")] * len(behaviours)
+        by_width: dict[int, list[int]] = {}
+        for i, behaviour in enumerate(behaviours):
+            by_width.setdefault(behaviour.max_new_tokens, []).append(i)
+        for width, indices in by_width.items():
+            params = SamplingParams(max_new_tokens=width, temperature=0.0)
+            keys = {i: (json.dumps(behaviours[i].conversation()), width, active) for i in indices}
+            missing = [i for i in indices if keys[i] not in self._active_answers]
+            rows = [behaviours[i].conversation() for i in (*missing, *indices)]
+            generations = self.engine.chat(rows, params, adapter=[active] * len(missing) + [candidate] * len(indices))
+            for i, generation in zip(missing, generations, strict=False):
+                self._active_answers[keys[i]] = generation.text
+            for i, generation in zip(indices, generations[len(missing):], strict=True):
+                out[i] = (self._active_answers[keys[i]], generation.text)
+        return out
+
+    def _protected(self, behaviour: ProtectedBehaviour, candidate: str, active: str | None,
+                   answers: tuple[str, str]) -> CheckResult:
         conversation = behaviour.conversation()
         params = SamplingParams(max_new_tokens=behaviour.max_new_tokens, temperature=0.0)
-        active_gen, cand_gen = self.engine.chat([conversation, conversation], params, adapter=[active, candidate])
+        active_text, cand_text = answers
         markers = self.policy.refusal_markers
-        on_active = check_answer(behaviour.expect, active_gen.text, refusal_markers=markers)
-        on_cand = check_answer(behaviour.expect, cand_gen.text, refusal_markers=markers)
+        on_active = check_answer(behaviour.expect, active_text, refusal_markers=markers)
+        on_cand = check_answer(behaviour.expect, cand_text, refusal_markers=markers)
         active_failures, cand_failures = list(on_active.failures), list(on_cand.failures)
-        active_info: dict[str, Any] = {"answer": active_gen.text}
-        cand_info: dict[str, Any] = {"answer": cand_gen.text}
+        active_info: dict[str, Any] = {"answer": active_text}
+        cand_info: dict[str, Any] = {"answer": cand_text}
         limit = behaviour.expect.max_kl_to_base
         if limit is not None:
             base_answer = self.engine.chat([conversation], params, adapter=None)[0].text

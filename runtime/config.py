@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runtime.strict_fields import StrictSection
 from runtime.yamlfile import describe_problems, describe_validation_error, read_yaml_mapping
@@ -100,6 +100,13 @@ class EngineConfig(_Section):
     replica_probe_interval_s: float = Field(
         2.0, gt=0, le=3600, description="How often replicas out of rotation are probed to catch up and rejoin.",
     )
+    follow_replicas: bool = Field(
+        False,
+        description="Follow the fleet's learner instead of choosing adapters (app processes embedding LearningAgent "
+        "beside a learner): requests for the active adapter are served by each runtime replica's default, which the "
+        "learner sets at every promotion; this process never loads adapters or learns (its signals reach the learner "
+        "through store.ship_to). Needs engine.replicas, all of kind `runtime`.",
+    )
 
     @field_validator("replicas")
     @classmethod
@@ -108,6 +115,18 @@ class EngineConfig(_Section):
         if len(set(urls)) != len(urls):
             raise ValueError("each replica may be listed once (two entries have the same base_url)")
         return value
+
+    @model_validator(mode="after")
+    def _followed_replicas(self) -> EngineConfig:
+        if not self.follow_replicas:
+            return self
+        if not self.replicas:
+            raise ValueError("follow_replicas needs engine.replicas: the `runtime serve --role replica` servers whose "
+                             "adapters the learner sets")
+        if any(r.kind != "runtime" for r in self.replicas):
+            raise ValueError("follow_replicas needs replicas of kind `runtime`: vLLM and SGLang servers have no "
+                             "default adapter that a learner sets")
+        return self
 
 
 class StoreConfig(_Section):

@@ -69,7 +69,7 @@ def _replica_set(config: RuntimeConfig) -> Engine:
     env_key = os.environ.get("RUNTIME_ENGINE_API_KEY")
     endpoints = [ReplicaEndpoint(r.kind, r.base_url, r.api_key or env_key) for r in config.engine.replicas]
     return ReplicaSet(endpoints, checksum_of=checksum_of, probe_interval_s=config.engine.replica_probe_interval_s,
-                      timeout=config.engine.request_timeout_s)
+                      timeout=config.engine.request_timeout_s, follow=config.engine.follow_replicas)
 
 
 def open_store(config: RuntimeConfig, *, read_only: bool = False) -> Store:

@@ -102,7 +102,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         started = False
-        if background_learning:
+        if background_learning and not service.engine.follower:  # a follower's learner learns for it
             service.start_background()
             started = True
         try:

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from server import replica_routes
 from server.auth import require_role
 from server.errors import APIError, error_body
 from server.schemas import (
@@ -81,6 +82,7 @@ async def chat_completions(
         thread_id=thread_id,
     )
     prepared.adapter = await run_in_threadpool(state.resolver.resolve, body.model)
+    replica_routes.refuse_default_out_of_step(request, prepared.adapter)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     deadline = Deadline.for_request(config.engine.request_timeout_s, request.headers.get("x-stainless-timeout"))

@@ -8,7 +8,15 @@ the admin token::
     GET    /admin/replica                    role, base model, active adapter, loaded adapters (with checksums)
     PUT    /admin/replica/adapters/{name}    {"location", "checksum", "activate"}: fetch, verify, then (re)load
     DELETE /admin/replica/adapters/{name}
-    PUT    /admin/replica/active             {"name": "<adapter>" | null}
+    PUT    /admin/replica/active             {"name": "<adapter>" | null}: the default adapter; the replica is in step
+    DELETE /admin/replica/active             out of step: requests that do not name a model are refused
+
+A replica is *in step* once a learner has set its default adapter (``PUT /admin/replica/active``, or a load with
+``activate``). Until then (a fresh or restarted process, whose engine has no adapters yet) and after the learner
+takes it out of step (``DELETE /admin/replica/active``: it missed a promotion), a request that does not name a
+model, i.e. one that asks for the active adapter, is answered 503 ``replica_not_in_step`` with ``Retry-After``, so that
+no process following the fleet's promotions (``engine.follow_replicas``) is served a stale default. Requests
+that name a model (the learner always names one) are served as usual.
 
 The checksum is verified (:func:`runtime.adapters.fetch_adapter`) before anything is loaded; a mismatch answers
 409 ``adapter_verification_failed`` and changes nothing.
@@ -25,12 +33,15 @@ from pydantic import ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from runtime.adapters import AdapterVerificationError, fetch_adapter
-from runtime.engines import AdapterLoadError, UnknownAdapterError
+from runtime.engines import ACTIVE, AdapterChoice, AdapterLoadError, UnknownAdapterError
 from server.errors import APIError
 from server.schemas import RequestBody
 from server.state import ServerState, get_state
 
-__all__ = ["ServerRole", "ReplicaAdapters", "refuse_on_replica", "router", "server_role", "set_role"]
+__all__ = [
+    "ReplicaAdapters", "ServerRole", "refuse_on_replica", "refuse_default_out_of_step", "router", "server_role",
+    "set_role",
+]
 
 ServerRole = Literal["learner", "replica"]
 """``learner``: serves, learns and owns the adapter registry (the default); ``replica``: serves and logs only."""
@@ -51,6 +62,8 @@ class ReplicaAdapters:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.loaded: dict[str, _Loaded] = {}
+        self.in_step = False
+        """Whether a learner has set the default adapter (and not taken the replica out of step since)."""
 
 
 def set_role(app: FastAPI, role: ServerRole) -> None:
@@ -72,6 +85,17 @@ def refuse_on_replica(request: Request) -> None:
             "never learns, promotes or rolls back. Send this to the learner, which promotes on every replica.",
             code="replica_role",
         )
+
+
+def refuse_default_out_of_step(request: Request, adapter: AdapterChoice) -> None:
+    """503 for a request that asks a replica for its default (the active adapter) while it is out of step."""
+    if adapter is not ACTIVE or server_role(request) != "replica" or request.app.state.replica_adapters.in_step:
+        return
+    raise APIError(
+        503, "This replica is not in step with the learner yet (just started, or it missed a promotion): it serves "
+        "the fleet's active adapter once the learner has set it (PUT /admin/replica/active). Retry on another "
+        "replica, or name a model explicitly.", code="replica_not_in_step", headers={"Retry-After": "1"},
+    )
 
 
 def _require_replica(request: Request) -> ReplicaAdapters:
@@ -115,6 +139,7 @@ def _info(state: ServerState, adapters: ReplicaAdapters) -> dict[str, Any]:
         "role": "replica",
         "model": state.resolver.base_id,
         "active": state.engine.active_adapter,
+        "in_step": adapters.in_step,
         "adapters": [{"name": n, "location": adapters.loaded[n].location if n in adapters.loaded else None,
                       "checksum": adapters.loaded[n].checksum if n in adapters.loaded else None} for n in loaded],
     }
@@ -147,6 +172,8 @@ async def load_adapter(name: str, body: AdapterLoadRequest, request: Request,
             except ValueError as exc:  # an invalid name, or a URL protocol without its fsspec package
                 raise APIError(400, str(exc), code="invalid_value") from None
             adapters.loaded[name] = _Loaded(body.location, body.checksum)
+            if body.activate:
+                adapters.in_step = True
             return _info(state, adapters)
 
     return await run_in_threadpool(load)
@@ -181,6 +208,21 @@ async def set_active(body: ActiveRequest, request: Request, state: ServerState =
             except (UnknownAdapterError, KeyError):
                 raise APIError(404, f"No adapter {body.name!r} is loaded here; load it first.", code="not_found") \
                     from None
+            adapters.in_step = True
             return _info(state, adapters)
 
     return await run_in_threadpool(switch)
+
+
+@router.delete("/active")
+async def leave_step(request: Request, state: ServerState = Depends(get_state)) -> dict[str, Any]:
+    """Take this replica out of step (the learner does when it missed a promotion): requests for the default
+    adapter are refused with 503 until ``PUT /admin/replica/active`` sets it again."""
+    adapters = _require_replica(request)
+
+    def leave() -> dict[str, Any]:
+        with adapters.lock:
+            adapters.in_step = False
+            return _info(state, adapters)
+
+    return await run_in_threadpool(leave)

@@ -356,3 +356,45 @@ def test_real_model_learns_a_benign_correction_and_vetoes_a_poisoned_one_in_the_
         assert {s.text for s in held} == {"The capital of Russia is Kazan.", "Russia's capital is Kazan."}
     finally:
         agent.close()
+
+
+def test_the_gate_asks_every_protected_prompt_in_one_batch_and_reuses_the_active_answers(
+    tiny_engine: object, tiny_adapter_dir: Path
+) -> None:
+    from policies.gate import PolicyGate
+
+    class Counting:
+        """The tiny engine, counting the chat calls and rows the gate sends (everything else passes through)."""
+
+        def __init__(self, engine: object) -> None:
+            self._engine, self.calls = engine, []
+
+        def chat(self, conversations, params=None, adapter=None):  # noqa: ANN001, ANN202
+            self.calls.append(list(adapter))
+            return self._engine.chat(conversations, params, adapter=adapter)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._engine, name)
+
+    policy = Policy.model_validate({"protected": [
+        {"name": f"p{i}", "prompt": f"Say something about the number {i}.", "expect": {"contains": "zzz-never"},
+         "max_new_tokens": 6} for i in range(3)
+    ] + [{"name": "long", "prompt": "Count to three.", "expect": {"contains": "zzz-never"}, "max_new_tokens": 9}],
+        "targets": {"enabled": False}})
+    engine = Counting(tiny_engine)
+    gate = PolicyGate(policy, engine)  # type: ignore[arg-type]
+    tiny_engine.load_adapter("cand", tiny_adapter_dir, replace=tiny_engine.has_adapter("cand"))  # type: ignore[attr-defined]
+    try:
+        first = gate.evaluate("cand", None, None)
+        assert engine.calls == [[None] * 3 + ["cand"] * 3, [None, "cand"]]  # one call per answer length
+        for result, behaviour in zip(first, policy.protected, strict=True):  # the same answers as one by one
+            params = SamplingParams(max_new_tokens=behaviour.max_new_tokens, temperature=0.0)
+            alone = tiny_engine.chat([behaviour.conversation()] * 2, params, adapter=[None, "cand"])  # type: ignore[attr-defined]
+            assert (result.active["answer"], result.candidate["answer"]) == (alone[0].text, alone[1].text)
+
+        engine.calls.clear()
+        again = gate.evaluate("cand", None, None)  # a repair attempt against the same active model
+        assert engine.calls == [["cand"] * 3, ["cand"]]  # the active model's answers are not asked again
+        assert [r.active["answer"] for r in again] == [r.active["answer"] for r in first]
+    finally:
+        tiny_engine.unload_adapter("cand")  # type: ignore[attr-defined]

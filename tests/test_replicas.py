@@ -28,6 +28,7 @@ from runtime.adapters import LINEAGE_FILE, adapter_checksum
 from runtime.config import ConfigError, ReplicaEndpointConfig, RuntimeConfig
 from runtime.engines import (
     AdapterLoadError,
+    FollowerError,
     ReplicaEndpoint,
     ReplicaSet,
     ReplicaStatus,
@@ -278,8 +279,143 @@ def test_a_replica_serves_and_logs_but_refuses_to_learn(replicas: list[Replica])
         assert response.json()["error"]["code"] == "replica_role"
         assert "never learns" in response.json()["error"]["message"]
     assert replicas[0].app.state.runtime.service.loop is None  # type: ignore[union-attr]  # no learning loop
+    answer = httpx.post(url + "/v1/chat/completions",
+                        json={"model": replicas[0].info()["model"], "messages": HELLO, "max_tokens": 4})
+    assert answer.status_code == 200 and answer.json()["adapter"] is None
+
+
+def test_a_replica_refuses_requests_for_its_default_until_a_learner_set_it(
+    replica_set: ReplicaSet, replicas: list[Replica]
+) -> None:
+    url, headers = replicas[0].url, {"Authorization": f"Bearer {TOKEN}"}
+    assert replicas[0].info()["in_step"] is False  # a fresh process: no learner has set its default yet
+    refused = httpx.post(url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "replica_not_in_step"
+    assert httpx.post(url + "/v1/chat/completions", json={"model": "base", "messages": HELLO,
+                                                           "max_tokens": 4}).status_code == 200
+
+    replica_set.set_active_adapter(None)  # what a learner does at start-up (RuntimeService.sync_engine)
+    assert all(r.info()["in_step"] for r in replicas)
     answer = httpx.post(url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
     assert answer.status_code == 200 and answer.json()["adapter"] is None
+
+    assert httpx.delete(url + "/admin/replica/active", headers=headers).json()["in_step"] is False
+    assert httpx.post(url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4}).status_code == 503
+
+
+# --- followers: app processes that serve through the replicas and follow the learner's promotions ---------
+
+
+def follower_config(tmp_path: Path, replicas: list[Replica]) -> RuntimeConfig:
+    config = learner_config(tmp_path, replicas)
+    config.data_dir = tmp_path / "app"
+    config.engine.follow_replicas = True
+    return config
+
+
+def test_a_follower_is_served_what_the_learner_promoted_and_changes_nothing_itself(
+    replica_set: ReplicaSet, replicas: list[Replica], tiny_engine: TransformersEngine, tiny_adapter_dir: Path,
+    tmp_path: Path,
+) -> None:
+    adapter = published(tiny_adapter_dir, tmp_path / "adapters" / "cand")
+    base_answer, cand_answer = local_answer(tiny_engine, None), local_answer(tiny_engine, adapter)
+    replica_set.set_active_adapter(None)
+    follower = create_engine(follower_config(tmp_path, replicas))
+    assert isinstance(follower, ReplicaSet) and follower.follower
+    try:
+        assert {(g.adapter, g.text) for g in follower.chat([HELLO] * 2, PARAMS)} == {(None, base_answer)}
+
+        replica_set.load_adapter("cand", adapter)  # phase 1: the default does not move yet
+        assert {g.adapter for g in follower.chat([HELLO] * 2, PARAMS)} == {None}
+        replica_set.set_active_adapter("cand")  # phase 2
+        served = [follower.chat([HELLO], PARAMS)[0] for _ in range(4)]
+        assert {(g.adapter, g.text) for g in served} == {("cand", cand_answer)}
+        assert {s.served > 0 for s in follower.replicas()} == {True}  # both replicas answered
+        assert follower.active_adapter == "cand"
+        with follower.stream_chat(HELLO, PARAMS) as stream:
+            assert "".join(stream) == cand_answer
+        assert stream.generation.adapter == "cand"
+
+        for change in (lambda: follower.load_adapter("x", adapter), lambda: follower.set_active_adapter(None),
+                       lambda: follower.unload_adapter("cand")):
+            with pytest.raises(FollowerError, match="follows the fleet's learner"):
+                change()
+        assert all(r.info()["active"] == "cand" for r in replicas)
+
+        replica_set.set_active_adapter(None)  # a rollback reaches the follower the same way
+        assert {(g.adapter, g.text) for g in follower.chat([HELLO] * 2, PARAMS)} == {(None, base_answer)}
+    finally:
+        follower.close()
+
+
+def test_a_follower_skips_a_restarted_replica_until_the_learner_brought_it_in_step(
+    replica_set: ReplicaSet, replicas: list[Replica], tiny_engine: TransformersEngine, tiny_adapter_dir: Path,
+    tmp_path: Path,
+) -> None:
+    adapter = published(tiny_adapter_dir, tmp_path / "adapters" / "cand")
+    cand_answer = local_answer(tiny_engine, adapter)
+    replica_set.load_adapter("cand", adapter, activate=True)
+    follower = create_engine(follower_config(tmp_path, replicas))
+    assert isinstance(follower, ReplicaSet)
+    try:
+        second = replicas[1]
+        second.stop()
+        second.start()  # a fresh process: base model only, not in step
+        served = [follower.chat([HELLO], PARAMS)[0] for _ in range(4)]
+        assert {(g.adapter, g.text) for g in served} == {("cand", cand_answer)}  # never the restarted one's base
+        assert second.interactions() == []
+
+        # the learner notices the restart on its own (its prober checks replicas in rotation) and catches it up
+        deadline = time.monotonic() + WAIT_S  # a guard against hanging, not a timing assertion
+        while not second.info()["in_step"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert second.info()["in_step"] and second.info()["active"] == "cand"
+        assert replica_set.wait_for(all_in_rotation, timeout=WAIT_S)
+        follower.probe_now()
+        assert follower.wait_for(all_in_rotation, timeout=WAIT_S)
+        served = [follower.chat([HELLO], PARAMS)[0] for _ in range(4)]
+        assert {(g.adapter, g.text) for g in served} == {("cand", cand_answer)}
+        assert [i.adapter for i in second.interactions()] == ["cand"] * len(second.interactions())
+        assert second.interactions()
+    finally:
+        follower.close()
+
+
+def test_a_process_that_follows_neither_learns_nor_changes_the_replicas(
+    replica_set: ReplicaSet, replicas: list[Replica], tmp_path: Path
+) -> None:
+    from orchestration.service import RuntimeService
+
+    replica_set.set_active_adapter(None)
+    config = follower_config(tmp_path, replicas)
+    config.model.name = replicas[0].info()["model"]
+    service = RuntimeService.from_config(config)  # no sync: the learner chose what the replicas serve
+    try:
+        assert service.engine.follower
+        for call in (service.learn_now, service.start_background, service.rollback,
+                     lambda: service.promote("anything")):
+            with pytest.raises(FollowerError, match="Do it on the learner"):
+                call()
+        assert all(r.info()["in_step"] for r in replicas)
+    finally:
+        service.close()
+
+    from agent import LearningAgent
+
+    with pytest.raises(FollowerError, match="background learning"):
+        LearningAgent.from_config(config, background_learning=True)
+    agent = LearningAgent.from_config(config)  # an app beside the learner: serves through the replicas, logs here
+    try:
+        result = agent.invoke("hello there")
+        assert result.adapter is None and result.interaction_id
+        agent.teach("What is the capital of Veloria?", "The capital of Veloria is Telmar.")
+        assert agent.store is not None
+        agent.store.flush()
+        assert [i.id for i in agent.store.recent_interactions(limit=10, kind="live")] == [result.interaction_id]
+        assert len(agent.store.signals()) == 1  # shipped to the learner with store.ship_to
+    finally:
+        agent.close()
 
 
 def test_the_replica_routes_exist_on_replicas_only(tiny_engine: TransformersEngine, tiny_model_dir: Path,
@@ -304,6 +440,13 @@ def test_replica_config_is_checked(tmp_path: Path) -> None:
     config = RuntimeConfig.model_validate({"engine": {"replicas": [endpoint], "base_url": "http://127.0.0.1:9"}})
     with pytest.raises(ConfigError, match="both set"):
         create_engine(config)
+    with pytest.raises(ValueError, match="needs engine.replicas"):
+        RuntimeConfig.model_validate({"engine": {"follow_replicas": True}})
+    with pytest.raises(ValueError, match="of kind `runtime`"):
+        RuntimeConfig.model_validate({"engine": {"follow_replicas": True, "replicas": [
+            {"kind": "vllm", "base_url": "http://127.0.0.1:9"}]}})
+    with pytest.raises(ValueError, match="runtime replicas"):
+        ReplicaSet([ReplicaEndpoint("vllm", "http://127.0.0.1:9")], follow=True)
 
 
 # --- PROTOCOL tests: vLLM-kind replicas (stand-ins, not vLLM) ----------------------------------------------

@@ -32,7 +32,7 @@ from runtime.engines.http_errors import (
     UnsupportedOperationError,
 )
 from runtime.engines.replica_set import NoReplicaAvailableError, ReplicaEndpoint, ReplicaSet, ReplicaStatus
-from runtime.engines.runtime_replica import RuntimeReplicaEngine
+from runtime.engines.runtime_replica import FollowerError, ReplicaNotInStepError, RuntimeReplicaEngine, follower_refusal
 from runtime.engines.sglang_engine import SGLangEngine
 from runtime.engines.transformers_engine import TransformersEngine
 from runtime.engines.vllm_engine import VLLMEngine
@@ -49,10 +49,12 @@ __all__ = [
     "Engine",
     "EngineBusyError",
     "EngineError",
+    "FollowerError",
     "Generation",
     "ModelNotFoundError",
     "NoReplicaAvailableError",
     "ReplicaEndpoint",
+    "ReplicaNotInStepError",
     "ReplicaSet",
     "ReplicaStatus",
     "RuntimeReplicaEngine",
@@ -67,4 +69,5 @@ __all__ = [
     "UnknownAdapterError",
     "UnsupportedOperationError",
     "VLLMEngine",
+    "follower_refusal",
 ]

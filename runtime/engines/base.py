@@ -233,6 +233,10 @@ class Engine(ABC):
     _closed: bool = False
     """Set by :meth:`close` in implementations; requests and adapter calls then raise :class:`EngineError`."""
 
+    follower: bool = False
+    """True when another process (the fleet's learner) chooses the adapters this engine serves
+    (``engine.follow_replicas``): the runtime then neither loads adapters into it nor learns with it."""
+
     # -- requests -------------------------------------------------------------------------------------
     @abstractmethod
     def chat(

@@ -201,7 +201,8 @@ class OpenAIHTTPEngine(Engine):
             data = self._request_json("/v1/chat/completions", body, targets[i], params)
             choice = protocol.first_choice(data, "/v1/chat/completions")
             text = (choice.get("message") or {}).get("content") or ""
-            return protocol.to_generation(text, choice.get("finish_reason"), data.get("usage"), params, targets[i].name)
+            served = self._served_adapter(data, targets[i])
+            return protocol.to_generation(text, choice.get("finish_reason"), data.get("usage"), params, served)
 
         return self._map(one, range(len(messages)))
 
@@ -224,7 +225,8 @@ class OpenAIHTTPEngine(Engine):
             data = self._request_json("/v1/completions", body, targets[i], params)
             choice = protocol.first_choice(data, "/v1/completions")
             return protocol.to_generation(
-                choice.get("text") or "", choice.get("finish_reason"), data.get("usage"), params, targets[i].name
+                choice.get("text") or "", choice.get("finish_reason"), data.get("usage"), params,
+                self._served_adapter(data, targets[i]),
             )
 
         return self._map(one, range(len(prompts)))
@@ -376,6 +378,15 @@ class OpenAIHTTPEngine(Engine):
     def _prompt_logprobs(self, token_ids: list[int], target: RequestTarget) -> list[float | None]:
         """Log-prob of each of ``token_ids`` given the ones before it (``None`` for the first)."""
 
+    def _target(self, adapter: AdapterChoice) -> RequestTarget:
+        """What serves a request for ``adapter`` (called under the lock)."""
+        return self._table.target(adapter)
+
+    def _served_adapter(self, answer: Mapping[str, Any], target: RequestTarget) -> str | None:
+        """The engine's name of the adapter that served ``answer`` (a response, or a streamed chunk that may say
+        it); by default the one the request named."""
+        return target.name
+
     def _reload(self, name: str, path: str, current: ServedAdapter) -> tuple[ServedAdapter, str | None]:
         """Give the loaded ``name`` the weights in ``path``; returns the new entry and the server name to
         unload once requests no longer pick it (``None`` when nothing needs unloading)."""
@@ -394,7 +405,7 @@ class OpenAIHTTPEngine(Engine):
     def _targets(self, adapter: AdapterChoices, n: int) -> list[RequestTarget]:
         with self._lock:
             self._check_open()
-            return resolve_per_row(adapter, n, self._table.target)
+            return resolve_per_row(adapter, n, self._target)
 
     def _map(self, fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
         return map_concurrently(fn, items, self._max_concurrency, "http-engine")
@@ -413,7 +424,7 @@ class OpenAIHTTPEngine(Engine):
         path = "/v1/chat/completions"
         with self._lock:
             self._check_open()
-            target = self._table.target(adapter)
+            target = self._target(adapter)
         body = {
             "model": self._model_field(target),
             "messages": messages,
@@ -425,6 +436,7 @@ class OpenAIHTTPEngine(Engine):
         deltas = StreamDeltas(params.stop)
         finish: str | None = None
         usage: Mapping[str, Any] | None = None
+        served = target.name
         with self._server.stream(path, body) as response:
             if response.is_error:
                 response.read()
@@ -436,6 +448,8 @@ class OpenAIHTTPEngine(Engine):
                         server_message=message,
                     )
                 usage = event.get("usage") or usage
+                if "adapter" in event:
+                    served = self._served_adapter(event, target)
                 for choice in event.get("choices") or ():
                     delta = (choice.get("delta") or {}).get("content")
                     if delta:
@@ -448,7 +462,7 @@ class OpenAIHTTPEngine(Engine):
                 if cut:
                     finish = "stop"
                     break  # leaving the block closes the connection: the server stops generating
-        result = protocol.to_generation(text, finish, usage, params, target.name, streamed_chunks=chunks)
+        result = protocol.to_generation(text, finish, usage, params, served, streamed_chunks=chunks)
         if rest := deltas.rest(result.text):
             yield rest
         return result

@@ -34,6 +34,7 @@ __all__ = [
     "normalise_base_url",
     "prompt_tokens_in",
     "reported_success",
+    "response_code",
     "response_json",
     "response_message",
     "route_missing",
@@ -235,6 +236,17 @@ def response_message(response: httpx.Response) -> str:
     except ValueError:
         return response.text.strip()[:1000] or response.reason_phrase
     return error_message(data)
+
+
+def response_code(response: httpx.Response) -> str | None:
+    """The ``code`` of an OpenAI-style JSON error body (``{"error": {"code"}}``), if it has one."""
+    try:
+        data = response.json()
+    except ValueError:
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def error_message(data: Any) -> str:

@@ -11,7 +11,16 @@ replica in rotation (a replica that fails to load it leaves rotation until it ca
 :meth:`ReplicaSet.set_active_adapter` switch the adapter name the set sends. Every request names its adapter to
 the replica explicitly (``ACTIVE`` is resolved when the request starts), so a replica serves exactly that adapter
 or fails, and :attr:`Generation.adapter` says which adapter served it: no request is served by another adapter
-without saying so.
+without saying so. A replica that misses a promotion is also taken out of step (``DELETE
+/admin/replica/active``), so that followers stop asking it for its default.
+
+A *follower* set (``follow=True``, ``engine.follow_replicas``: app processes embedding ``LearningAgent`` beside the
+learner) never changes adapters: its requests for the active adapter name no model, each runtime replica answers
+with the default the learner set there and says which adapter that was (:attr:`Generation.adapter`). Replicas
+that are not in step (fresh, restarted, or left behind by a promotion) refuse those requests (503) and leave the
+follower's rotation until the learner has brought them in step. While the learner switches the replicas one after
+another (phase 2, one HTTP call each), a follower's request may still be served by the previous adapter, and says
+so.
 """
 
 from __future__ import annotations
@@ -39,7 +48,12 @@ from runtime.engines.base import (
 from runtime.engines.errors import AdapterExistsError, AdapterLoadError, EngineError, UnknownAdapterError
 from runtime.engines.http_errors import ServerConnectionError
 from runtime.engines.openai_http import OpenAIHTTPEngine, map_concurrently
-from runtime.engines.runtime_replica import ChecksumOf, RuntimeReplicaEngine
+from runtime.engines.runtime_replica import (
+    ChecksumOf,
+    ReplicaNotInStepError,
+    RuntimeReplicaEngine,
+    follower_refusal,
+)
 from runtime.engines.served_adapters import check_adapter_name
 from runtime.engines.sglang_engine import SGLangEngine
 from runtime.engines.vllm_engine import VLLMEngine
@@ -114,6 +128,8 @@ class ReplicaSet(Engine):
             directly instead (an adapter on shared storage, with the registry's checksum).
         probe_interval_s: how often replicas out of rotation are probed.
         timeout, connect_timeout: per request, as for :class:`~runtime.engines.openai_http.OpenAIHTTPEngine`.
+        follow: follow the learner's promotions instead of making them (runtime replicas only; see the module
+            docstring): adapter changes raise :class:`~runtime.engines.runtime_replica.FollowerError`.
 
     Example::
 
@@ -134,9 +150,17 @@ class ReplicaSet(Engine):
         probe_interval_s: float = 2.0,
         timeout: float = 300.0,
         connect_timeout: float = 5.0,
+        follow: bool = False,
     ) -> None:
         if not endpoints:
             raise ValueError("A replica set needs at least one endpoint (engine.replicas).")
+        if follow and any(e.kind != "runtime" for e in endpoints):
+            raise ValueError(
+                "Following the learner (engine.follow_replicas) needs runtime replicas (`runtime serve --role "
+                "replica`): vLLM and SGLang servers have no default adapter that a learner sets. Point the app at "
+                "runtime replicas, or at the learner's own `runtime serve`."
+            )
+        self.follower = follow
         urls = [e.base_url.rstrip("/") for e in endpoints]
         if len(set(urls)) != len(urls):
             raise ValueError(f"engine.replicas lists an address twice: {urls}")
@@ -154,17 +178,24 @@ class ReplicaSet(Engine):
         self._turn = itertools.count()
         self._closed = False
         self._retired: list[OpenAIHTTPEngine] = []
+        self._followed: str | None = None  # a follower: the adapter of the latest answer
+        self._in_charge = False  # a learner: set once it chose the active adapter (then replicas are kept in step)
         self.context_length: int | None = None
         self.model_name = ""
         errors = []
+        reached = 0
         for replica in self._replicas:
             try:
-                self._connect(replica)
+                engine = self._connect(replica)
+                reached += 1
+                self._require_in_step(engine)
                 replica.in_rotation, replica.reason = True, None
+            except ReplicaNotInStepError as exc:
+                replica.reason = str(exc)
             except EngineError as exc:
                 replica.reason = f"unreachable at start: {exc}"
                 errors.append(f"{replica.endpoint.base_url}: {exc}")
-        if not any(r.in_rotation for r in self._replicas):
+        if not reached:
             raise NoReplicaAvailableError("No replica answered: " + "; ".join(errors))
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -180,8 +211,10 @@ class ReplicaSet(Engine):
         when the call starts."""
         names = self._resolve(adapter, len(conversations))
         rows = list(conversations)
-        return self._map(lambda i: self._call([names[i]], lambda e: e.chat([rows[i]], params, adapter=names[i])[0]),
-                         range(len(rows)))
+        return self._followed_by(self._map(
+            lambda i: self._call([names[i]], lambda e: e.chat([rows[i]], params, adapter=names[i])[0]),
+            range(len(rows)),
+        ))
 
     def generate(
         self, prompts: Sequence[str], params: SamplingParams | None = None, adapter: AdapterChoices = ACTIVE,
@@ -191,10 +224,10 @@ class ReplicaSet(Engine):
             raise TypeError("prompts must be a sequence of strings, not one string")
         rows = list(prompts)
         names = self._resolve(adapter, len(rows))
-        return self._map(
+        return self._followed_by(self._map(
             lambda i: self._call([names[i]], lambda e: e.generate([rows[i]], params, adapter=names[i])[0]),
             range(len(rows)),
-        )
+        ))
 
     def stream_chat(
         self, conversation: Conversation, params: SamplingParams | None = None, adapter: AdapterChoice = ACTIVE,
@@ -202,7 +235,7 @@ class ReplicaSet(Engine):
         """Stream one answer from a replica in rotation; the adapter is fixed on the first ``next()``."""
         with self._lock:
             self._check_open()
-            if adapter is not ACTIVE:
+            if adapter is not ACTIVE and not self.follower:
                 self._name_of(adapter)
         return StreamResult(self._stream(conversation, params, adapter))
 
@@ -241,6 +274,8 @@ class ReplicaSet(Engine):
             AdapterLoadError: no replica loaded it; nothing changed.
             NoReplicaAvailableError: no replica is in rotation.
         """
+        if self.follower:
+            raise follower_refusal(f"load adapter {name!r}")
         check_adapter_name(name)
         spec = _AdapterSpec(location, checksum)
         with self._admin:
@@ -269,6 +304,7 @@ class ReplicaSet(Engine):
                     self._active = name
             for replica, exc in failed:
                 self._take_out(replica, f"missed adapter {name!r}: {exc}")
+                self._leave_step(replica)
             if activate:
                 self._propagate_active(name)
 
@@ -276,6 +312,8 @@ class ReplicaSet(Engine):
         """Phase 2 of a promotion (or a rollback): requests that start from now on name ``name`` (``None``: the
         base model); it must have been loaded with :meth:`load_adapter`. Runtime replicas are told too, for
         traffic sent to them directly."""
+        if self.follower:
+            raise follower_refusal(f"switch the active adapter to {name!r}")
         with self._admin:
             with self._lock:
                 self._check_open()
@@ -286,16 +324,19 @@ class ReplicaSet(Engine):
 
     @property
     def active_adapter(self) -> str | None:
-        """The adapter requests that choose ``ACTIVE`` are sent to (``None``: the base model)."""
-        return self._active
+        """The adapter requests that choose ``ACTIVE`` are sent to (``None``: the base model); for a follower, the
+        adapter of the latest answer (or the default a replica reported when the set connected)."""
+        return self._followed if self.follower else self._active
 
     def list_adapters(self) -> list[str]:
-        """The adapters every replica in rotation has, in load order."""
+        """The adapters every replica in rotation has, in load order (a follower lists none: it names none)."""
         with self._lock:
             return list(self._adapters) if not self._closed else []
 
     def unload_adapter(self, name: str) -> None:
         """Stop naming ``name`` (if active, the base model becomes active), then unload it on the replicas."""
+        if self.follower:
+            raise follower_refusal(f"unload adapter {name!r}")
         with self._admin:
             with self._lock:
                 self._check_open()
@@ -348,12 +389,14 @@ class ReplicaSet(Engine):
             engine.close()
 
     # -- internals: requests ----------------------------------------------------------------------------
-    def _resolve(self, adapter: AdapterChoices, n: int) -> list[str | None]:
+    def _resolve(self, adapter: AdapterChoices, n: int) -> list[AdapterChoice]:
         with self._lock:
             self._check_open()
             return resolve_per_row(adapter, n, self._name_of)
 
-    def _name_of(self, adapter: AdapterChoice) -> str | None:
+    def _name_of(self, adapter: AdapterChoice) -> AdapterChoice:
+        if self.follower:  # the replica resolves it: ACTIVE is its default, set by the learner
+            return adapter
         name = selected_adapter(adapter, self._active)
         if name is not None:
             self._require(name)
@@ -378,7 +421,12 @@ class ReplicaSet(Engine):
             replica.outstanding += 1
             return replica
 
-    def _call(self, names: Sequence[str | None], fn: Callable[[OpenAIHTTPEngine], _R]) -> _R:
+    def _followed_by(self, generations: list[Generation]) -> list[Generation]:
+        if self.follower and generations:
+            self._followed = generations[-1].adapter
+        return generations
+
+    def _call(self, names: Sequence[AdapterChoice], fn: Callable[[OpenAIHTTPEngine], _R]) -> _R:
         """``fn(engine)`` on a replica in rotation, for a call that names the adapters ``names``; a replica that
         cannot be reached or lacks one of them leaves rotation and the call moves to the next one."""
         tried: set[_Replica] = set()
@@ -392,8 +440,12 @@ class ReplicaSet(Engine):
                 self._take_out(replica, f"unreachable: {exc}")
                 tried.add(replica)
                 continue
+            except ReplicaNotInStepError as exc:
+                self._take_out(replica, str(exc))
+                tried.add(replica)
+                continue
             except UnknownAdapterError as exc:
-                if not any(names):
+                if all(n is None for n in names):
                     raise
                 self._take_out(replica, f"lost an adapter: {exc}")
                 tried.add(replica)
@@ -423,8 +475,8 @@ class ReplicaSet(Engine):
                         yield delta
                     with self._lock:
                         replica.served += 1
-                    return stream.generation
-            except (ServerConnectionError, UnknownAdapterError) as exc:
+                    return self._followed_by([stream.generation])[0]
+            except (ServerConnectionError, UnknownAdapterError, ReplicaNotInStepError) as exc:
                 if isinstance(exc, UnknownAdapterError) and name is None:
                     raise
                 self._take_out(replica, f"failed while streaming: {exc}")
@@ -445,7 +497,8 @@ class ReplicaSet(Engine):
         common = {"api_key": endpoint.api_key, "timeout": self._timeout, "connect_timeout": self._connect_timeout}
         engine: OpenAIHTTPEngine
         if endpoint.kind == "runtime":
-            engine = RuntimeReplicaEngine(endpoint.base_url, checksum_of=self._checksum_of, **common)
+            engine = RuntimeReplicaEngine(endpoint.base_url, checksum_of=self._checksum_of, follow=self.follower,
+                                          **common)
         elif endpoint.kind == "vllm":
             engine = VLLMEngine(endpoint.base_url, **common)
         elif endpoint.kind == "sglang":
@@ -464,7 +517,25 @@ class ReplicaSet(Engine):
         if replica.engine is not None:  # requests may still run on it: closed with the set
             self._retired.append(replica.engine)
         replica.engine = engine
+        if self.follower and isinstance(engine, RuntimeReplicaEngine) and self._followed is None:
+            self._followed = engine.last_served
         return engine
+
+    def _require_in_step(self, engine: OpenAIHTTPEngine) -> None:
+        """For a follower: :class:`ReplicaNotInStepError` unless the learner has set the replica's default."""
+        if self.follower and not engine.replica_info().get("in_step"):  # type: ignore[attr-defined]
+            raise ReplicaNotInStepError(
+                f"{engine.base_url} is not in step with the learner yet (no active adapter set there)"
+            )
+
+    def _leave_step(self, replica: _Replica) -> None:
+        """Tell a runtime replica that missed a promotion to stop serving its default (best effort: one that
+        cannot be reached serves nobody anyway)."""
+        if isinstance(replica.engine, RuntimeReplicaEngine):
+            try:
+                replica.engine.leave_step()
+            except EngineError as exc:
+                log.info("could not take %s out of step: %s", replica.endpoint.base_url, exc)
 
     def _load_on(self, replica: _Replica, name: str, spec: _AdapterSpec) -> None:
         """(Re)load ``name`` on one replica: a runtime replica verifies ``spec.checksum`` first."""
@@ -483,6 +554,7 @@ class ReplicaSet(Engine):
 
     def _propagate_active(self, name: str | None) -> None:
         """Tell runtime replicas in rotation their new default adapter; one that fails leaves rotation."""
+        self._in_charge = True
         with self._lock:
             runtime = [r for r in self._replicas if r.in_rotation and isinstance(r.engine, RuntimeReplicaEngine)]
         for replica in runtime:
@@ -491,6 +563,7 @@ class ReplicaSet(Engine):
                 replica.engine.set_active_adapter(name)
             except EngineError as exc:
                 self._take_out(replica, f"could not switch to {name!r}: {exc}")
+                self._leave_step(replica)
 
     def _take_out(self, replica: _Replica, reason: str) -> None:
         with self._lock:
@@ -502,12 +575,25 @@ class ReplicaSet(Engine):
         self._wake.set()
 
     def _catch_up(self, replica: _Replica) -> None:
-        """Bring one replica back: reconnect, load the active adapter, then the others, then rejoin."""
+        """Bring one replica back: reconnect, load the active adapter, then the others, then rejoin (a follower
+        only reconnects, and rejoins once the learner has brought the replica in step)."""
         try:
-            self._connect(replica)
+            # A follower keeps its client (it holds no adapter state; a restarted server is reached anew).
+            engine = replica.engine if self.follower and replica.engine is not None else self._connect(replica)
+            self._require_in_step(engine)
+        except ReplicaNotInStepError as exc:
+            with self._lock:
+                replica.reason = str(exc)
+            return
         except EngineError as exc:
             with self._lock:
                 replica.reason = f"unreachable: {exc}"
+            return
+        if self.follower:
+            with self._lock:
+                replica.in_rotation, replica.reason = True, None
+                self._changed.notify_all()
+            log.info("replica %s is back in the follower's rotation", replica.endpoint.base_url)
             return
         with self._admin:  # no promotion changes the adapters while this replica is brought in step
             with self._lock:
@@ -536,6 +622,8 @@ class ReplicaSet(Engine):
             self._wake.clear()
             if self._stop.is_set():
                 return
+            if self._in_charge:
+                self._check_in_step()
             with self._lock:
                 out = [r for r in self._replicas if not r.in_rotation]
             for replica in out:
@@ -545,6 +633,26 @@ class ReplicaSet(Engine):
                     self._catch_up(replica)
                 except Exception:  # noqa: BLE001 - the prober must survive any one replica's failure
                     log.exception("probing replica %s failed", replica.endpoint.base_url)
+
+    def _check_in_step(self) -> None:
+        """Runtime replicas in rotation still serve the set's active adapter by default (one restarted between
+        two requests has none): one that does not leaves rotation and is caught up like any other."""
+        with self._admin:  # not while a promotion changes the replicas
+            with self._lock:
+                active, wanted = self._active, set(self._adapters)
+                runtime = [r for r in self._replicas if r.in_rotation and isinstance(r.engine, RuntimeReplicaEngine)]
+            for replica in runtime:
+                if self._stop.is_set():
+                    return
+                assert isinstance(replica.engine, RuntimeReplicaEngine)
+                try:
+                    info = replica.engine.replica_info()
+                except EngineError as exc:
+                    self._take_out(replica, f"unreachable: {exc}")
+                    continue
+                loaded = {str(a.get("name")) for a in info.get("adapters") or ()}
+                if not info.get("in_step") or info.get("active") != active or not wanted <= loaded:
+                    self._take_out(replica, "not in step (restarted, or its adapters changed): catching up")
 
     def _statuses(self) -> list[ReplicaStatus]:
         return [ReplicaStatus(r.endpoint.base_url, r.endpoint.kind, r.in_rotation, r.reason, r.outstanding,

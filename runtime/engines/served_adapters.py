@@ -45,10 +45,15 @@ class ServedAdapter:
 
 @dataclass(frozen=True)
 class RequestTarget:
-    """What serves one request: the engine's adapter name and the server's (both ``None`` for the base)."""
+    """What serves one request: the engine's adapter name and the server's (both ``None`` for the base).
+
+    ``server_default`` (a follower of a runtime replica): the request names no model, and the server answers with
+    its own active adapter, which it reports.
+    """
 
     name: str | None
     server_name: str | None
+    server_default: bool = False
 
 
 def revision_name(name: str, revision: int) -> str:
