@@ -28,6 +28,8 @@ from runtime.engines import (
     ContextLengthError,
     Engine,
     EngineBusyError,
+    NoReplicaAvailableError,
+    ServerConnectionError,
     UnknownAdapterError,
 )
 from server.errors import APIError
@@ -245,6 +247,9 @@ def translate_engine_error(exc: Exception) -> APIError | None:
         return APIError(404, str(exc), code="model_not_found", param="model")
     if isinstance(exc, ValueError):
         return APIError(400, str(exc), code="invalid_value")
+    if isinstance(exc, ServerConnectionError | NoReplicaAvailableError):  # not the client's fault, but its retry helps
+        return APIError(503, f"The serving engine could not answer: {exc}", code="engine_unavailable",
+                        headers={"Retry-After": "1"})
     return None
 
 
@@ -253,6 +258,11 @@ def _raise_translated(exc: Exception) -> None:
     if translated is not None:
         raise translated from exc
     raise exc
+
+
+MID_ANSWER_RETRIES = 1
+"""A non-streamed answer whose server (a replica) went away mid-answer is generated again this many times: the
+client has received nothing yet, and a replica set has already taken the dead replica out of rotation."""
 
 
 class ChatService:
@@ -296,14 +306,23 @@ class ChatService:
         try:
             for i in range(req.n):
                 seed = None if req.seed is None else req.seed + i
-                handle = StreamHandle(self._model_for(req.adapter), req, self._call_kwargs(req, seed),
-                                      deadline=deadline)
-                current.append(handle)
-                if watcher is not None and watcher.done():
-                    raise ClientGone()
-                await handle.start()
-                async for _ in handle.events():
-                    pass
+                for attempt in range(1 + MID_ANSWER_RETRIES):
+                    handle = StreamHandle(self._model_for(req.adapter), req, self._call_kwargs(req, seed),
+                                          deadline=deadline)
+                    current.append(handle)
+                    if watcher is not None and watcher.done():
+                        raise ClientGone()
+                    try:
+                        await handle.start()
+                        async for _ in handle.events():
+                            pass
+                    except APIError as exc:  # a ServerConnectionError arrives translated (503)
+                        if not isinstance(exc.__cause__, ServerConnectionError) or attempt == MID_ANSWER_RETRIES:
+                            raise
+                        log.warning("the engine's server failed during an answer (%s); generating it again",
+                                    exc.__cause__)
+                        continue
+                    break
                 assert handle.result is not None
                 out.append(handle.result)
         finally:

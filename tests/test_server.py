@@ -733,3 +733,55 @@ def test_metrics_answer_an_operators_questions(tiny_engine, tiny_model_dir: Path
     assert samples[("runtime_store_rejected_writes_total", ())] == 0
     assert samples[("runtime_time_to_first_token_seconds_count", ())] == 1
     assert samples[("runtime_engine_queue_depth", ())] == 0  # nothing waits for the engine at scrape time
+
+
+class DiesMidAnswer:
+    """The tiny engine, except that its first ``breaks`` streamed answers break off after their first delta with
+    the error a replica that went away mid-answer gives (everything else passes through)."""
+
+    def __init__(self, engine: Any, breaks: int) -> None:
+        self._engine, self.breaks = engine, breaks
+
+    def stream_chat(self, conversation: Any, params: Any = None, adapter: Any = None) -> Any:
+        from runtime.engines import ACTIVE, ServerConnectionError, StreamResult
+
+        inner = self._engine.stream_chat(conversation, params, adapter=ACTIVE if adapter is None else adapter)
+        if self.breaks <= 0:
+            return inner
+        self.breaks -= 1
+
+        def broken() -> Iterator[str]:
+            with inner as stream:
+                for delta in stream:
+                    yield delta
+                    raise ServerConnectionError("peer closed connection without sending complete message body")
+            return None  # pragma: no cover
+
+        return StreamResult(broken())  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+@pytest.mark.parametrize("breaks", [1, 2])
+def test_a_non_streamed_answer_cut_off_by_its_server_is_generated_again_once(
+    breaks: int, tiny_engine: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(tmp_path, tiny_model_dir)
+    body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 6}
+    expected = tiny_engine.chat([body["messages"]], SamplingParams(max_new_tokens=6))[0].text
+    with Store(config.store_path) as store:
+        engine = DiesMidAnswer(tiny_engine, breaks)
+        app = create_app(config, engine=engine, store=store, admin_token=TOKEN, background_learning=False)  # type: ignore[arg-type]
+        with TestClient(app) as http:
+            response = http.post("/v1/chat/completions", json=body)
+        store.flush()
+        logged = store.recent_interactions(limit=10)
+    if breaks == 1:  # the client had received nothing: the answer is generated again, and logged once
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == expected
+        assert len(logged) == 1
+    else:  # it broke again: a 503 the client may retry, not a 500
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json()["error"]["code"] == "engine_unavailable"
+        assert logged == []
