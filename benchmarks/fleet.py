@@ -69,20 +69,17 @@ APP_SCRIPT = textwrap.dedent("""
     import json, os, sys, time
     import httpx
     from agent import LearningAgent
+    from benchmarks.fleet import _active
 
     def main():
         config_path, job_path, out_path = sys.argv[1:4]
         job = json.loads(open(job_path).read())
         agent = LearningAgent.from_config(config_path)  # engine.follow_replicas: it serves through the replicas
-        admin = httpx.Client(base_url=job["learner_url"], headers={"Authorization": "Bearer " + job["admin_token"]})
+        admin = httpx.Client(base_url=job["learner_url"])
+        headers = {"Authorization": "Bearer " + job["admin_token"]}
 
-        def learner_active():  # instrumentation: what the learner says is active; retried, see _active
-            for attempt in range(3):
-                try:
-                    return admin.get("/admin/adapters").json()["active"]
-                except httpx.TransportError:
-                    if attempt == 2:
-                        raise
+        def learner_active():  # instrumentation only: what the learner says is active
+            return _active(admin, headers)
 
         answered, records = 0, []
         try:

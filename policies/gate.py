@@ -207,7 +207,7 @@ class PolicyGate:
             missing = [i for i in indices if keys[i] not in self._active_answers]
             rows = [behaviours[i].conversation() for i in (*missing, *indices)]
             generations = self.engine.chat(rows, params, adapter=[active] * len(missing) + [candidate] * len(indices))
-            for i, generation in zip(missing, generations, strict=False):
+            for i, generation in zip(missing, generations[:len(missing)], strict=True):
                 self._active_answers[keys[i]] = generation.text
             for i, generation in zip(indices, generations[len(missing):], strict=True):
                 out[i] = (self._active_answers[keys[i]], generation.text)
