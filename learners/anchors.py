@@ -19,8 +19,11 @@ Prompts come from the sources of ``learning.anchors.sources``, in order, until `
 No source ever gives a prompt that a new example asks (an anchor there would argue with the correction).
 Gate-guided repair adds the prompts of the checks that vetoed a candidate (source ``repair``).
 
-The answers are written in the worker process (:func:`answer_anchors`), by the model the update starts from
-(the base model with the active adapter), and kept in the cycle so that repair attempts reuse them.
+The answers are the active model's (the base model with the adapter the update starts from), greedy. With a
+serving engine (a cycle run by the service), that engine writes them before the worker starts
+(:func:`answer_with_engine`: the answers users are served, and no second model load for them) and the worker
+turns them into token ids (:func:`tokenise_answers`); otherwise the worker writes them (:func:`answer_anchors`).
+They are kept in the cycle so that repair attempts reuse them.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from runtime.chat_encoding import common_prefix_length, encode_chat
 from runtime.config import AnchorsConfig
+from runtime.engines.base import Engine, SamplingParams
 from runtime.jsonl import read_jsonl
 from runtime.store import Store
 from runtime.textmatch import content_words, normalise
@@ -51,14 +56,18 @@ class Anchor:
         messages: The conversation, ending with a user turn.
         source: Where it came from (``log``, ``protected``, ``probe`` or ``repair``).
         answer_ids: The active model's greedy answer as token ids (with the end-of-turn token when the answer
-            ended by itself); ``None`` until :func:`answer_anchors` fills it.
-        answer: The same answer as text (for records and people).
+            ended by itself); ``None`` until :func:`answer_anchors` or :func:`tokenise_answers` fills it.
+        answer: The same answer as text (for records and people); an engine's answer is text first, and
+            :func:`tokenise_answers` writes its ids.
+        finished: Whether the answer ended by itself (``False``: cut at ``max_new_tokens``); ``None`` until
+            answered.
     """
 
     messages: Messages
     source: AnchorOrigin
     answer_ids: list[int] | None = None
     answer: str | None = None
+    finished: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,5 +216,39 @@ def answer_anchors(
             model, tokenizer, [a.messages for a in todo], max_new_tokens=max_new_tokens, batch_size=batch_size
         )
         for anchor, output in zip(todo, outputs, strict=True):
-            anchor.answer_ids, anchor.answer = output.token_ids, output.text
+            anchor.answer_ids, anchor.answer, anchor.finished = output.token_ids, output.text, output.finished
     return list(anchors)
+
+
+def answer_with_engine(
+    engine: Engine, adapter: str | None, anchors: Sequence[Anchor], *, max_new_tokens: int
+) -> list[Anchor]:
+    """Fill in the greedy answer that `engine` serves with `adapter` (the active one; ``None``: the base model)
+    for anchors without one, in one batched call: the text and whether it ended by itself. The worker writes the
+    token ids (:func:`tokenise_answers`)."""
+    todo = [a for a in anchors if a.answer_ids is None and a.answer is None]
+    if todo:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+        generations = engine.chat([a.messages for a in todo], params, adapter=[adapter] * len(todo))
+        for anchor, generation in zip(todo, generations, strict=True):
+            anchor.answer, anchor.finished = generation.text, generation.finish_reason == "stop"
+    return list(anchors)
+
+
+def tokenise_answers(tokenizer: Any, anchors: Sequence[Anchor]) -> None:
+    """Write ``answer_ids`` for anchors answered as text (:func:`answer_with_engine`): the answer's tokens as the
+    chat template places them after the prompt, with the end-of-turn token when the answer ended by itself."""
+    from runtime.engines.torch_setup import eos_token_ids
+
+    ends = eos_token_ids(None, tokenizer)
+    for anchor in anchors:
+        if anchor.answer_ids is not None or anchor.answer is None:
+            continue
+        prompt = encode_chat(tokenizer, anchor.messages)
+        full = encode_chat(tokenizer, [*anchor.messages, {"role": "assistant", "content": anchor.answer}],
+                           add_generation_prompt=False)
+        ids = full[common_prefix_length(prompt, full):]
+        end = next((i for i, t in enumerate(ids) if t in ends), None)
+        if end is not None:
+            ids = ids[: end + 1] if anchor.finished else ids[:end]
+        anchor.answer_ids = ids

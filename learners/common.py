@@ -28,6 +28,9 @@ class BaseTrainSettings:
         seed: Seeds LoRA initialisation, data order and sampling.
         lr_scheduler_type: Any ``transformers`` scheduler name (``"linear"``, ``"cosine"``, ``"constant"``...).
         warmup_steps: Warmup length; a value below 1 is a fraction of the total steps.
+        min_steps_scheduler: The schedule, without warmup, of an update that ``min_steps`` lengthens (a
+            correction or two cycled for a dozen steps: every step at the full rate is worth its time there, where
+            a warmup step at rate 0 is not); ``None`` keeps ``lr_scheduler_type`` and ``warmup_steps``.
         weight_decay: AdamW weight decay.
         max_grad_norm: Gradient clipping norm.
         use_cpu: Train on CPU even when an accelerator is present.
@@ -45,6 +48,7 @@ class BaseTrainSettings:
     seed: int = 0
     lr_scheduler_type: str = "linear"
     warmup_steps: float = 0.0
+    min_steps_scheduler: str | None = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     use_cpu: bool = False
@@ -84,6 +88,9 @@ class BaseTrainSettings:
         and shows no tqdm bar (progress goes through the learner's callback).
         """
         max_steps = self.resolved_max_steps(steps_per_epoch)
+        scheduler, warmup = self.lr_scheduler_type, self.warmup_steps
+        if self.min_steps_scheduler is not None and self.max_steps is None and max_steps is not None:
+            scheduler, warmup = self.min_steps_scheduler, 0.0
         return {
             "output_dir": str(output_dir),
             "learning_rate": self.learning_rate,
@@ -91,8 +98,8 @@ class BaseTrainSettings:
             "max_steps": max_steps if max_steps is not None else -1,
             "seed": self.seed,
             "data_seed": self.seed,
-            "lr_scheduler_type": self.lr_scheduler_type,
-            "warmup_steps": self.warmup_steps,
+            "lr_scheduler_type": scheduler,
+            "warmup_steps": warmup,
             "weight_decay": self.weight_decay,
             "max_grad_norm": self.max_grad_norm,
             "use_cpu": self.use_cpu,

@@ -37,9 +37,11 @@ class RewriteSettings(BaseTrainSettings):
     rewrite at lr 1e-3 answers 100% of direct questions and 80% of paraphrases while reading-comprehension
     retention rises 4.8 points, where SFT at 1e-3 answers 83% of paraphrases and loses 4.8 points, with 40% less
     KL to the base model. (Those results were recorded as "SDFT, variant rewrite", the name this method had.)
-    ``min_steps`` 20: with anchors on, an update of two or three corrections (one step per epoch, so 10 steps)
-    was too short to learn them; at 20 steps all three benign cases of the gate suite were learned and served,
-    against two of three at 10 (``benchmarks/results/gate_suite.md``). Larger updates are unaffected.
+    ``min_steps`` 12 at a constant rate (``min_steps_scheduler``): with anchors on, an update of two or three
+    corrections (one step per epoch, so 10 steps of the cosine schedule, the first at rate 0) was too short to
+    learn them (two of three benign gate-suite cases served); 20 cosine steps learned all three, and so do 12
+    steps at the full rate, in 60% of the training time (``benchmarks/results/gate_suite.md``). Larger updates
+    (several steps per epoch) keep ``num_epochs`` and the cosine schedule.
 
     Attributes:
         batch_size: Examples per optimizer step of the SFT on the rewrites.
@@ -58,8 +60,9 @@ class RewriteSettings(BaseTrainSettings):
 
     learning_rate: float = 1e-3
     num_epochs: float = 10
-    min_steps: int = 20
+    min_steps: int = 12
     lr_scheduler_type: str = "cosine"
+    min_steps_scheduler: str | None = "constant"
     warmup_steps: float = 0.1
     batch_size: int = 4
     shuffle: bool = True

@@ -19,8 +19,8 @@ __all__ = ["SFTSettings"]
 
 @dataclass
 class SFTSettings(BaseTrainSettings):
-    """SFT knobs (defaults: the ``5e-4 x 10`` row of DESIGN.md's measurements, and at least 20 optimizer steps
-    so that an update of a few corrections is not too short to learn; see ``RewriteSettings``).
+    """SFT knobs (defaults: the ``5e-4 x 10`` row of DESIGN.md's measurements, and at least 12 optimizer steps
+    at the full rate so that an update of a few corrections is not too short to learn; see ``RewriteSettings``).
 
     Attributes:
         batch_size: Examples per micro-batch (TRL ``per_device_train_batch_size``).
@@ -35,7 +35,8 @@ class SFTSettings(BaseTrainSettings):
 
     __pydantic_config__ = ConfigDict(extra="forbid")
 
-    min_steps: int = 20
+    min_steps: int = 12
+    min_steps_scheduler: str | None = "constant"
     batch_size: int = 4
     gradient_accumulation_steps: int = 1
     max_length: int = 1024

@@ -377,7 +377,9 @@ def _lower_priority(niceness: int) -> None:
 
 
 def _anchor_training(job: TrainJob | SealJob) -> tuple[Any, list[dict[str, Any]]]:
-    """The job's anchors, answered by the model the update starts from (base + parent adapter), for the learner.
+    """The job's anchors with their answers as token ids, for the learner: an answer the serving engine wrote as
+    text is tokenised here; an anchor without one is answered by the model the update starts from (base + parent
+    adapter).
 
     Returns ``(AnchorTraining or None, the answered anchors as dicts)``; the caller keeps the answers so that a
     repair attempt does not write them again.
@@ -385,20 +387,23 @@ def _anchor_training(job: TrainJob | SealJob) -> tuple[Any, list[dict[str, Any]]
     if not job.anchors:
         return None, []
     from learners.anchor_loss import AnchorTraining
-    from learners.anchors import Anchor, answer_anchors
+    from learners.anchors import Anchor, answer_anchors, tokenise_answers
+    from learners.lora import load_tokenizer
 
     anchors = [Anchor(**a) for a in job.anchors]
     options = dict(job.anchor_settings)
     if any(a.answer_ids is None for a in anchors):
+        tokenizer = load_tokenizer(job.base_model_dir)
+        tokenise_answers(tokenizer, anchors)  # answered by the serving engine as text
+    if any(a.answer_ids is None for a in anchors):
         from peft import PeftModel
 
-        from learners.lora import load_base_model, load_tokenizer
+        from learners.lora import load_base_model
 
         model: Any = load_base_model(job.base_model_dir)
         if job.parent_adapter_dir is not None:
             model = PeftModel.from_pretrained(model, job.parent_adapter_dir)
-        answer_anchors(model, load_tokenizer(job.base_model_dir), anchors,
-                       max_new_tokens=int(options.get("max_new_tokens", 64)))
+        answer_anchors(model, tokenizer, anchors, max_new_tokens=int(options.get("max_new_tokens", 64)))
         del model
     training = AnchorTraining(
         anchors, loss=options.get("loss", "sft"), weight=float(options.get("weight", 1.0)),

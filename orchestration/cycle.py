@@ -16,7 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from learners.anchors import Anchor, AnchorSelection, prompt_key, repair_anchors, select_anchors
+from learners.anchors import (
+    Anchor,
+    AnchorSelection,
+    answer_with_engine,
+    prompt_key,
+    repair_anchors,
+    select_anchors,
+)
 from learners.auto_trainer import NoAcceptableCandidate
 from learners.callbacks import PhaseFn
 from learners.datasets import DatasetBuild, build_dataset
@@ -36,6 +43,7 @@ from policies.gate import PolicyGate
 from runtime.adapters import AdapterRegistry, AdapterVerificationError, Lineage
 from runtime.config import ConfigError, RepairConfig, RuntimeConfig
 from runtime.cpu import learner_cpu_threads
+from runtime.engines.base import Engine
 from runtime.models import resolve_model
 from runtime.store import AdapterRecord, Store, StoreError, import_segments
 
@@ -75,7 +83,8 @@ class Attempt:
     status: Literal["approved", "vetoed", "failed"]
     reasons: list[str]
     seconds: float
-    """Wall-clock of the attempt: training in the worker, verification, publishing and the gate."""
+    """Wall-clock of the attempt: its anchors answered by the serving engine, training in the worker, verification,
+    publishing and the gate."""
     adapter: str | None = None
     anchors: dict[str, int] = field(default_factory=dict)
     """Anchors trained on, by source."""
@@ -110,6 +119,8 @@ class _Context:
     phase: PhaseFn
     seal_texts: list[TrainingText] = field(default_factory=list)
     used_documents: list[str] = field(default_factory=list)
+    engine: Engine | None = None
+    """The serving engine: it answers the anchors (see :func:`run_cycle`)."""
 
 
 def _import_shipped_logs(store: Store, url: str) -> None:
@@ -140,6 +151,7 @@ def run_cycle(
     protected_prompts: Sequence[list[dict[str, str]]] = (),
     max_signals_per_principal: int | None = None,
     phase: PhaseFn | None = None,
+    engine: Engine | None = None,
 ) -> CycleResult:
     """Run one learning cycle with `method` (default: the config's; see :mod:`learners.registry`).
 
@@ -148,7 +160,9 @@ def run_cycle(
     :mod:`learners.auto_trainer`). ``seal`` learns pending documents through self-edits (see
     :mod:`learners.seal`).
     Every training also trains on anchors (``learning.anchors``: prompts answered by the active model, from
-    the log, `protected_prompts` and a built-in probe; see :mod:`learners.anchors`).
+    the log, `protected_prompts` and a built-in probe; see :mod:`learners.anchors`). With `engine` (the serving
+    engine, holding the active adapter), the anchors are answered there before the worker starts, as users are
+    served; without one (or when it cannot answer), the worker answers them.
 
     The published candidate goes to `gate`. A veto by protected or retention checks is repaired within
     ``learning.repair``: the failing prompts join the anchors, the learning rate (and epochs) are scaled
@@ -210,7 +224,7 @@ def run_cycle(
     ctx = _Context(
         config, store, registry, method, settings, sections, build, documents, counts, registry.active(),
         device or pick_training_device(serving_device or config.engine.device),
-        num_threads or learner_cpu_threads(), gate, on_progress, history, on_phase,
+        num_threads or learner_cpu_threads(), gate, on_progress, history, on_phase, engine=engine,
     )
     asked = [e.prompt for e in build.new]
     anchors = select_anchors(
@@ -278,6 +292,24 @@ def run_cycle(
     )
 
 
+def _answer_on_engine(
+    engine: Engine, active: AdapterRecord | None, anchors: list[Anchor], max_new_tokens: int
+) -> list[Anchor]:
+    """The anchors answered by the serving engine with the active adapter; unchanged (the worker answers them)
+    when the engine does not hold that adapter or fails."""
+    name = active.name if active else None
+    if not any(a.answer_ids is None and a.answer is None for a in anchors):
+        return anchors
+    if name is not None and not engine.has_adapter(name):
+        return anchors
+    try:
+        return answer_with_engine(engine, name, anchors, max_new_tokens=max_new_tokens)
+    except Exception as exc:  # an engine that cannot answer now costs only speed: the worker answers them
+        log.warning("learning cycle: the serving engine could not answer the anchors (%s: %s); the training "
+                    "process answers them", type(exc).__name__, exc)
+        return anchors
+
+
 def _no_repair(verdict: GateDecision, number: int, repair: RepairConfig, elapsed: float) -> str | None:
     """Why a vetoed attempt is not repaired (``None``: repair it)."""
     if not verdict.repair_prompts:
@@ -299,6 +331,8 @@ def _attempt(
     epochs_factor = repair.epochs_factor ** (number - 1)
     anchor_counts = AnchorSelection(anchors).counts()
     started = time.monotonic()
+    if ctx.engine is not None:
+        anchors = _answer_on_engine(ctx.engine, ctx.parent, anchors, ctx.config.learning.anchors.max_new_tokens)
     parent = ctx.parent
     run_id = ctx.store.create_run(
         ctx.method,

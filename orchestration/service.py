@@ -181,6 +181,7 @@ class RuntimeService:
                     protected_prompts=[b.conversation() for b in self.policy.protected],
                     max_signals_per_principal=self.policy.signals.max_per_principal_per_update,
                     phase=phase,
+                    engine=self.engine,
                 )
             self._apply(result)
             self.last_cycle = result

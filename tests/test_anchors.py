@@ -15,6 +15,7 @@ from learners.lora import LoraSettings, build_peft_model, load_base_model, load_
 from learners.sft_config import SFTSettings
 from learners.sft_trainer import train_sft
 from runtime.config import AnchorsConfig
+from runtime.engines import SamplingParams
 from runtime.store import Store
 
 
@@ -165,3 +166,27 @@ def test_probe_anchors_closest_to_the_taught_prompts_come_first() -> None:
     taught = [user("What is the capital of Orvania?")]
     picked = select_anchors(None, AnchorsConfig(sources=["probe"], count=3), exclude=taught)
     assert all("capital" in a.messages[-1]["content"] for a in picked.anchors)
+
+
+def test_an_engine_answer_becomes_the_tokens_the_chat_template_puts_after_the_prompt(tiny_model_dir: Path) -> None:
+    from learners.anchors import tokenise_answers
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    ended = Anchor(user("Capital of France?"), "probe", answer="Paris is the capital.", finished=True)
+    cut = Anchor(user("Capital of France?"), "probe", answer="Paris is the", finished=False)
+    kept = Anchor(user("Hello"), "probe", [5], "x", True)
+    tokenise_answers(tokenizer, [ended, cut, kept])
+    assert tokenizer.decode(ended.answer_ids) == "Paris is the capital.<|im_end|>"
+    assert tokenizer.decode(cut.answer_ids) == "Paris is the"
+    assert kept.answer_ids == [5]
+
+
+def test_the_serving_engine_answers_anchors_in_one_call(tiny_engine) -> None:
+    from learners.anchors import answer_with_engine
+
+    anchors = [Anchor(user("What is the capital of France?"), "probe"), Anchor(user("Hi"), "probe", [5], "x", True)]
+    answer_with_engine(tiny_engine, None, anchors, max_new_tokens=3)
+    served = tiny_engine.chat([anchors[0].messages], SamplingParams(max_new_tokens=3, temperature=0.0))[0]
+    assert (anchors[0].answer, anchors[0].finished) == (served.text, served.finish_reason == "stop")
+    assert anchors[0].answer_ids is None  # the training process writes the ids
+    assert (anchors[1].answer, anchors[1].answer_ids) == ("x", [5])

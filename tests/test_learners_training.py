@@ -163,11 +163,24 @@ def test_min_steps_lengthens_a_small_update_only(base_dir: Path, tmp_path: Path)
     assert SFTSettings(num_epochs=3, min_steps=0).resolved_max_steps(1) is None
 
 
+def test_an_update_min_steps_lengthens_runs_its_own_schedule_without_warmup(tmp_path: Path) -> None:
+    settings = SFTSettings(num_epochs=3, min_steps=8, lr_scheduler_type="cosine", warmup_steps=0.1,
+                           min_steps_scheduler="constant")
+    short = settings.training_args_kwargs(tmp_path, steps_per_epoch=1)
+    assert (short["max_steps"], short["lr_scheduler_type"], short["warmup_steps"]) == (8, "constant", 0.0)
+    long = settings.training_args_kwargs(tmp_path, steps_per_epoch=12)
+    assert (long["max_steps"], long["lr_scheduler_type"], long["warmup_steps"]) == (-1, "cosine", 0.1)
+    capped = SFTSettings(max_steps=5, min_steps=8, lr_scheduler_type="cosine", min_steps_scheduler="constant")
+    assert capped.training_args_kwargs(tmp_path, steps_per_epoch=1)["lr_scheduler_type"] == "cosine"
+    plain = SFTSettings(min_steps=8, lr_scheduler_type="linear", min_steps_scheduler=None)
+    assert plain.training_args_kwargs(tmp_path, steps_per_epoch=1)["lr_scheduler_type"] == "linear"
+
+
 def test_a_repair_attempt_scales_min_steps_with_the_epochs() -> None:
     from learners.registry import scale_settings
 
     scaled = scale_settings("rewrite", {}, learning_rate_factor=0.5, epochs_factor=0.5)
-    assert scaled["min_steps"] == 10 and scaled["num_epochs"] == 5
+    assert scaled["min_steps"] == 6 and scaled["num_epochs"] == 5
 
 
 def test_sft_loss_is_on_the_completion_only(base_dir: Path, tmp_path: Path) -> None:

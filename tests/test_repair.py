@@ -185,3 +185,37 @@ def test_a_taught_answer_that_drops_a_protected_format_is_a_conflict(tiny_engine
     assert not check_answer(general, "It is a red shirt.", refusal_markers=[]).passed
     assert format_of(Policy().model_validate({"protected": [
         {"name": "n", "prompt": "p", "expect": {"contains": "x"}}]}).protected[0].expect).contains == "x"
+
+
+def test_with_the_serving_engine_the_anchors_are_the_answers_it_serves(
+    tmp_path: Path, tiny_model_dir: Path, store: Store, tiny_engine
+) -> None:
+    teach(store)
+    result = run_cycle(config_for(tmp_path, tiny_model_dir), store, "sft", gate=ScriptedGate(REPAIRABLE, APPROVE),
+                       engine=tiny_engine)
+    assert result.status == "activated", result.message
+    anchors = store.get_run(result.attempts[1]["run_id"]).metrics["anchors"]
+    assert [a["source"] for a in anchors] == ["probe", "probe", "probe", "repair"]
+    served = tiny_engine.chat([user(a["prompt"]) for a in anchors], SamplingParams(max_new_tokens=4, temperature=0.0))
+    assert [a["answer"] for a in anchors] == [g.text for g in served]
+
+
+class CannotAnswer:
+    """A serving engine that is up (it holds the adapters asked about) but fails every generation."""
+
+    def has_adapter(self, name: str) -> bool:
+        return True
+
+    def chat(self, *args, **kwargs):
+        raise RuntimeError("engine stopped")
+
+
+def test_when_the_serving_engine_cannot_answer_the_training_process_answers_the_anchors(
+    tmp_path: Path, tiny_model_dir: Path, store: Store
+) -> None:
+    teach(store)
+    result = run_cycle(config_for(tmp_path, tiny_model_dir), store, "sft", gate=ScriptedGate(APPROVE),
+                       engine=CannotAnswer())  # type: ignore[arg-type]
+    assert result.status == "activated", result.message
+    anchors = store.get_run(result.run_id).metrics["anchors"]
+    assert len(anchors) == 3 and all(a["answer"] is not None for a in anchors)
