@@ -225,13 +225,18 @@ def answer_with_engine(
 ) -> list[Anchor]:
     """Fill in the greedy answer that `engine` serves with `adapter` (the active one; ``None``: the base model)
     for anchors without one, in one batched call: the text and whether it ended by itself. The worker writes the
-    token ids (:func:`tokenise_answers`)."""
+    token ids (:func:`tokenise_answers`).
+
+    An answer whose text holds a replacement character (tokens that are not whole UTF-8 characters, decoded
+    lossily) is left unanswered: its text does not tokenise back to what the model said, so the worker answers
+    it with the model itself."""
     todo = [a for a in anchors if a.answer_ids is None and a.answer is None]
     if todo:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
         generations = engine.chat([a.messages for a in todo], params, adapter=[adapter] * len(todo))
         for anchor, generation in zip(todo, generations, strict=True):
-            anchor.answer, anchor.finished = generation.text, generation.finish_reason == "stop"
+            if "\ufffd" not in generation.text:
+                anchor.answer, anchor.finished = generation.text, generation.finish_reason == "stop"
     return list(anchors)
 
 

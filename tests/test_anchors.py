@@ -190,3 +190,21 @@ def test_the_serving_engine_answers_anchors_in_one_call(tiny_engine) -> None:
     assert (anchors[0].answer, anchors[0].finished) == (served.text, served.finish_reason == "stop")
     assert anchors[0].answer_ids is None  # the training process writes the ids
     assert (anchors[1].answer, anchors[1].answer_ids) == ("x", [5])
+
+
+def test_an_engine_answer_that_does_not_tokenise_back_is_left_to_the_worker(tiny_engine) -> None:
+    # A random model emits byte tokens that are not whole UTF-8 characters; their text holds U+FFFD and would
+    # tokenise into other tokens than the model said, so the training process must answer those anchors itself.
+    from learners.anchors import answer_with_engine
+
+    prompts = [f"Tell me about topic {n}." for n in range(16)]
+    params = SamplingParams(max_new_tokens=2, temperature=0.0)
+    served = [g.text for g in tiny_engine.chat([user(p) for p in prompts], params)]
+    assert any("\ufffd" in t for t in served) and any("\ufffd" not in t for t in served), served
+    anchors = [Anchor(user(p), "probe") for p in prompts]
+    answer_with_engine(tiny_engine, None, anchors, max_new_tokens=2)
+    for anchor, text in zip(anchors, served, strict=True):
+        if "\ufffd" in text:
+            assert (anchor.answer, anchor.finished, anchor.answer_ids) == (None, None, None)
+        else:
+            assert anchor.answer == text and anchor.finished is not None
