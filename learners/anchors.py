@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from runtime.chat_encoding import common_prefix_length, encode_chat
+from runtime.chat_encoding import encode_chat_answer
 from runtime.config import AnchorsConfig
 from runtime.engines.base import Engine, SamplingParams
 from runtime.jsonl import read_jsonl
@@ -68,6 +68,11 @@ class Anchor:
     answer_ids: list[int] | None = None
     answer: str | None = None
     finished: bool | None = None
+
+    @property
+    def answered(self) -> bool:
+        """Whether the answer is written, as token ids or as text (:func:`tokenise_answers` writes its ids)."""
+        return self.answer_ids is not None or self.answer is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -230,7 +235,7 @@ def answer_with_engine(
     An answer whose text holds a replacement character (tokens that are not whole UTF-8 characters, decoded
     lossily) is left unanswered: its text does not tokenise back to what the model said, so the worker answers
     it with the model itself."""
-    todo = [a for a in anchors if a.answer_ids is None and a.answer is None]
+    todo = [a for a in anchors if not a.answered]
     if todo:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
         generations = engine.chat([a.messages for a in todo], params, adapter=[adapter] * len(todo))
@@ -249,10 +254,8 @@ def tokenise_answers(tokenizer: Any, anchors: Sequence[Anchor]) -> None:
     for anchor in anchors:
         if anchor.answer_ids is not None or anchor.answer is None:
             continue
-        prompt = encode_chat(tokenizer, anchor.messages)
-        full = encode_chat(tokenizer, [*anchor.messages, {"role": "assistant", "content": anchor.answer}],
-                           add_generation_prompt=False)
-        ids = full[common_prefix_length(prompt, full):]
+        full, start = encode_chat_answer(tokenizer, anchor.messages, anchor.answer)
+        ids = full[start:]
         end = next((i for i, t in enumerate(ids) if t in ends), None)
         if end is not None:
             ids = ids[: end + 1] if anchor.finished else ids[:end]

@@ -19,7 +19,7 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTTrainer
 
-from runtime.chat_encoding import common_prefix_length, encode_chat, encode_text
+from runtime.chat_encoding import encode_chat_answer, encode_text
 
 from .anchor_loss import AnchorLoss, AnchorTraining
 from .callbacks import ProgressCallback, ProgressFn
@@ -41,11 +41,7 @@ def _to_dataset(examples: Sequence[DemoExample], tokenizer: Any) -> Dataset:
     """
     rows = []
     for ex in examples:
-        prompt_ids = encode_chat(tokenizer, ex.prompt, add_generation_prompt=True)
-        full = encode_chat(
-            tokenizer, [*ex.prompt, {"role": "assistant", "content": ex.demonstration}], add_generation_prompt=False
-        )
-        start = common_prefix_length(prompt_ids, full)
+        full, start = encode_chat_answer(tokenizer, ex.prompt, ex.demonstration)
         rows.append({"input_ids": full, "completion_mask": [0] * start + [1] * (len(full) - start)})
     return Dataset.from_list(rows)
 

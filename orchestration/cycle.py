@@ -298,7 +298,7 @@ def _answer_on_engine(
     """The anchors answered by the serving engine with the active adapter; unchanged (the worker answers them)
     when the engine does not hold that adapter or fails."""
     name = active.name if active else None
-    if not any(a.answer_ids is None and a.answer is None for a in anchors):
+    if all(a.answered for a in anchors):
         return anchors
     if name is not None and not engine.has_adapter(name):
         return anchors

@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["common_prefix_length", "encode_chat", "encode_text", "special_token_strings"]
+__all__ = ["common_prefix_length", "encode_chat", "encode_chat_answer", "encode_text", "special_token_strings"]
 
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters: no tokenizer or user text gives them meaning
 _PLACEHOLDER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
@@ -89,6 +89,14 @@ def encode_chat(
         position = match.end()
     ids += tokenizer(rendered[position:], add_special_tokens=False)["input_ids"]
     return ids
+
+
+def encode_chat_answer(tokenizer: Any, messages: Sequence[Mapping[str, Any]], answer: str) -> tuple[list[int], int]:
+    """Token ids of `messages` answered by an assistant turn holding `answer` (:func:`encode_chat`), and the index
+    where the answer's tokens start: after the longest prefix shared with the prompt and its generation prompt."""
+    prompt = encode_chat(tokenizer, messages, add_generation_prompt=True)
+    full = encode_chat(tokenizer, [*messages, {"role": "assistant", "content": answer}], add_generation_prompt=False)
+    return full, common_prefix_length(prompt, full)
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
