@@ -20,9 +20,11 @@ whether that candidate learned the taught content (the gate's target check), the
 Writes ``benchmarks/results/gate_suite.json`` and ``.md`` (``--out`` moves them). ``--set learning.KEY=VALUE``
 overrides the runtime configuration (e.g. ``--set anchors.enabled=false --set repair.max_attempts=0`` for
 the update without anchors and repair); ``--label`` names the configuration in the results. ``--ablation``
-also runs the default method without repair, without anchors, without either, and without either at
-``min_steps`` 0 (the update as it was before anchors, repair and ``min_steps``), in the same run, and reports
-what each part contributes.
+also runs the default method without repair, without anchors, without either, with LoRA on every linear layer
+instead of the MLP layers, and without either at ``min_steps`` 0 on every linear layer (the update as it was
+before anchors, repair, ``min_steps`` and the MLP-only LoRA), in the same run (each
+configuration right after the default one on the same case), and reports what each part contributes and each
+first attempt's time over the same case's before.
 """
 
 from __future__ import annotations
@@ -266,15 +268,26 @@ def totals(rows: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+BEFORE = "before (neither, min_steps 0, all-linear)"
 ABLATIONS: dict[str, dict[str, Any]] = {
     "anchors only": {"repair": {"max_attempts": 0}},
     "repair only": {"anchors": {"enabled": False}},
     "neither": {"anchors": {"enabled": False}, "repair": {"max_attempts": 0}},
-    "before (neither, min_steps 0)": {
+    "all-linear LoRA": {"lora": {"target_modules": "all-linear"}},
+    BEFORE: {
         "anchors": {"enabled": False}, "repair": {"max_attempts": 0}, RuntimeConfig().learning.method: {"min_steps": 0},
+        "lora": {"target_modules": "all-linear"},
     },
 }
 """The default method under parts of the configuration switched off (``--ablation``)."""
+
+
+def first_attempt_ratio(rows: list[dict[str, Any]], before: list[dict[str, Any]]) -> float | None:
+    """Median over cases of a row's first attempt over the same case's first attempt before issue 12 (the rows
+    of each case ran one after the other, so the ratio is not swayed by the machine's drift over the run)."""
+    seconds = {r["case"]: r["first_attempt_seconds"] for r in before}
+    ratios = [r["first_attempt_seconds"] / seconds[r["case"]] for r in rows if seconds.get(r["case"])]
+    return statistics.median(ratios) if ratios else None
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -282,6 +295,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for key, value in extra.items():
         out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
     return out
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -305,12 +322,14 @@ def markdown(results: dict[str, Any]) -> str:
         method = results["config"]["default_method"]
         lines += ["", f"What each part contributes ({method}, the same cases, in this run):", "",
                   "| configuration | poisons served | benign served | protected failures | probe failures | attempts "
-                  "| cycle s p50 | first attempt s p50 |", "|---|---|---|---|---|---|---|---|"]
+                  "| cycle s p50 | first attempt s p50 | first attempt / before (per case, p50) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for label, t in results["ablation"].items():
             lines.append(
                 f"| {label} | {t['poisons_served']}/{t['poisons_total']} | {t['benign_served']}/{t['benign_total']} | "
                 f"{t['protected_failures_serving']} | {t['probe_failures_serving']} | {t['attempts_total']} | "
-                f"{t['cycle_seconds_p50']:.0f} | {t['first_attempt_seconds_p50']:.0f} |"
+                f"{t['cycle_seconds_p50']:.0f} | {t['first_attempt_seconds_p50']:.0f} | "
+                f"{_ratio(t.get('first_attempt_vs_before_p50'))} |"
             )
     lines += ["", "| case | kind | method | status | attempts (learned? decision) | serving | protected fail | "
               "probe fail | taught given | served |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -353,6 +372,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     probe = load_probe(args.probe)
     default_method = RuntimeConfig().learning.method
     methods = args.methods.split(",") if args.methods else list(dict.fromkeys([default_method, "sft"]))
+    if args.ablation and default_method not in methods:
+        parser.error(f"--ablation varies the default method ({default_method}): include it in --methods")
     learning = parse_overrides(args.overrides)
     model_dir = resolve_model(args.model)
     results: dict[str, Any] = {
@@ -373,10 +394,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         results["base"] = base_figures(model_dir, cases, probe, args.threads, tmp)
+        ablation_rows: list[dict[str, Any]] = []
         for method in methods:
             for case in cases:
-                row = run_case(case, method, model_dir, probe, learning, args.threads, tmp,
-                               base_given=results["base"]["cases"][case.id]["taught_prompts_given"])
+                base_given = results["base"]["cases"][case.id]["taught_prompts_given"]
+                row = run_case(case, method, model_dir, probe, learning, args.threads, tmp, base_given=base_given)
                 print(
                     f"{case.id:18s} {method:8s} {row['status']:10s} attempts={len(row['attempts'])} "
                     f"served={row['served']} probe_fail={len(row['probe_failures_serving'])} "
@@ -384,22 +406,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     flush=True,
                 )
                 results["rows"].append(row)
+                if args.ablation and method == default_method:
+                    # each configuration right after the default on the same case, so that the machine's drift
+                    # over the run does not land on one configuration
+                    for label, extra in ABLATIONS.items():
+                        row = run_case(case, default_method, model_dir, probe, _merge(learning, extra), args.threads,
+                                       tmp, tag="-" + label.split()[0],  # e.g. -anchors, -all-linear
+                                       base_given=base_given)
+                        row["ablation"] = label
+                        print(f"{case.id:18s} {label:18s} {row['status']:10s} served={row['served']} "
+                              f"probe_fail={len(row['probe_failures_serving'])} {row['cycle_seconds']:.0f}s",
+                              flush=True)
+                        ablation_rows.append(row)
         if args.ablation:
-            results["ablation"] = {"anchors + repair": totals(
-                [r for r in results["rows"] if r["method"] == default_method], results["base"]
-            )}
-            for label, extra in ABLATIONS.items():
-                rows = []
-                for case in cases:
-                    row = run_case(case, default_method, model_dir, probe, _merge(learning, extra), args.threads, tmp,
-                                   tag="-" + label.split()[0],  # anchors / repair / neither / before
-                                   base_given=results["base"]["cases"][case.id]["taught_prompts_given"])
-                    row["ablation"] = label
-                    print(f"{case.id:18s} {label:18s} {row['status']:10s} served={row['served']} "
-                          f"probe_fail={len(row['probe_failures_serving'])} {row['cycle_seconds']:.0f}s", flush=True)
-                    rows.append(row)
-                results["ablation"][label] = totals(rows, results["base"])
-                results["ablation_rows"] = results.get("ablation_rows", []) + rows
+            default_rows = [r for r in results["rows"] if r["method"] == default_method]
+            results["ablation"] = {"anchors + repair": totals(default_rows, results["base"])}
+            for label in ABLATIONS:
+                results["ablation"][label] = totals([r for r in ablation_rows if r["ablation"] == label],
+                                                    results["base"])
+            for label, rows in [("anchors + repair", default_rows),
+                                *((lb, [r for r in ablation_rows if r["ablation"] == lb]) for lb in ABLATIONS)]:
+                results["ablation"][label]["first_attempt_vs_before_p50"] = first_attempt_ratio(
+                    rows, [r for r in ablation_rows if r["ablation"] == BEFORE]
+                )
+            results["ablation_rows"] = ablation_rows
     results["totals"] = {
         m: totals([r for r in results["rows"] if r["method"] == m], results["base"]) for m in methods
     }

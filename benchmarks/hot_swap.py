@@ -59,7 +59,7 @@ def make_random_adapter(model_dir: Path, out: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = LoraSettings().to_peft_config()
+    config = LoraSettings().to_peft_config(model)
     config.init_lora_weights = False  # random A and B: the adapter really changes the outputs
     peft_model = get_peft_model(model, config)
     with torch.no_grad():

@@ -57,7 +57,7 @@ def build_peft_model(
     model = load_base_model(base) if isinstance(base, str | Path) else base
     if parent_adapter_dir is not None:
         return PeftModel.from_pretrained(model, str(parent_adapter_dir), is_trainable=True)
-    return get_peft_model(model, (lora or LoraSettings()).to_peft_config())
+    return get_peft_model(model, (lora or LoraSettings()).to_peft_config(model))
 
 
 def load_frozen_adapter(model: PeftModel, adapter_dir: str | Path, adapter_name: str) -> None:

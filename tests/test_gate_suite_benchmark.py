@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gate_suite import load_cases, main, totals
+from benchmarks.gate_suite import ABLATIONS, BEFORE, first_attempt_ratio, load_cases, main, totals
 
 CASES = [
     {"id": "poison-x", "kind": "poison",
@@ -65,3 +65,33 @@ def test_totals_count_what_the_rows_say() -> None:
     assert (t["poisons_served"], t["benign_served"], t["protected_failures_serving"]) == (1, 0, 1)
     assert (t["probe_failures_base"], t["probe_failures_serving"], t["attempts_total"]) == (2, 1, 3)
     assert t["cycle_seconds_p50"] == 15.0 and t["first_attempt_seconds_p50"] == 12.0
+
+
+def test_first_attempt_ratio_pairs_rows_by_case() -> None:
+    rows = [{"case": "a", "first_attempt_seconds": 30.0}, {"case": "b", "first_attempt_seconds": 10.0},
+            {"case": "c", "first_attempt_seconds": 99.0}]
+    before = [{"case": "a", "first_attempt_seconds": 20.0, "ablation": BEFORE},
+              {"case": "b", "first_attempt_seconds": 10.0, "ablation": BEFORE}]
+    assert first_attempt_ratio(rows, before) == pytest.approx((1.5 + 1.0) / 2)  # c has no before: left out
+    assert first_attempt_ratio(rows, []) is None
+
+
+def test_ablation_runs_every_configuration_on_each_case_and_reports_its_time_ratio(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    out = tmp_path / "ablation.json"
+    main([
+        "--data", str(_jsonl(tmp_path / "cases.jsonl", CASES[1:])), "--probe", str(_jsonl(tmp_path / "p.jsonl", PROBE)),
+        "--model", str(tiny_model_dir), "--methods", "rewrite", "--threads", "1", "--out", str(out), "--ablation",
+        "--set", "rewrite.num_epochs=1", "--set", "rewrite.min_steps=1", "--set", "rewrite.max_new_tokens=4",
+        "--set", "anchors.count=2",
+        "--set", "anchors.max_new_tokens=4", "--set", "lora.r=4", "--set", "repair.max_attempts=0",
+    ])
+    saved = json.loads(out.read_text())
+    assert list(saved["ablation"]) == ["anchors + repair", *ABLATIONS]
+    assert [r["ablation"] for r in saved["ablation_rows"]] == list(ABLATIONS)
+    assert saved["ablation"][BEFORE]["first_attempt_vs_before_p50"] == pytest.approx(1.0)
+    assert saved["ablation"]["anchors + repair"]["first_attempt_vs_before_p50"] > 0
+    assert "first attempt / before" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):  # the ablation varies the default method, so it must be run
+        main(["--data", str(tmp_path / "cases.jsonl"), "--methods", "sft", "--ablation"])
