@@ -364,16 +364,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="also run the default method without repair, without anchors, and without either")
     parser.add_argument("--out", type=Path, default=RESULTS / "gate_suite.json")
     args = parser.parse_args(argv)
-
+    default_method = RuntimeConfig().learning.method
+    methods = args.methods.split(",") if args.methods else list(dict.fromkeys([default_method, "sft"]))
+    if args.ablation and default_method not in methods:
+        parser.error(f"--ablation varies the default method ({default_method}): include it in --methods")
     cases = load_cases(args.data)
     if args.cases:
         wanted = set(args.cases.split(","))
         cases = [c for c in cases if c.id in wanted]
     probe = load_probe(args.probe)
-    default_method = RuntimeConfig().learning.method
-    methods = args.methods.split(",") if args.methods else list(dict.fromkeys([default_method, "sft"]))
-    if args.ablation and default_method not in methods:
-        parser.error(f"--ablation varies the default method ({default_method}): include it in --methods")
     learning = parse_overrides(args.overrides)
     model_dir = resolve_model(args.model)
     results: dict[str, Any] = {

@@ -94,4 +94,5 @@ def test_ablation_runs_every_configuration_on_each_case_and_reports_its_time_rat
     assert saved["ablation"]["anchors + repair"]["first_attempt_vs_before_p50"] > 0
     assert "first attempt / before" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):  # the ablation varies the default method, so it must be run
-        main(["--data", str(tmp_path / "cases.jsonl"), "--methods", "sft", "--ablation"])
+        main(["--data", str(tmp_path / "cases.jsonl"), "--probe", str(tmp_path / "p.jsonl"), "--methods", "sft",
+              "--ablation"])
