@@ -35,8 +35,8 @@ class LoraSettings:
             default model (``benchmarks/results/gate_suite.md``): an update of one or two corrections made on
             the MLP layers alone learns them as well (every benign gate-suite case served) and breaks fewer
             unrelated facts than one on every linear layer (9 probe failures against 13 on the three benign
-            cases), in line with the feed-forward layers being where such a model keeps facts (Geva et al.,
-            EMNLP 2021; Meng et al., NeurIPS 2022).
+            cases, in the same run), in line with the feed-forward layers being where such a model keeps
+            facts (Geva et al., EMNLP 2021; Meng et al., NeurIPS 2022).
         bias: Which biases to train (``"none"``, ``"all"``, ``"lora_only"``).
         use_rslora: Rank-stabilised scaling.
         modules_to_save: Extra modules trained in full and saved with the adapter (e.g. ``["lm_head"]``).
