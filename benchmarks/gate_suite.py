@@ -361,7 +361,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="learning.KEY=VALUE override, e.g. anchors.enabled=false")
     parser.add_argument("--label", default="default", help="name of this configuration in the results")
     parser.add_argument("--ablation", action="store_true",
-                        help="also run the default method without repair, without anchors, and without either")
+                        help="also run the default method without repair, without anchors, without either, with "
+                        "LoRA on every linear layer, and as before issue 12, each right after the default on the "
+                        "same case")
     parser.add_argument("--out", type=Path, default=RESULTS / "gate_suite.json")
     args = parser.parse_args(argv)
     default_method = RuntimeConfig().learning.method
@@ -418,16 +420,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               flush=True)
                         ablation_rows.append(row)
         if args.ablation:
-            default_rows = [r for r in results["rows"] if r["method"] == default_method]
-            results["ablation"] = {"anchors + repair": totals(default_rows, results["base"])}
-            for label in ABLATIONS:
-                results["ablation"][label] = totals([r for r in ablation_rows if r["ablation"] == label],
-                                                    results["base"])
-            for label, rows in [("anchors + repair", default_rows),
-                                *((lb, [r for r in ablation_rows if r["ablation"] == lb]) for lb in ABLATIONS)]:
-                results["ablation"][label]["first_attempt_vs_before_p50"] = first_attempt_ratio(
-                    rows, [r for r in ablation_rows if r["ablation"] == BEFORE]
-                )
+            by_label = {"anchors + repair": [r for r in results["rows"] if r["method"] == default_method]}
+            by_label |= {label: [r for r in ablation_rows if r["ablation"] == label] for label in ABLATIONS}
+            results["ablation"] = {
+                label: {**totals(rows, results["base"]),
+                        "first_attempt_vs_before_p50": first_attempt_ratio(rows, by_label[BEFORE])}
+                for label, rows in by_label.items()
+            }
             results["ablation_rows"] = ablation_rows
     results["totals"] = {
         m: totals([r for r in results["rows"] if r["method"] == m], results["base"]) for m in methods

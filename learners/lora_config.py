@@ -86,16 +86,11 @@ def mlp_target_modules(model: Any) -> list[str] | str:
     import re
 
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        linear_types: tuple[type, ...] = (torch.nn.Linear, Conv1D)
-    except ImportError:  # pragma: no cover - transformers always has it today
-        linear_types = (torch.nn.Linear,)
     mlp, other = [], []
     for name, module in model.named_modules():
-        if isinstance(module, linear_types):
+        if isinstance(module, torch.nn.Linear | Conv1D):
             parts = name.split(".")
             (mlp if any(p in _MLP_BLOCKS for p in parts[:-1]) else other).append(name)
     if not mlp:

@@ -84,8 +84,8 @@ def test_ablation_runs_every_configuration_on_each_case_and_reports_its_time_rat
         "--data", str(_jsonl(tmp_path / "cases.jsonl", CASES[1:])), "--probe", str(_jsonl(tmp_path / "p.jsonl", PROBE)),
         "--model", str(tiny_model_dir), "--methods", "rewrite", "--threads", "1", "--out", str(out), "--ablation",
         "--set", "rewrite.num_epochs=1", "--set", "rewrite.min_steps=1", "--set", "rewrite.max_new_tokens=4",
-        "--set", "anchors.count=2",
-        "--set", "anchors.max_new_tokens=4", "--set", "lora.r=4", "--set", "repair.max_attempts=0",
+        "--set", "anchors.count=2", "--set", "anchors.max_new_tokens=4", "--set", "lora.r=4",
+        "--set", "repair.max_attempts=0",
     ])
     saved = json.loads(out.read_text())
     assert list(saved["ablation"]) == ["anchors + repair", *ABLATIONS]
