@@ -21,8 +21,10 @@ Gate-guided repair adds the prompts of the checks that vetoed a candidate (sourc
 
 The answers are the active model's (the base model with the adapter the update starts from), greedy. With a
 serving engine (a cycle run by the service), that engine writes them before the worker starts
-(:func:`answer_with_engine`: the answers users are served, and no second model load for them) and the worker
-turns them into token ids (:func:`tokenise_answers`); otherwise the worker writes them (:func:`answer_anchors`).
+(:func:`answer_with_engine`: the answers users are served, and no second model load for them; protected
+prompts take the answers the policy gate asks the active model for anyway, cut to ``max_new_tokens``) and the
+worker turns them into token ids (:func:`tokenise_answers`); otherwise the worker writes them
+(:func:`answer_anchors`).
 They are kept in the cycle so that repair attempts reuse them.
 """
 
@@ -245,9 +247,13 @@ def answer_with_engine(
     return list(anchors)
 
 
-def tokenise_answers(tokenizer: Any, anchors: Sequence[Anchor]) -> None:
+def tokenise_answers(tokenizer: Any, anchors: Sequence[Anchor], *, max_new_tokens: int | None = None) -> None:
     """Write ``answer_ids`` for anchors answered as text (:func:`answer_with_engine`): the answer's tokens as the
-    chat template places them after the prompt, with the end-of-turn token when the answer ended by itself."""
+    chat template places them after the prompt, with the end-of-turn token when the answer ended by itself.
+
+    An answer longer than `max_new_tokens` (one written for a longer cap, such as the gate's answer to a
+    protected prompt) is cut to its first `max_new_tokens` tokens, as greedy decoding with that cap would have
+    written it, and is then not finished."""
     from runtime.engines.torch_setup import eos_token_ids
 
     ends = eos_token_ids(None, tokenizer)
@@ -259,4 +265,7 @@ def tokenise_answers(tokenizer: Any, anchors: Sequence[Anchor]) -> None:
         end = next((i for i, t in enumerate(ids) if t in ends), None)
         if end is not None:
             ids = ids[: end + 1] if anchor.finished else ids[:end]
+        if max_new_tokens is not None and len(ids) > max_new_tokens:
+            ids, anchor.finished = ids[:max_new_tokens], False
+            anchor.answer = tokenizer.decode(ids, skip_special_tokens=True)
         anchor.answer_ids = ids

@@ -392,9 +392,10 @@ def _anchor_training(job: TrainJob | SealJob) -> tuple[Any, list[dict[str, Any]]
 
     anchors = [Anchor(**a) for a in job.anchors]
     options = dict(job.anchor_settings)
+    max_new_tokens = int(options.get("max_new_tokens", 64))
     if any(a.answer_ids is None for a in anchors):
         tokenizer = load_tokenizer(job.base_model_dir)
-        tokenise_answers(tokenizer, anchors)  # answered by the serving engine as text
+        tokenise_answers(tokenizer, anchors, max_new_tokens=max_new_tokens)  # answered by the serving engine as text
     if any(a.answer_ids is None for a in anchors):
         from peft import PeftModel
 
@@ -403,7 +404,7 @@ def _anchor_training(job: TrainJob | SealJob) -> tuple[Any, list[dict[str, Any]]
         model: Any = load_base_model(job.base_model_dir)
         if job.parent_adapter_dir is not None:
             model = PeftModel.from_pretrained(model, job.parent_adapter_dir)
-        answer_anchors(model, tokenizer, anchors, max_new_tokens=int(options.get("max_new_tokens", 64)))
+        answer_anchors(model, tokenizer, anchors, max_new_tokens=max_new_tokens)
         del model
     training = AnchorTraining(
         anchors, loss=options.get("loss", "sft"), weight=float(options.get("weight", 1.0)),

@@ -10,6 +10,7 @@ registry (``direct``), put in shadow mode (``shadow``), or left waiting for ``ru
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -310,6 +311,27 @@ def _answer_on_engine(
         return anchors
 
 
+def _answer_from_gate(gate: Gate, active: AdapterRecord | None, anchors: list[Anchor]) -> None:
+    """Answer the unanswered protected anchors with the policy gate's answers of the active model to the same
+    prompts: the gate asks for them anyway to judge the candidate, so they are asked once for both. The worker
+    cuts them to ``learning.anchors.max_new_tokens``. Nothing happens when the gate is not a
+    :class:`PolicyGate` or judges against another adapter than the one the update starts from."""
+    name = active.name if active else None
+    todo = [a for a in anchors if a.source == "protected" and not a.answered]
+    if not todo or not isinstance(gate, PolicyGate) or gate.engine.active_adapter != name:
+        return
+    try:
+        known = {json.dumps(m): g for m, g in gate.active_answers(name)}
+    except Exception as exc:  # costs only speed: the serving engine or the worker answers them
+        log.warning("learning cycle: the gate could not answer the protected prompts (%s: %s)",
+                    type(exc).__name__, exc)
+        return
+    for anchor in todo:
+        generation = known.get(json.dumps(anchor.messages))
+        if generation is not None and "\ufffd" not in generation.text:
+            anchor.answer, anchor.finished = generation.text, generation.finish_reason == "stop"
+
+
 def _no_repair(verdict: GateDecision, number: int, repair: RepairConfig, elapsed: float) -> str | None:
     """Why a vetoed attempt is not repaired (``None``: repair it)."""
     if not verdict.repair_prompts:
@@ -331,6 +353,7 @@ def _attempt(
     epochs_factor = repair.epochs_factor ** (number - 1)
     anchor_counts = AnchorSelection(anchors).counts()
     started = time.monotonic()
+    _answer_from_gate(ctx.gate, ctx.parent, anchors)
     if ctx.engine is not None:
         anchors = _answer_on_engine(ctx.engine, ctx.parent, anchors, ctx.config.learning.anchors.max_new_tokens)
     parent = ctx.parent

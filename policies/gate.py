@@ -27,7 +27,7 @@ repair; a target or conflict veto does not (the update did not learn, or it must
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
@@ -37,7 +37,7 @@ from learners.evaluation import ask, load_questions
 from policies.checks import check_answer
 from policies.decision import GateDecision
 from policies.schema import Expectation, Policy, ProtectedBehaviour, RetentionSuite
-from runtime.engines import Engine, SamplingParams
+from runtime.engines import Engine, Generation, SamplingParams
 from runtime.store import AdapterRecord
 from runtime.textmatch import content_words, gives_taught_answer, normalise
 
@@ -87,7 +87,7 @@ class PolicyGate:
                 "cannot give; remove it or use the transformers engine"
             )
         self._retention_cache: dict[tuple[str, str | None, str | None], list[float]] = {}
-        self._active_answers: dict[tuple[str, int, str | None], str] = {}
+        self._active_answers: dict[tuple[str, int, str | None], Generation] = {}
 
     def __call__(self, candidate: AdapterRecord, build: DatasetBuild,
                  on_check: Callable[[int, int], None] | None = None) -> GateDecision:
@@ -161,14 +161,17 @@ class PolicyGate:
                         pairs.append((behaviour, example, taught))
         if not pairs:
             return []
-        conversations = [b.conversation() for b in {id(b): b for b, _, _ in pairs}.values()]
-        conversations += [e.prompt for _, e, _ in pairs]
-        width = max(b.max_new_tokens for b, _, _ in pairs)
-        params = SamplingParams(max_new_tokens=width, temperature=0.0)
-        answers = self.engine.chat(conversations, params, adapter=[active] * len(conversations))
+        behaviours = list({id(b): b for b, _, _ in pairs}.values())
+        self._ask_active(behaviours, active)
         by_prompt = {
-            normalise(c[-1]["content"]): g.text for c, g in zip(conversations, answers, strict=True)
+            normalise(b.conversation()[-1]["content"]): self._active_answers[self._active_key(b, active)].text
+            for b in behaviours
         }
+        width = max(b.max_new_tokens for b in behaviours)
+        examples = [e.prompt for _, e, _ in pairs]
+        answers = self.engine.chat(examples, SamplingParams(max_new_tokens=width, temperature=0.0),
+                                   adapter=[active] * len(examples))
+        by_prompt |= {normalise(c[-1]["content"]): g.text for c, g in zip(examples, answers, strict=True)}
         out: dict[str, CheckResult] = {}
         for behaviour, example, taught in pairs:
             if behaviour.name in out:
@@ -192,26 +195,59 @@ class PolicyGate:
 
     # --- checks ------------------------------------------------------------------------------------------
 
-    def _protected_answers(self, candidate: str, active: str | None) -> list[tuple[str, str]]:
-        """The active model's and the candidate's greedy answers to every protected prompt, asked in one batched
-        call per answer length (the engine decodes them together) rather than one call per behaviour. The active
-        model's answers are kept for the next candidate judged against the same active adapter (a repair)."""
-        behaviours = self.policy.protected
-        out: list[tuple[str, str]] = [("", "")] * len(behaviours)
+    def active_answers(self, active: str | None) -> list[tuple[list[dict[str, str]], Generation]]:
+        """The greedy answer of `active` (an adapter name; ``None``: the base model) to every protected prompt,
+        as ``(conversation, generation)`` in the policy's order.
+
+        Each is asked once per active adapter and kept: the gate judges every candidate against them, and a
+        learning cycle's anchors on protected prompts reuse them (the same prompts, the same model, greedy)
+        rather than asking the engine again.
+        """
+        self._ask_active(self.policy.protected, active)
+        return [(b.conversation(), self._active_answers[self._active_key(b, active)]) for b in self.policy.protected]
+
+    @staticmethod
+    def _active_key(behaviour: ProtectedBehaviour, active: str | None) -> tuple[str, int, str | None]:
+        return json.dumps(behaviour.conversation()), behaviour.max_new_tokens, active
+
+    def _forget_other_actives(self, active: str | None) -> None:
+        """Answers of an adapter that is no longer active are not asked for again: drop them."""
+        for key in [k for k in self._active_answers if k[2] != active]:
+            del self._active_answers[key]
+
+    def _ask_active(self, behaviours: Sequence[ProtectedBehaviour], active: str | None,
+                    candidate: str | None = None) -> list[Generation]:
+        """Fill the kept answers of `active` to `behaviours`; with `candidate`, also return the candidate's
+        answers to them, asked in the same batched call per answer length (the engine decodes them together)."""
+        self._forget_other_actives(active)
+        out: list[Generation | None] = [None] * len(behaviours)
         by_width: dict[int, list[int]] = {}
         for i, behaviour in enumerate(behaviours):
             by_width.setdefault(behaviour.max_new_tokens, []).append(i)
         for width, indices in by_width.items():
             params = SamplingParams(max_new_tokens=width, temperature=0.0)
-            keys = {i: (json.dumps(behaviours[i].conversation()), width, active) for i in indices}
-            missing = [i for i in indices if keys[i] not in self._active_answers]
-            rows = [behaviours[i].conversation() for i in (*missing, *indices)]
-            generations = self.engine.chat(rows, params, adapter=[active] * len(missing) + [candidate] * len(indices))
-            for i, generation in zip(missing, generations[:len(missing)], strict=True):
-                self._active_answers[keys[i]] = generation.text
-            for i, generation in zip(indices, generations[len(missing):], strict=True):
-                out[i] = (self._active_answers[keys[i]], generation.text)
-        return out
+            missing = list({self._active_key(behaviours[i], active): i for i in indices
+                            if self._active_key(behaviours[i], active) not in self._active_answers}.values())
+            asked = indices if candidate is not None else []
+            if not missing and not asked:
+                continue
+            rows = [behaviours[i].conversation() for i in (*missing, *asked)]
+            generations = self.engine.chat(rows, params, adapter=[active] * len(missing) + [candidate] * len(asked))
+            for i, generation in zip(missing, generations[: len(missing)], strict=True):
+                self._active_answers[self._active_key(behaviours[i], active)] = generation
+            for i, generation in zip(asked, generations[len(missing):], strict=True):
+                out[i] = generation
+        return [g for g in out if g is not None]
+
+    def _protected_answers(self, candidate: str, active: str | None) -> list[tuple[str, str]]:
+        """The active model's and the candidate's greedy answers to every protected prompt (the active model's
+        kept from earlier candidates judged against the same active adapter: a repair, or the cycle's anchors)."""
+        behaviours = self.policy.protected
+        candidate_answers = self._ask_active(behaviours, active, candidate)
+        return [
+            (self._active_answers[self._active_key(b, active)].text, generation.text)
+            for b, generation in zip(behaviours, candidate_answers, strict=True)
+        ]
 
     def _protected(self, behaviour: ProtectedBehaviour, candidate: str, active: str | None,
                    answers: tuple[str, str]) -> CheckResult:

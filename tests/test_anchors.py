@@ -181,6 +181,18 @@ def test_an_engine_answer_becomes_the_tokens_the_chat_template_puts_after_the_pr
     assert kept.answer_ids == [5]
 
 
+def test_an_answer_written_for_a_longer_cap_is_cut_to_the_anchor_cap(tiny_model_dir: Path) -> None:
+    from learners.anchors import tokenise_answers
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    long = Anchor(user("Capital of France?"), "protected", answer="Paris is the capital of France.", finished=True)
+    short = Anchor(user("Say hi."), "protected", answer="Hi", finished=True)
+    tokenise_answers(tokenizer, [long, short], max_new_tokens=3)
+    assert len(long.answer_ids) == 3 and long.finished is False
+    assert long.answer == tokenizer.decode(long.answer_ids) and "Paris is the capital".startswith(long.answer)
+    assert tokenizer.decode(short.answer_ids) == "Hi<|im_end|>" and short.finished is True
+
+
 def test_the_serving_engine_answers_anchors_in_one_call(tiny_engine) -> None:
     from learners.anchors import answer_with_engine
 

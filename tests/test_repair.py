@@ -238,3 +238,52 @@ def test_when_the_serving_engine_cannot_answer_the_training_process_answers_the_
     assert result.status == "activated", result.message
     anchors = store.get_run(result.run_id).metrics["anchors"]
     assert len(anchors) == 3 and all(a["answer"] is not None for a in anchors)
+
+
+class Recording:
+    """The real serving engine, recording each (prompt, adapter) it is asked to answer."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.asked = engine, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def chat(self, conversations, params, adapter=None, **kwargs):
+        adapters = adapter if isinstance(adapter, list) else [adapter] * len(conversations)
+        self.asked += [(c[-1]["content"], a) for c, a in zip(conversations, adapters, strict=True)]
+        return self.engine.chat(conversations, params, adapter=adapter, **kwargs)
+
+
+def test_protected_anchors_take_the_gates_answers_of_the_active_model(
+    tmp_path: Path, tiny_model_dir: Path, store: Store, tiny_engine
+) -> None:
+    """The gate asks the active model the protected prompts once; the anchors reuse those answers, cut to
+    learning.anchors.max_new_tokens, and the gate judges the candidate against the same answers."""
+    teach(store)
+    # A random model often emits byte tokens whose text holds U+FFFD and does not tokenise back (the anchor is
+    # then asked again); take prompts whose answers are whole characters.
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    tried = [f"Protected prompt {n}?" for n in range(24)]
+    prompts = [p for p, g in zip(tried, tiny_engine.chat([user(p) for p in tried], params), strict=True)
+               if "\ufffd" not in g.text][:2]
+    assert len(prompts) == 2
+    policy = Policy.model_validate({
+        "protected": [{"name": f"p{i}", "prompt": p, "expect": {"not_contains": "zzzz"}, "max_new_tokens": 8}
+                      for i, p in enumerate(prompts)],
+        "targets": {"enabled": False},
+    })
+    engine = Recording(tiny_engine)
+    gate = PolicyGate(policy, engine)  # type: ignore[arg-type]
+    config = config_for(tmp_path, tiny_model_dir, anchors={"sources": ["protected", "probe"], "count": 3,
+                                                           "max_new_tokens": 4})
+    result = run_cycle(config, store, "sft", gate=gate, engine=engine,  # type: ignore[arg-type]
+                       protected_prompts=[b.conversation() for b in policy.protected])
+    assert result.status == "activated", result.message
+    on_active = [prompt for prompt, adapter in engine.asked if adapter is None]
+    assert all(on_active.count(p) == 1 for p in prompts), engine.asked  # by the gate, for both uses
+    anchors = store.get_run(result.run_id).metrics["anchors"]
+    assert [a["source"] for a in anchors] == ["protected", "protected", "probe"]
+    served = tiny_engine.chat([user(p) for p in prompts], SamplingParams(max_new_tokens=4, temperature=0.0))
+    assert [a["answer"] for a in anchors[:2]] == [g.text for g in served]  # the gate's 8 tokens cut to 4
+    assert all(a["answer"] is not None for a in anchors)
