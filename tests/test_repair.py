@@ -277,8 +277,13 @@ def test_protected_anchors_take_the_gates_answers_of_the_active_model(
     gate = PolicyGate(policy, engine)  # type: ignore[arg-type]
     config = config_for(tmp_path, tiny_model_dir, anchors={"sources": ["protected", "probe"], "count": 3,
                                                            "max_new_tokens": 4})
-    result = run_cycle(config, store, "sft", gate=gate, engine=engine,  # type: ignore[arg-type]
-                       protected_prompts=[b.conversation() for b in policy.protected])
+    loaded = set(tiny_engine.list_adapters())
+    try:
+        result = run_cycle(config, store, "sft", gate=gate, engine=engine,  # type: ignore[arg-type]
+                           protected_prompts=[b.conversation() for b in policy.protected])
+    finally:  # an approved candidate stays loaded in the engine (promotion is then fast): not in the shared one
+        for name in set(tiny_engine.list_adapters()) - loaded:
+            tiny_engine.unload_adapter(name)
     assert result.status == "activated", result.message
     on_active = [prompt for prompt, adapter in engine.asked if adapter is None]
     assert all(on_active.count(p) == 1 for p in prompts), engine.asked  # by the gate, for both uses
