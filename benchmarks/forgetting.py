@@ -164,7 +164,9 @@ def default_anchors(model_dir: Path, facts: list[Fact]) -> AnchorTraining:
     chosen = select_anchors(None, settings, exclude=[f.example().prompt for f in facts]).anchors
     model, tokenizer = load_base_model(model_dir), load_tokenizer(model_dir)
     answer_anchors(model, tokenizer, chosen, max_new_tokens=settings.max_new_tokens)
-    return AnchorTraining(chosen, loss=settings.loss, weight=settings.weight, batch_size=settings.batch_size)
+    return AnchorTraining(
+        chosen, loss=settings.loss, weight=settings.weight, batch_size=settings.batch_size, balance=settings.balance
+    )
 
 
 def _source_state() -> dict[str, Any]:

@@ -139,26 +139,54 @@ def reference_context(
     return lambda m: use_adapter(m, REFERENCE_ADAPTER)
 
 
+AnchorBalance = Literal["examples", "none"]
+
+
 class AnchorTraining:
     """What a learner needs to add the anchor term: the answered anchors and ``learning.anchors``' loss knobs.
 
     :meth:`build` makes the :class:`AnchorLoss` once the learner has its model and tokenizer.
+
+    Args:
+        anchors: answered anchors (those without ``answer_ids`` are left out).
+        loss: ``sft`` or ``kl``.
+        weight: weight of the anchor term.
+        batch_size: anchors per training step.
+        balance: ``examples``: when a step holds more new examples than ``batch_size``, the term is multiplied by
+            ``batch_size / new examples`` (:meth:`step_weight`), so that an anchor weighs as much as a new
+            example; ``none``: ``weight`` as is.
     """
 
     def __init__(
-        self, anchors: Sequence[Anchor], *, loss: AnchorLossKind = "sft", weight: float = 1.0, batch_size: int = 4
+        self, anchors: Sequence[Anchor], *, loss: AnchorLossKind = "sft", weight: float = 1.0, batch_size: int = 4,
+        balance: AnchorBalance = "examples",
     ) -> None:
+        if balance not in ("examples", "none"):
+            raise ValueError(f"anchor balance must be 'examples' or 'none', got {balance!r}")
         self.anchors = [a for a in anchors if a.answer_ids]
         self.loss = loss
         self.weight = weight
         self.batch_size = batch_size
+        self.balance = balance
 
     def __bool__(self) -> bool:
         return bool(self.anchors)
 
-    def build(self, model: Any, tokenizer: Any, parent_adapter_dir: str | Path | None, seed: int = 0) -> AnchorLoss:
+    def step_weight(self, examples_per_step: int | None) -> float:
+        """The anchor term's weight beside `examples_per_step` new examples (``None``: unknown, ``weight``)."""
+        anchors_per_step = min(self.batch_size, len(self.anchors))
+        if self.balance == "none" or not examples_per_step or examples_per_step <= anchors_per_step:
+            return self.weight
+        return self.weight * anchors_per_step / examples_per_step
+
+    def build(
+        self, model: Any, tokenizer: Any, parent_adapter_dir: str | Path | None, seed: int = 0,
+        examples_per_step: int | None = None,
+    ) -> AnchorLoss:
+        """The anchor term for `model`; `examples_per_step` is how many new examples (rows) each training step
+        holds beside the anchor batch, for ``balance: examples``."""
         reference = reference_context(model, parent_adapter_dir) if self.loss == "kl" else None
         return AnchorLoss(
-            self.anchors, tokenizer, kind=self.loss, weight=self.weight, batch_size=self.batch_size,
-            reference=reference, seed=seed,
+            self.anchors, tokenizer, kind=self.loss, weight=self.step_weight(examples_per_step),
+            batch_size=self.batch_size, reference=reference, seed=seed,
         )

@@ -13,8 +13,9 @@ Prompts come from the sources of ``learning.anchors.sources``, in order, until `
   corrected or rated negatively, and never a prompt one of the new signals is about;
 - ``protected``: the policy's protected prompts;
 - ``probe``: a built-in set of everyday prompts (:data:`BUILTIN_ANCHOR_PROBE`), for a fresh store; those
-  closest to what the new examples ask come first (an update bleeds most into neighbouring prompts: teaching
-  the capital of an invented country endangers the capitals of real ones).
+  closest to what the new examples ask come first, taken in turn for each new example (an update bleeds most
+  into neighbouring prompts: teaching the capital of an invented country endangers the capitals of real ones;
+  see :func:`nearest_first`).
 
 No source ever gives a prompt that a new example asks (an anchor there would argue with the correction).
 Gate-guided repair adds the prompts of the checks that vetoed a candidate (source ``repair``).
@@ -37,7 +38,7 @@ from typing import Any, Literal
 
 from runtime.chat_encoding import encode_chat_answer
 from runtime.config import AnchorsConfig
-from runtime.engines.base import Engine, SamplingParams
+from runtime.engines.base import Engine, Generation, SamplingParams
 from runtime.jsonl import read_jsonl
 from runtime.store import Store
 from runtime.textmatch import content_words, normalise
@@ -75,6 +76,14 @@ class Anchor:
     def answered(self) -> bool:
         """Whether the answer is written, as token ids or as text (:func:`tokenise_answers` writes its ids)."""
         return self.answer_ids is not None or self.answer is not None
+
+    def take_answer(self, generation: Generation) -> None:
+        """Take a served answer (an engine's :class:`~runtime.engines.base.Generation`) as this anchor's text
+        answer; the worker writes its ids (:func:`tokenise_answers`). An answer whose text holds a replacement
+        character (tokens that are not whole UTF-8 characters, decoded lossily) is not taken: its text does not
+        tokenise back to what the model said, so the worker answers that anchor with the model itself."""
+        if "\ufffd" not in generation.text:
+            self.answer, self.finished = generation.text, generation.finish_reason == "stop"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,14 +164,34 @@ def select_anchors(
 
 
 def nearest_first(prompts: list[Messages], asked: Sequence[Sequence[dict[str, Any]]]) -> list[Messages]:
-    """`prompts` ordered by how much their content words overlap what `asked` asks (most first; ties keep order)."""
+    """`prompts` ordered so that every asked prompt's neighbourhood is covered: the closest prompt to each asked
+    prompt in turn (by content-word overlap), then the second closest to each, and so on; prompts close to none
+    follow in file order.
+
+    With one asked prompt this is simply closest first. With many (a 16-fact update of eight kinds), no kind
+    takes every anchor: each new example gets the anchors nearest to it, which are the prompts its update
+    bleeds into.
+    """
     topics = [content_words(_last_user(m)) for m in asked]
+    words = [content_words(_last_user(m)) for m in prompts]
 
-    def closeness(messages: Messages) -> float:
-        words = content_words(_last_user(messages))
-        return max((len(words & t) / len(words | t) for t in topics if words | t), default=0.0)
+    def closeness(index: int, topic: set[str]) -> float:
+        union = words[index] | topic
+        return len(words[index] & topic) / len(union) if union else 0.0
 
-    return sorted(prompts, key=closeness, reverse=True)
+    rankings = []
+    for topic in topics:
+        near = [i for i in range(len(prompts)) if closeness(i, topic) > 0]
+        rankings.append(sorted(near, key=lambda i, t=topic: closeness(i, t), reverse=True))
+    order: list[int] = []
+    seen: set[int] = set()
+    for depth in range(max((len(r) for r in rankings), default=0)):
+        for ranking in rankings:
+            if depth < len(ranking) and ranking[depth] not in seen:
+                seen.add(ranking[depth])
+                order.append(ranking[depth])
+    order += [i for i in range(len(prompts)) if i not in seen]
+    return [prompts[i] for i in order]
 
 
 def _last_user(messages: Sequence[dict[str, Any]]) -> str:
@@ -231,19 +260,14 @@ def answer_with_engine(
     engine: Engine, adapter: str | None, anchors: Sequence[Anchor], *, max_new_tokens: int
 ) -> list[Anchor]:
     """Fill in the greedy answer that `engine` serves with `adapter` (the active one; ``None``: the base model)
-    for anchors without one, in one batched call: the text and whether it ended by itself. The worker writes the
-    token ids (:func:`tokenise_answers`).
-
-    An answer whose text holds a replacement character (tokens that are not whole UTF-8 characters, decoded
-    lossily) is left unanswered: its text does not tokenise back to what the model said, so the worker answers
-    it with the model itself."""
+    for anchors without one, in one batched call: the text and whether it ended by itself
+    (:meth:`Anchor.take_answer`). The worker writes the token ids (:func:`tokenise_answers`)."""
     todo = [a for a in anchors if not a.answered]
     if todo:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
         generations = engine.chat([a.messages for a in todo], params, adapter=[adapter] * len(todo))
         for anchor, generation in zip(todo, generations, strict=True):
-            if "\ufffd" not in generation.text:
-                anchor.answer, anchor.finished = generation.text, generation.finish_reason == "stop"
+            anchor.take_answer(generation)
     return list(anchors)
 
 

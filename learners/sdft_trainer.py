@@ -191,7 +191,10 @@ def build_sdft_trainer(
     if parent_adapter_dir is not None and settings.teacher_kind == "base":
         load_frozen_adapter(model, parent_adapter_dir, _TEACHER_ADAPTER)
         frozen_teacher = _TEACHER_ADAPTER
-    anchor_loss = anchors.build(model, tokenizer, parent_adapter_dir, settings.seed) if anchors else None
+    anchor_loss = (  # beside each micro-batch of completions
+        anchors.build(model, tokenizer, parent_adapter_dir, settings.seed, config.per_device_train_batch_size)
+        if anchors else None
+    )
     with _quiet_adapter_warning():
         trainer = _LearnerSDFTTrainer(
             model=model,

@@ -118,7 +118,10 @@ def _build_trainer(
     set_seed(settings.seed)  # LoRA initialisation
     tokenizer = load_tokenizer(base_model_dir)
     model = build_peft_model(load_base_model(base_model_dir), lora, parent_adapter_dir)
-    anchor_loss = anchors.build(model, tokenizer, parent_adapter_dir, settings.seed) if anchors else None
+    anchor_loss = (
+        anchors.build(model, tokenizer, parent_adapter_dir, settings.seed, min(settings.batch_size, len(dataset)))
+        if anchors else None
+    )
     regularised = settings.kl_anchor > 0 or anchor_loss is not None
     trainer_cls = _RegularisedSFTTrainer if regularised else SFTTrainer
     trainer = trainer_cls(

@@ -408,7 +408,7 @@ def _anchor_training(job: TrainJob | SealJob) -> tuple[Any, list[dict[str, Any]]
         del model
     training = AnchorTraining(
         anchors, loss=options.get("loss", "sft"), weight=float(options.get("weight", 1.0)),
-        batch_size=int(options.get("batch_size", 4)),
+        batch_size=int(options.get("batch_size", 4)), balance=options.get("balance", "examples"),
     )
     return training, [a.to_dict() for a in anchors]
 

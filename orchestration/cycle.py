@@ -328,8 +328,8 @@ def _answer_from_gate(gate: Gate, active: AdapterRecord | None, anchors: list[An
         return
     for anchor in todo:
         generation = known.get(json.dumps(anchor.messages))
-        if generation is not None and "\ufffd" not in generation.text:
-            anchor.answer, anchor.finished = generation.text, generation.finish_reason == "stop"
+        if generation is not None:
+            anchor.take_answer(generation)
 
 
 def _no_repair(verdict: GateDecision, number: int, repair: RepairConfig, elapsed: float) -> str | None:
@@ -382,7 +382,7 @@ def _attempt(
         num_threads=ctx.num_threads,
         anchors=[a.to_dict() for a in anchors],
         anchor_settings={
-            "loss": anchor_settings.loss, "weight": anchor_settings.weight,
+            "loss": anchor_settings.loss, "weight": anchor_settings.weight, "balance": anchor_settings.balance,
             "batch_size": anchor_settings.batch_size, "max_new_tokens": anchor_settings.max_new_tokens,
         },
     )

@@ -226,8 +226,8 @@ class PolicyGate:
             by_width.setdefault(behaviour.max_new_tokens, []).append(i)
         for width, indices in by_width.items():
             params = SamplingParams(max_new_tokens=width, temperature=0.0)
-            missing = list({self._active_key(behaviours[i], active): i for i in indices
-                            if self._active_key(behaviours[i], active) not in self._active_answers}.values())
+            keys = {self._active_key(behaviours[i], active): i for i in indices}  # one row per distinct prompt
+            missing = [i for key, i in keys.items() if key not in self._active_answers]
             asked = indices if candidate is not None else []
             if not missing and not asked:
                 continue

@@ -162,10 +162,50 @@ def test_sft_anchors_train_on_the_active_answers(tiny_model_dir: Path, tmp_path:
     assert len(values) == 8 and values[-1] < values[0]
 
 
+def test_balance_weighs_an_anchor_as_much_as_a_new_example() -> None:
+    six = [Anchor(user(f"q{i}"), "probe", [5], "x", True) for i in range(6)]
+    balanced = AnchorTraining(six, weight=2.0, batch_size=2)
+    assert balanced.step_weight(1) == balanced.step_weight(2) == balanced.step_weight(None) == 2.0  # never above
+    assert balanced.step_weight(8) == 0.5  # 2 anchors beside 8 new examples: 2.0 x 2 / 8
+    assert AnchorTraining(six[:1], weight=1.0, batch_size=2).step_weight(4) == 0.25  # one anchor per step
+    assert AnchorTraining(six, weight=1.0, batch_size=2, balance="none").step_weight(8) == 1.0
+    with pytest.raises(ValueError, match="balance"):
+        AnchorTraining(six, balance="loud")  # type: ignore[arg-type]
+
+
+def test_the_sft_trainer_balances_the_anchor_term_against_its_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from learners.sft_trainer import build_sft_trainer
+
+    examples = [DemoExample(user(f"Question {i}?"), f"Answer {i}.") for i in range(6)]
+    anchors = AnchorTraining(_answered(tiny_model_dir, 2), weight=1.0, batch_size=2)
+    trainer = build_sft_trainer(
+        tiny_model_dir, examples, tmp_path / "out", SFTSettings(batch_size=4, max_steps=1), anchors=anchors
+    )
+    assert trainer.anchor_loss is not None and trainer.anchor_loss.weight == 0.5
+    few = build_sft_trainer(
+        tiny_model_dir, examples[:2], tmp_path / "few", SFTSettings(batch_size=4, max_steps=1), anchors=anchors
+    )
+    assert few.anchor_loss is not None and few.anchor_loss.weight == 1.0
+
+
 def test_probe_anchors_closest_to_the_taught_prompts_come_first() -> None:
     taught = [user("What is the capital of Orvania?")]
     picked = select_anchors(None, AnchorsConfig(sources=["probe"], count=3), exclude=taught)
     assert all("capital" in a.messages[-1]["content"] for a in picked.anchors)
+
+
+def test_probe_anchors_cover_the_neighbourhood_of_every_taught_prompt(tmp_path: Path) -> None:
+    """Closest first for each taught prompt in turn: three capitals are closer to the capital question than the
+    river prompt is to the river question, yet two anchors give one of each (not two capitals)."""
+    probe = tmp_path / "probe.jsonl"
+    prompts = ["What is the capital of Japan?", "What is the capital of Spain?", "What is the capital of Peru?",
+               "What is the longest river in Africa?", "Say hello."]
+    probe.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    taught = [user("What is the capital of Orvania?"), user("Which river flows through Zembla?")]
+    two = select_anchors(None, AnchorsConfig(sources=["probe"], count=2, probe_file=probe), exclude=taught)
+    assert [a.messages[-1]["content"] for a in two.anchors] == [prompts[0], prompts[3]]
+    every = select_anchors(None, AnchorsConfig(sources=["probe"], count=5, probe_file=probe), exclude=taught)
+    assert [a.messages[-1]["content"] for a in every.anchors] == [prompts[i] for i in (0, 3, 1, 2, 4)]
 
 
 def test_an_engine_answer_becomes_the_tokens_the_chat_template_puts_after_the_prompt(tiny_model_dir: Path) -> None:
