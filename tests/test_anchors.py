@@ -188,6 +188,20 @@ def test_the_sft_trainer_balances_the_anchor_term_against_its_batch(tiny_model_d
     assert few.anchor_loss is not None and few.anchor_loss.weight == 1.0
 
 
+def test_the_sdft_trainer_balances_the_anchor_term_against_its_micro_batch(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from learners.sdft_config import SDFTSettings
+    from learners.sdft_trainer import build_sdft_trainer
+
+    examples = [DemoExample(user(f"Question {i}?"), f"Answer {i}.") for i in range(8)]
+    anchors = AnchorTraining(_answered(tiny_model_dir, 2), weight=1.0, batch_size=2)
+    settings = SDFTSettings(prompts_per_step=4, num_rollouts=2, micro_batch_size=4, max_steps=1)
+    trainer = build_sdft_trainer(tiny_model_dir, examples, tmp_path / "out", settings, anchors=anchors)
+    assert trainer.args.per_device_train_batch_size == 4
+    assert trainer._anchor_loss is not None and trainer._anchor_loss.weight == 0.5
+
+
 def test_probe_anchors_closest_to_the_taught_prompts_come_first() -> None:
     taught = [user("What is the capital of Orvania?")]
     picked = select_anchors(None, AnchorsConfig(sources=["probe"], count=3), exclude=taught)
