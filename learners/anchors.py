@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Literal
 
@@ -181,16 +182,10 @@ def nearest_first(prompts: list[Messages], asked: Sequence[Sequence[dict[str, An
 
     rankings = []
     for topic in topics:
-        near = [i for i in range(len(prompts)) if closeness(i, topic) > 0]
-        rankings.append(sorted(near, key=lambda i, t=topic: closeness(i, t), reverse=True))
-    order: list[int] = []
-    seen: set[int] = set()
-    for depth in range(max((len(r) for r in rankings), default=0)):
-        for ranking in rankings:
-            if depth < len(ranking) and ranking[depth] not in seen:
-                seen.add(ranking[depth])
-                order.append(ranking[depth])
-    order += [i for i in range(len(prompts)) if i not in seen]
+        scores = {i: closeness(i, topic) for i in range(len(prompts))}
+        rankings.append(sorted((i for i, c in scores.items() if c > 0), key=scores.__getitem__, reverse=True))
+    taken_in_turn = dict.fromkeys(i for depth in zip_longest(*rankings) for i in depth if i is not None)
+    order = [*taken_in_turn, *(i for i in range(len(prompts)) if i not in taken_in_turn)]
     return [prompts[i] for i in order]
 
 
