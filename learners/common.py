@@ -31,6 +31,9 @@ class BaseTrainSettings:
         min_steps_scheduler: The schedule, without warmup, of an update that ``min_steps`` lengthens (a
             correction or two cycled for a dozen steps: every step at the full rate is worth its time there, where
             a warmup step at rate 0 is not); ``None`` keeps ``lr_scheduler_type`` and ``warmup_steps``.
+        min_steps_learning_rate: The peak rate of an update that ``min_steps`` lengthens; ``None`` keeps
+            ``learning_rate``. A method whose rate is tuned for large updates (where a decaying schedule averages
+            half the peak) can run its cycled corrections at a lower constant rate.
         weight_decay: AdamW weight decay.
         max_grad_norm: Gradient clipping norm.
         use_cpu: Train on CPU even when an accelerator is present.
@@ -49,6 +52,7 @@ class BaseTrainSettings:
     lr_scheduler_type: str = "linear"
     warmup_steps: float = 0.0
     min_steps_scheduler: str | None = None
+    min_steps_learning_rate: float | None = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     use_cpu: bool = False
@@ -88,12 +92,15 @@ class BaseTrainSettings:
         and shows no tqdm bar (progress goes through the learner's callback).
         """
         max_steps = self.resolved_max_steps(steps_per_epoch)
-        scheduler, warmup = self.lr_scheduler_type, self.warmup_steps
-        if self.min_steps_scheduler is not None and self.max_steps is None and max_steps is not None:
-            scheduler, warmup = self.min_steps_scheduler, 0.0
+        scheduler, warmup, rate = self.lr_scheduler_type, self.warmup_steps, self.learning_rate
+        if self.max_steps is None and max_steps is not None:  # lengthened by min_steps
+            if self.min_steps_scheduler is not None:
+                scheduler, warmup = self.min_steps_scheduler, 0.0
+            if self.min_steps_learning_rate is not None:
+                rate = self.min_steps_learning_rate
         return {
             "output_dir": str(output_dir),
-            "learning_rate": self.learning_rate,
+            "learning_rate": rate,
             "num_train_epochs": self.num_epochs,
             "max_steps": max_steps if max_steps is not None else -1,
             "seed": self.seed,

@@ -212,12 +212,15 @@ def scale_settings(method: str, settings: Mapping[str, Any], learning_rate_facto
     if learning_rate_factor == 1.0 and epochs_factor == 1.0:
         return dict(settings)
     resolved = get_method(method).settings(settings)
-    return {
+    scaled = {
         **settings,
         "learning_rate": resolved.learning_rate * learning_rate_factor,
         "num_epochs": resolved.num_epochs * epochs_factor,
         "min_steps": round(resolved.min_steps * epochs_factor),
     }
+    if resolved.min_steps_learning_rate is not None:
+        scaled["min_steps_learning_rate"] = resolved.min_steps_learning_rate * learning_rate_factor
+    return scaled
 
 
 def settings_dict(method: str, section: Mapping[str, Any] | None) -> dict[str, Any]:

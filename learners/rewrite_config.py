@@ -2,9 +2,10 @@
 Bridges Distribution Gap in Language Model Fine-Tuning").
 
 The model (the base model with the active adapter) rewrites each demonstration in its own words, prompted
-with the question and the demonstration; a rewrite is kept only if it still holds the demonstration's answer,
-else the demonstration itself is used; then LoRA SFT on the result (:mod:`learners.rewrite_trainer`). It is
-off-policy and costs one generation pass more than SFT.
+with the question and the demonstration; a rewrite is kept only if it still holds the demonstration's answer
+and adds at most ``max_added_words`` content words of its own, else the demonstration itself is used; then
+LoRA SFT on the result (:mod:`learners.rewrite_trainer`). It is off-policy and costs one generation pass more
+than SFT.
 """
 
 from __future__ import annotations
@@ -51,8 +52,16 @@ class RewriteSettings(BaseTrainSettings):
         max_new_tokens: Length cap of a rewrite.
         temperature: Sampling temperature of the rewrites; 0 is greedy.
         check: ``"answer"`` keeps a rewrite only if it holds the demonstration's answer
-            (:func:`learners.rewrite_trainer.rewrite_keeps_answer`), else falls back to the demonstration;
-            ``"none"`` keeps every non-empty rewrite.
+            (:func:`learners.rewrite_trainer.rewrite_keeps_answer`) and adds at most ``max_added_words``, else
+            falls back to the demonstration; ``"none"`` keeps every non-empty rewrite.
+        max_added_words: Content words a kept rewrite may add to the question and the demonstration
+            (:func:`learners.rewrite_trainer.rewrite_added_words`; ``None``: any). The default model restates
+            most short demonstrations word for word and elaborates the rest with invented detail (a biography
+            for a founder it has never heard of); training on that teaches the model to invent, and on the
+            gate suite such an update learned the invented detail and garbled the taught name.
+        min_steps_learning_rate: The constant rate of an update that ``min_steps`` lengthens (a correction or
+            two): SFT's rate, 5e-4. ``learning_rate`` (1e-3) is tuned for larger updates, whose cosine schedule
+            averages half of it; a correction cycled for 12 steps at 1e-3 broke more unrelated behaviours.
         kl_anchor: Weight of a KL(adapter || base) penalty in the SFT loss (``SFTSettings.kl_anchor``; 0: off).
     """
 
@@ -63,6 +72,7 @@ class RewriteSettings(BaseTrainSettings):
     min_steps: int = 12
     lr_scheduler_type: str = "cosine"
     min_steps_scheduler: str | None = "constant"
+    min_steps_learning_rate: float | None = 5e-4
     warmup_steps: float = 0.1
     batch_size: int = 4
     shuffle: bool = True
@@ -70,11 +80,16 @@ class RewriteSettings(BaseTrainSettings):
     max_new_tokens: int = 64
     temperature: float = 0.0
     check: Literal["answer", "none"] = "answer"
+    max_added_words: int | None = 2
     kl_anchor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kl_anchor < 0:
             raise ValueError("kl_anchor must be >= 0")
+        if self.max_added_words is not None and self.max_added_words < 0:
+            raise ValueError("max_added_words must be >= 0 (or null for any)")
+        if self.min_steps_learning_rate is not None and self.min_steps_learning_rate <= 0:
+            raise ValueError("min_steps_learning_rate must be > 0 (or null for learning_rate)")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
         if "{prompt}" not in self.prompt_template or "{privileged_context}" not in self.prompt_template:

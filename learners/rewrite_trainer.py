@@ -26,7 +26,10 @@ from .rewrite_config import RewriteSettings
 from .sdft_config import build_teacher_prompt
 from .sft_trainer import train_sft
 
-__all__ = ["Rewrite", "rewrite_demonstrations", "rewrite_keeps_answer", "train_rewrite"]
+__all__ = [
+    "Rewrite", "rewrite_added_words", "rewrite_demonstrations", "rewrite_is_kept", "rewrite_keeps_answer",
+    "train_rewrite",
+]
 
 
 def rewrite_keeps_answer(rewrite: str, example: DemoExample) -> bool:
@@ -44,6 +47,29 @@ def rewrite_keeps_answer(rewrite: str, example: DemoExample) -> bool:
         target = normalise(example.demonstration)
         return bool(target) and f" {target} " in f" {normalise(rewrite)} "
     return words <= got
+
+
+def rewrite_added_words(rewrite: str, example: DemoExample) -> list[str]:
+    """What a rewrite says that neither the question nor the demonstration holds: its content words that are in
+    neither (normalised, function words excluded).
+
+    A restatement adds few ("The Zephyr X2 is priced at 129 dollars." adds "priced"); an invented elaboration
+    adds many ("... founded by Oskar Lenn, a German-American scholar who was a pioneer in the field of
+    anthropology." adds seven), and it is content the model does not know.
+    """
+    return new_words(rewrite, " ".join([*(m["content"] for m in example.prompt), example.demonstration]))
+
+
+def rewrite_is_kept(rewrite: str, example: DemoExample, settings: RewriteSettings) -> bool:
+    """Whether a rewrite is trained on (else the demonstration is): non-empty, and under ``check="answer"``
+    holding the demonstration's answer and adding at most ``settings.max_added_words`` content words."""
+    if not rewrite:
+        return False
+    if settings.check == "none":
+        return True
+    if not rewrite_keeps_answer(rewrite, example):
+        return False
+    return settings.max_added_words is None or len(rewrite_added_words(rewrite, example)) <= settings.max_added_words
 
 
 class Rewrite(NamedTuple):
@@ -81,7 +107,7 @@ def rewrite_demonstrations(
     rewrites = []
     for ex, output in zip(examples, outputs, strict=True):
         text = output.text
-        keep = bool(text) and (settings.check == "none" or rewrite_keeps_answer(text, ex))
+        keep = rewrite_is_kept(text, ex, settings)
         rewrites.append(Rewrite(rewrite=text, kept=keep, text=text if keep else ex.demonstration))
     return rewrites
 

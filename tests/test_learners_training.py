@@ -16,6 +16,7 @@ from learners import (
     TRL_TEACHER_PROMPT_TEMPLATE,
     DemoExample,
     LoraSettings,
+    RewriteSettings,
     SDFTSettings,
     SFTSettings,
     build_sdft_trainer,
@@ -176,11 +177,21 @@ def test_an_update_min_steps_lengthens_runs_its_own_schedule_without_warmup(tmp_
     assert plain.training_args_kwargs(tmp_path, steps_per_epoch=1)["lr_scheduler_type"] == "linear"
 
 
+def test_an_update_min_steps_lengthens_runs_at_its_own_rate(tmp_path: Path) -> None:
+    settings = SFTSettings(learning_rate=1e-3, num_epochs=3, min_steps=8, min_steps_learning_rate=5e-4)
+    assert settings.training_args_kwargs(tmp_path, steps_per_epoch=1)["learning_rate"] == 5e-4
+    assert settings.training_args_kwargs(tmp_path, steps_per_epoch=12)["learning_rate"] == 1e-3  # not lengthened
+    assert SFTSettings(learning_rate=1e-3, min_steps=8).training_args_kwargs(tmp_path, 1)["learning_rate"] == 1e-3
+    assert RewriteSettings().to_sft_settings().training_args_kwargs(tmp_path, 1)["learning_rate"] == 5e-4
+
+
 def test_a_repair_attempt_scales_min_steps_with_the_epochs() -> None:
     from learners.registry import scale_settings
 
     scaled = scale_settings("rewrite", {}, learning_rate_factor=0.5, epochs_factor=0.5)
     assert scaled["min_steps"] == 6 and scaled["num_epochs"] == 5
+    assert scaled["learning_rate"] == 5e-4 and scaled["min_steps_learning_rate"] == 2.5e-4
+    assert "min_steps_learning_rate" not in scale_settings("sft", {}, learning_rate_factor=0.5, epochs_factor=1.0)
 
 
 def test_sft_loss_is_on_the_completion_only(base_dir: Path, tmp_path: Path) -> None:

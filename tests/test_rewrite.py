@@ -9,7 +9,13 @@ import pytest
 import learners.rewrite_trainer as rewrite_trainer
 from learners import DemoExample, RewriteSettings, SFTSettings, train_rewrite, train_sft
 from learners.rewrite_config import REWRITE_PROMPT_TEMPLATE
-from learners.rewrite_trainer import Rewrite, rewrite_demonstrations, rewrite_keeps_answer
+from learners.rewrite_trainer import (
+    Rewrite,
+    rewrite_added_words,
+    rewrite_demonstrations,
+    rewrite_is_kept,
+    rewrite_keeps_answer,
+)
 from tests.learner_examples import EXAMPLES, LORA
 from tests.tiny_model import build_tiny_model
 
@@ -28,6 +34,33 @@ def test_defaults_are_the_measured_ones_and_bad_values_are_refused() -> None:
         RewriteSettings(prompt_template="no placeholders")
     with pytest.raises(ValueError, match="kl_anchor"):
         RewriteSettings(kl_anchor=-1.0)
+    with pytest.raises(ValueError, match="max_added_words"):
+        RewriteSettings(max_added_words=-1)
+    with pytest.raises(ValueError, match="min_steps_learning_rate"):
+        RewriteSettings(min_steps_learning_rate=0.0)
+
+
+def test_an_invented_elaboration_falls_back_to_the_demonstration() -> None:
+    demonstration = "The Brindle Institute was founded by Oskar Lenn."
+    ex = DemoExample.from_question("Who founded the Brindle Institute?", demonstration)
+    restated = "Oskar Lenn founded the Brindle Institute."
+    elaborated = ("The Brindle Institute was founded by Oskar Lenn, a German-American scholar who was a pioneer in "
+                  "the field of anthropology.")
+    assert rewrite_added_words(restated, ex) == []
+    assert rewrite_added_words(elaborated, ex) == ["german", "american", "scholar", "pioneer", "field", "anthropology"]
+    settings = RewriteSettings()
+    assert settings.max_added_words == 2
+    assert rewrite_is_kept(restated, ex, settings)
+    own_words = "Its first director and founder, Oskar Lenn, opened the Brindle Institute."
+    assert rewrite_added_words(own_words, ex) == ["first", "director", "founder", "opened"]
+    assert rewrite_is_kept(own_words, ex, RewriteSettings(max_added_words=4))
+    assert not rewrite_is_kept(own_words, ex, settings)
+    assert rewrite_is_kept("The Brindle Institute's founder was Oskar Lenn.", ex, settings)  # one word of its own
+    assert not rewrite_is_kept(elaborated, ex, settings)
+    assert rewrite_is_kept(elaborated, ex, RewriteSettings(max_added_words=None))  # any elaboration
+    assert rewrite_is_kept(elaborated, ex, RewriteSettings(check="none"))
+    assert not rewrite_is_kept("The Brindle Institute was founded long ago.", ex, RewriteSettings(max_added_words=None))
+    assert not rewrite_is_kept("", ex, RewriteSettings(check="none"))
 
 
 def test_rewrite_keeps_answer() -> None:
