@@ -14,18 +14,17 @@ import random
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from learners.anchors import Anchor
 from runtime.chat_encoding import encode_chat
+from runtime.config import AnchorBalance, AnchorLossKind
 
 REFERENCE_ADAPTER = "anchor_reference"
 """Name of the frozen copy of the parent adapter that ``kl`` compares against."""
-
-AnchorLossKind = Literal["sft", "kl"]
 
 
 class AnchorLoss:
@@ -137,9 +136,6 @@ def reference_context(
     if REFERENCE_ADAPTER not in model.peft_config:
         load_frozen_adapter(model, parent_adapter_dir, REFERENCE_ADAPTER)
     return lambda m: use_adapter(m, REFERENCE_ADAPTER)
-
-
-AnchorBalance = Literal["examples", "none"]
 
 
 class AnchorTraining:

@@ -389,10 +389,11 @@ def _anchor_training(job: TrainJob | SealJob) -> tuple[Any, list[dict[str, Any]]
     from learners.anchor_loss import AnchorTraining
     from learners.anchors import Anchor, answer_anchors, tokenise_answers
     from learners.lora import load_tokenizer
+    from runtime.config import AnchorsConfig
 
     anchors = [Anchor(**a) for a in job.anchors]
-    options = dict(job.anchor_settings)
-    max_new_tokens = int(options.get("max_new_tokens", 64))
+    options = AnchorsConfig.model_validate(job.anchor_settings)  # learning.anchors' defaults for what is unset
+    max_new_tokens = options.max_new_tokens
     if any(a.answer_ids is None for a in anchors):
         tokenizer = load_tokenizer(job.base_model_dir)
         tokenise_answers(tokenizer, anchors, max_new_tokens=max_new_tokens)  # answered by the serving engine as text
@@ -407,8 +408,7 @@ def _anchor_training(job: TrainJob | SealJob) -> tuple[Any, list[dict[str, Any]]
         answer_anchors(model, tokenizer, anchors, max_new_tokens=max_new_tokens)
         del model
     training = AnchorTraining(
-        anchors, loss=options.get("loss", "sft"), weight=float(options.get("weight", 1.0)),
-        batch_size=int(options.get("batch_size", 4)), balance=options.get("balance", "examples"),
+        anchors, loss=options.loss, weight=options.weight, batch_size=options.batch_size, balance=options.balance
     )
     return training, [a.to_dict() for a in anchors]
 

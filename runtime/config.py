@@ -157,6 +157,8 @@ class StoreConfig(_Section):
 
 
 AnchorSource = Literal["log", "protected", "probe"]
+AnchorLossKind = Literal["sft", "kl"]
+AnchorBalance = Literal["examples", "none"]
 
 
 class AnchorsConfig(_Section):
@@ -177,14 +179,14 @@ class AnchorsConfig(_Section):
     )
     count: int = Field(12, ge=1, le=1024, description="Anchor prompts per update (filled from the sources in order).")
     weight: float = Field(1.0, gt=0.0, le=100.0, description="Weight of the anchor loss against the new examples'.")
-    balance: Literal["examples", "none"] = Field(
+    balance: AnchorBalance = Field(
         "examples",
         description="examples: when a training step holds more new examples than anchors, the anchor term is "
         "scaled by anchors / new examples, so that an anchor weighs as much as one new example and a large update "
         "is held back less than a correction of one or two (measured on the forgetting benchmark, 16 facts); "
         "none: `weight` as is.",
     )
-    loss: Literal["sft", "kl"] = Field(
+    loss: AnchorLossKind = Field(
         "sft",
         description="sft: cross-entropy on the active model's greedy answers (keeps what a user is served there); "
         "kl: KL(active || candidate) over the full vocabulary on those answers, one more forward pass per step. "
