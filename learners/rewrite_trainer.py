@@ -55,7 +55,7 @@ def rewrite_added_words(rewrite: str, example: DemoExample) -> list[str]:
 
     A restatement adds few ("The Zephyr X2 is priced at 129 dollars." adds "priced"); an invented elaboration
     adds many ("... founded by Oskar Lenn, a German-American scholar who was a pioneer in the field of
-    anthropology." adds seven), and it is content the model does not know.
+    anthropology." adds six), and it is content the model does not know.
     """
     return new_words(rewrite, " ".join([*(m["content"] for m in example.prompt), example.demonstration]))
 
