@@ -60,6 +60,12 @@ class BaseTrainSettings:
     gradient_checkpointing: bool = False
     torch_threads: int | None = None
 
+    def __post_init__(self) -> None:
+        if not self.learning_rate > 0:
+            raise ValueError("learning_rate must be > 0")
+        if self.min_steps_learning_rate is not None and not self.min_steps_learning_rate > 0:
+            raise ValueError("min_steps_learning_rate must be > 0 (or null for learning_rate)")
+
     def apply_process_settings(self) -> None:
         """Apply the settings that act on the whole process (``torch_threads``)."""
         if self.torch_threads is not None:

@@ -84,12 +84,11 @@ class RewriteSettings(BaseTrainSettings):
     kl_anchor: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.kl_anchor < 0:
             raise ValueError("kl_anchor must be >= 0")
         if self.max_added_words is not None and self.max_added_words < 0:
             raise ValueError("max_added_words must be >= 0 (or null for any)")
-        if self.min_steps_learning_rate is not None and self.min_steps_learning_rate <= 0:
-            raise ValueError("min_steps_learning_rate must be > 0 (or null for learning_rate)")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
         if "{prompt}" not in self.prompt_template or "{privileged_context}" not in self.prompt_template:

@@ -146,6 +146,7 @@ class SDFTSettings(BaseTrainSettings):
     sft_warmup_epochs: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.sft_warmup_epochs < 0:
             raise ValueError("sft_warmup_epochs must be >= 0")
 

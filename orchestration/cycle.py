@@ -312,20 +312,16 @@ def _answer_on_engine(
 
 
 def _answer_from_gate(gate: Gate, active: AdapterRecord | None, anchors: list[Anchor]) -> None:
-    """Answer the unanswered protected anchors with the policy gate's answers of the active model to the same
-    prompts: the gate asks for them anyway to judge the candidate, so they are asked once for both. The worker
-    cuts them to ``learning.anchors.max_new_tokens``. Nothing happens when the gate is not a
+    """Answer the unanswered protected anchors with the answers of the active model that the policy gate already
+    holds (it asked them to judge an earlier candidate against the same active adapter: a repair attempt, or an
+    earlier cycle); the worker cuts them to ``learning.anchors.max_new_tokens``. Nothing is asked here: the
+    others are asked of the serving engine at the anchors' length. Nothing happens when the gate is not a
     :class:`PolicyGate` or judges against another adapter than the one the update starts from."""
     name = active.name if active else None
     todo = [a for a in anchors if a.source == "protected" and not a.answered]
     if not todo or not isinstance(gate, PolicyGate) or gate.engine.active_adapter != name:
         return
-    try:
-        known = {json.dumps(m): g for m, g in gate.active_answers(name)}
-    except Exception as exc:  # costs only speed: the serving engine or the worker answers them
-        log.warning("learning cycle: the gate could not answer the protected prompts (%s: %s)",
-                    type(exc).__name__, exc)
-        return
+    known = {json.dumps(m): g for m, g in gate.kept_active_answers(name)}
     for anchor in todo:
         generation = known.get(json.dumps(anchor.messages))
         if generation is not None:

@@ -195,16 +195,18 @@ class PolicyGate:
 
     # --- checks ------------------------------------------------------------------------------------------
 
-    def active_answers(self, active: str | None) -> list[tuple[list[dict[str, str]], Generation]]:
-        """The greedy answer of `active` (an adapter name; ``None``: the base model) to every protected prompt,
-        as ``(conversation, generation)`` in the policy's order.
-
-        Each is asked once per active adapter and kept: the gate judges every candidate against them, and a
-        learning cycle's anchors on protected prompts reuse them (the same prompts, the same model, greedy)
-        rather than asking the engine again.
-        """
-        self._ask_active(self.policy.protected, active)
-        return [(b.conversation(), self._active_answers[self._active_key(b, active)]) for b in self.policy.protected]
+    def kept_active_answers(self, active: str | None) -> list[tuple[list[dict[str, str]], Generation]]:
+        """The answers of `active` to protected prompts that the gate already holds (asked for an earlier candidate
+        judged against the same active adapter), asking nothing: a repair attempt's anchors reuse them. A first
+        candidate's anchors are asked of the engine instead, at the anchors' length: asked here, they would cost a
+        separate decode at the protected length, where the gate asks them beside the candidate's answers in the
+        same batch at almost no cost."""
+        self._forget_other_actives(active)
+        return [
+            (b.conversation(), self._active_answers[key])
+            for b in self.policy.protected
+            if (key := self._active_key(b, active)) in self._active_answers
+        ]
 
     @staticmethod
     def _active_key(behaviour: ProtectedBehaviour, active: str | None) -> tuple[str, int, str | None]:

@@ -330,3 +330,14 @@ def test_teacher_with_demonstration_scores_it_higher_than_student() -> None:
     for template in (OFFICIAL_TEACHER_PROMPT_TEMPLATE, TRL_TEACHER_PROMPT_TEMPLATE):
         scores = teacher_student_logprobs(model, tokenizer, example, template)
         assert scores.teacher > scores.student + 0.5, (template, scores)
+
+
+@pytest.mark.parametrize("name", ["sft", "sdft", "rewrite"])
+def test_every_trainer_refuses_a_rate_that_is_not_positive(name: str) -> None:
+    from learners.registry import get_method
+
+    method = get_method(name)
+    for bad in ({"learning_rate": 0.0}, {"min_steps_learning_rate": -1e-4}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            method.settings(bad)
+    assert method.settings({"min_steps_learning_rate": None}).min_steps_learning_rate is None

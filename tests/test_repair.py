@@ -241,10 +241,11 @@ def test_when_the_serving_engine_cannot_answer_the_training_process_answers_the_
 
 
 class Recording:
-    """The real serving engine, recording each (prompt, adapter) it is asked to answer."""
+    """The real serving engine, recording each (prompt, adapter) it is asked to answer, and each call's
+    (adapters, max_new_tokens)."""
 
     def __init__(self, engine) -> None:
-        self.engine, self.asked = engine, []
+        self.engine, self.asked, self.calls = engine, [], []
 
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
@@ -252,27 +253,38 @@ class Recording:
     def chat(self, conversations, params, adapter=None, **kwargs):
         adapters = adapter if isinstance(adapter, list) else [adapter] * len(conversations)
         self.asked += [(c[-1]["content"], a) for c, a in zip(conversations, adapters, strict=True)]
+        self.calls.append((adapters, params.max_new_tokens))
         return self.engine.chat(conversations, params, adapter=adapter, **kwargs)
 
 
-def test_protected_anchors_take_the_gates_answers_of_the_active_model(
-    tmp_path: Path, tiny_model_dir: Path, store: Store, tiny_engine
-) -> None:
-    """The gate asks the active model the protected prompts once; the anchors reuse those answers, cut to
-    learning.anchors.max_new_tokens, and the gate judges the candidate against the same answers."""
-    teach(store)
-    # A random model often emits byte tokens whose text holds U+FFFD and does not tokenise back (the anchor is
-    # then asked again); take prompts whose answers are whole characters.
+def _whole_character_prompts(tiny_engine, n: int) -> list[str]:
+    """Prompts whose 8-token answers are whole characters: a random model often emits byte tokens whose text holds
+    U+FFFD and does not tokenise back (such an anchor is asked again in the worker)."""
     params = SamplingParams(max_new_tokens=8, temperature=0.0)
     tried = [f"Protected prompt {n}?" for n in range(24)]
     prompts = [p for p, g in zip(tried, tiny_engine.chat([user(p) for p in tried], params), strict=True)
-               if "\ufffd" not in g.text][:2]
-    assert len(prompts) == 2
-    policy = Policy.model_validate({
+               if "\ufffd" not in g.text][:n]
+    assert len(prompts) == n
+    return prompts
+
+
+def _protected_policy(prompts: list[str]) -> Policy:
+    return Policy.model_validate({
         "protected": [{"name": f"p{i}", "prompt": p, "expect": {"not_contains": "zzzz"}, "max_new_tokens": 8}
                       for i, p in enumerate(prompts)],
         "targets": {"enabled": False},
     })
+
+
+def test_a_first_attempt_asks_every_anchor_in_one_call_at_the_anchor_length(
+    tmp_path: Path, tiny_model_dir: Path, store: Store, tiny_engine
+) -> None:
+    """The protected anchors are asked of the engine with the others, in one batched call at
+    learning.anchors.max_new_tokens (not at the protected length, alone, before training: the gate asks the active
+    model's answers at that length beside the candidate's, in the same batch)."""
+    teach(store)
+    prompts = _whole_character_prompts(tiny_engine, 2)
+    policy = _protected_policy(prompts)
     engine = Recording(tiny_engine)
     gate = PolicyGate(policy, engine)  # type: ignore[arg-type]
     config = config_for(tmp_path, tiny_model_dir, anchors={"sources": ["protected", "probe"], "count": 3,
@@ -285,10 +297,36 @@ def test_protected_anchors_take_the_gates_answers_of_the_active_model(
         for name in set(tiny_engine.list_adapters()) - loaded:
             tiny_engine.unload_adapter(name)
     assert result.status == "activated", result.message
-    on_active = [prompt for prompt, adapter in engine.asked if adapter is None]
-    assert all(on_active.count(p) == 1 for p in prompts), engine.asked  # by the gate, for both uses
     anchors = store.get_run(result.run_id).metrics["anchors"]
     assert [a["source"] for a in anchors] == ["protected", "protected", "probe"]
+    assert engine.calls[0] == ([None] * 3, 4)  # every anchor, one call, the anchors' length
+    candidate = result.adapter.name
+    assert engine.calls[1] == ([None, None, candidate, candidate], 8)  # the gate: active beside candidate
     served = tiny_engine.chat([user(p) for p in prompts], SamplingParams(max_new_tokens=4, temperature=0.0))
-    assert [a["answer"] for a in anchors[:2]] == [g.text for g in served]  # the gate's 8 tokens cut to 4
+    assert [a["answer"] for a in anchors[:2]] == [g.text for g in served]
     assert all(a["answer"] is not None for a in anchors)
+
+
+def test_protected_anchors_take_the_answers_the_gate_already_holds(tiny_model_dir: Path, tiny_engine,
+                                                                   tiny_adapter_dir: Path) -> None:
+    """A repair attempt (or a cycle after another against the same active adapter): the protected anchors take
+    the gate's kept answers of the active model, cut to the anchors' length in the worker; nothing is asked."""
+    from learners.anchors import Anchor
+    from orchestration.cycle import _answer_from_gate
+
+    prompts = _whole_character_prompts(tiny_engine, 2)
+    engine = Recording(tiny_engine)
+    gate = PolicyGate(_protected_policy(prompts), engine)  # type: ignore[arg-type]
+    anchors = [Anchor(messages=user(p), source="protected") for p in [*prompts, "Not protected?"]]
+    _answer_from_gate(gate, None, anchors)
+    assert not engine.calls and not any(a.answered for a in anchors)  # the gate holds nothing yet: asks nothing
+    tiny_engine.load_adapter("cand", tiny_adapter_dir, replace=tiny_engine.has_adapter("cand"))
+    try:
+        judged = gate.evaluate("cand", None, None)
+    finally:
+        tiny_engine.unload_adapter("cand")
+    engine.calls.clear()
+    _answer_from_gate(gate, None, anchors)
+    assert not engine.calls
+    assert [a.answer for a in anchors[:2]] == [r.active["answer"] for r in judged]
+    assert not anchors[2].answered
