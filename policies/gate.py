@@ -201,7 +201,6 @@ class PolicyGate:
         candidate's anchors are asked of the engine instead, at the anchors' length: asked here, they would cost a
         separate decode at the protected length, where the gate asks them beside the candidate's answers in the
         same batch at almost no cost."""
-        self._forget_other_actives(active)
         return [
             (b.conversation(), self._active_answers[key])
             for b in self.policy.protected

@@ -241,18 +241,16 @@ def test_when_the_serving_engine_cannot_answer_the_training_process_answers_the_
 
 
 class Recording:
-    """The real serving engine, recording each (prompt, adapter) it is asked to answer, and each call's
-    (adapters, max_new_tokens)."""
+    """The real serving engine, recording each call's (adapters, max_new_tokens)."""
 
     def __init__(self, engine) -> None:
-        self.engine, self.asked, self.calls = engine, [], []
+        self.engine, self.calls = engine, []
 
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
 
     def chat(self, conversations, params, adapter=None, **kwargs):
         adapters = adapter if isinstance(adapter, list) else [adapter] * len(conversations)
-        self.asked += [(c[-1]["content"], a) for c, a in zip(conversations, adapters, strict=True)]
         self.calls.append((adapters, params.max_new_tokens))
         return self.engine.chat(conversations, params, adapter=adapter, **kwargs)
 
@@ -317,7 +315,7 @@ def test_protected_anchors_take_the_answers_the_gate_already_holds(tiny_model_di
     prompts = _whole_character_prompts(tiny_engine, 2)
     engine = Recording(tiny_engine)
     gate = PolicyGate(_protected_policy(prompts), engine)  # type: ignore[arg-type]
-    anchors = [Anchor(messages=user(p), source="protected") for p in [*prompts, "Not protected?"]]
+    anchors = [Anchor(messages=user(p), source="protected") for p in [*prompts, "Not in the policy?"]]
     _answer_from_gate(gate, None, anchors)
     assert not engine.calls and not any(a.answered for a in anchors)  # the gate holds nothing yet: asks nothing
     tiny_engine.load_adapter("cand", tiny_adapter_dir, replace=tiny_engine.has_adapter("cand"))
