@@ -157,10 +157,11 @@ def _train(method: str, model_dir: Path, facts: list[Fact], out_dir: Path, setti
                  anchors=anchors)
 
 
-def default_anchors(model_dir: Path, facts: list[Fact]) -> AnchorTraining:
-    """The default anchors of a fresh store (the built-in probe, closest to the facts first), answered by the
-    base model, with ``learning.anchors``' default loss, weight and batch."""
-    settings = AnchorsConfig()
+def default_anchors(model_dir: Path, facts: list[Fact], overrides: dict[str, Any] | None = None) -> AnchorTraining:
+    """The anchors of a fresh store (the built-in probe, closest to the facts first unless `overrides` say
+    otherwise), answered by the base model, with ``learning.anchors``' loss, weight and batch (`overrides`:
+    ``--anchors-set``, over the defaults)."""
+    settings = AnchorsConfig.model_validate(overrides or {})
     chosen = select_anchors(None, settings, exclude=[f.example().prompt for f in facts]).anchors
     model, tokenizer = load_base_model(model_dir), load_tokenizer(model_dir)
     answer_anchors(model, tokenizer, chosen, max_new_tokens=settings.max_new_tokens)
@@ -263,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             help=f"learning.{name} override")
     parser.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=True,
                         help="train with the default anchors (learning.anchors), as every update does")
+    parser.add_argument("--anchors-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="learning.anchors override, e.g. probe_order=farthest")
     parser.add_argument("--lora-set", action="append", default=[], metavar="KEY=VALUE", help="LoraSettings override")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length for every accuracy")
     parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
@@ -307,7 +310,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "responses": base_facts["responses"],
         }
         _log("base: " + ", ".join(f"{k} {base[k]}" for k in ("new_acc", "paraphrase_acc", "retention")))
-        anchors = default_anchors(engine.model_path, facts) if args.anchors else None
+        anchor_overrides = parse_overrides(args.anchors_set, "anchors")
+        anchors = default_anchors(engine.model_path, facts, anchor_overrides) if args.anchors else None
         with tempfile.TemporaryDirectory(prefix="forgetting-") as tmp:
             for method in methods:
                 _log(f"{method}: training on {len(facts)} examples" + (" with anchors" if anchors else ""))
@@ -374,7 +378,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "max_new_tokens": args.max_new_tokens,
             "overrides": {**overrides, "lora": parse_overrides(args.lora_set, "lora")},
             "anchors": (
-                {**AnchorsConfig().model_dump(mode="json"), "count_used": len(anchors.anchors)} if anchors else None
+                {**AnchorsConfig.model_validate(anchor_overrides).model_dump(mode="json"),
+                 "count_used": len(anchors.anchors)}
+                if anchors else None
             ),
             "units": "accuracies in percent; retention_drop in percentage points (positive = forgot); "
             "kl_to_base in nats per token",

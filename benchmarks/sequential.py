@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             help=f"learning.{name} override")
     parser.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=True,
                         help="learning.anchors.enabled (default: on, as the runtime's default)")
+    parser.add_argument("--anchors-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="learning.anchors override, e.g. probe_order=farthest")
     parser.add_argument("--lora-set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--auto-candidates", default=None, help="YAML list of candidates for auto")
     parser.add_argument("--out", type=Path, default=RESULTS / "sequential.json")
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "retention_questions": len(measured),
             "threads": args.threads,
             "anchors": args.anchors,
+            "anchors_overrides": parse_overrides(args.anchors_set, "anchors"),
             "replay_fraction": (
                 args.replay_fraction if args.replay_fraction is not None else RuntimeConfig().learning.replay_fraction
             ),
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             learning: dict[str, Any] = {
                 **{name: parse_overrides(getattr(args, f"{name}_set"), name) for name in LEARNING_METHODS},
                 "lora": parse_overrides(args.lora_set, "lora"),
-                "anchors": {"enabled": args.anchors},
+                "anchors": {**parse_overrides(args.anchors_set, "anchors"), "enabled": args.anchors},
             }
             if args.replay_fraction is not None:
                 learning["replay_fraction"] = args.replay_fraction

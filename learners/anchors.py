@@ -15,7 +15,8 @@ Prompts come from the sources of ``learning.anchors.sources``, in order, until `
 - ``probe``: a built-in set of everyday prompts (:data:`BUILTIN_ANCHOR_PROBE`), for a fresh store; those
   closest to what the new examples ask come first, taken in turn for each new example (an update bleeds most
   into neighbouring prompts: teaching the capital of an invented country endangers the capitals of real ones;
-  see :func:`nearest_first`).
+  see :func:`nearest_first`); ``probe_order`` may instead put those farthest from them first
+  (:func:`farthest_first`) or take one of each in turn (:func:`mixed_first`).
 
 No source ever gives a prompt that a new example asks (an anchor there would argue with the correction).
 Gate-guided repair adds the prompts of the checks that vetoed a candidate (source ``repair``).
@@ -151,7 +152,8 @@ def select_anchors(
         elif source == "protected":
             candidates = [list(m) for m in protected]
         else:
-            candidates = nearest_first(load_probe_prompts(settings.probe_file or BUILTIN_ANCHOR_PROBE), exclude)
+            order = PROBE_ORDERS[settings.probe_order]
+            candidates = order(load_probe_prompts(settings.probe_file or BUILTIN_ANCHOR_PROBE), exclude)
         for messages in candidates:
             if len(selection.anchors) >= settings.count:
                 break
@@ -173,20 +175,47 @@ def nearest_first(prompts: list[Messages], asked: Sequence[Sequence[dict[str, An
     takes every anchor: each new example gets the anchors nearest to it, which are the prompts its update
     bleeds into.
     """
+    return [prompts[i] for i in _nearest_order(_closeness(prompts, asked), len(prompts))]
+
+
+def farthest_first(prompts: list[Messages], asked: Sequence[Sequence[dict[str, Any]]]) -> list[Messages]:
+    """`prompts` ordered from the least to the most related to any asked prompt (the highest content-word overlap
+    with one of them), ties in file order: anchors away from what the update teaches."""
+    return [prompts[i] for i in _farthest_order(_closeness(prompts, asked), len(prompts))]
+
+
+def mixed_first(prompts: list[Messages], asked: Sequence[Sequence[dict[str, Any]]]) -> list[Messages]:
+    """One of :func:`nearest_first` and one of :func:`farthest_first` in turn (nearest first), each prompt once:
+    half the anchors guard the neighbourhood of the new examples, half keep the breadth of what the model does."""
+    scores = _closeness(prompts, asked)
+    near, far = _nearest_order(scores, len(prompts)), _farthest_order(scores, len(prompts))
+    order = dict.fromkeys(i for pair in zip(near, far, strict=True) for i in pair)
+    return [prompts[i] for i in order]
+
+
+PROBE_ORDERS = {"nearest": nearest_first, "farthest": farthest_first, "mixed": mixed_first}
+"""``learning.anchors.probe_order``: how the ``probe`` source orders its prompts."""
+
+
+def _nearest_order(scores: list[list[float]], count: int) -> list[int]:
+    rankings = [sorted((i for i, c in enumerate(row) if c > 0), key=row.__getitem__, reverse=True) for row in scores]
+    taken_in_turn = dict.fromkeys(i for depth in zip_longest(*rankings) for i in depth if i is not None)
+    return [*taken_in_turn, *(i for i in range(count) if i not in taken_in_turn)]
+
+
+def _farthest_order(scores: list[list[float]], count: int) -> list[int]:
+    nearest = [max((row[i] for row in scores), default=0.0) for i in range(count)]
+    return sorted(range(count), key=nearest.__getitem__)
+
+
+def _closeness(prompts: list[Messages], asked: Sequence[Sequence[dict[str, Any]]]) -> list[list[float]]:
+    """For each asked prompt, the content-word overlap (Jaccard) of each of `prompts` with it."""
     topics = [content_words(_last_user(m)) for m in asked]
     words = [content_words(_last_user(m)) for m in prompts]
-
-    def closeness(index: int, topic: set[str]) -> float:
-        union = words[index] | topic
-        return len(words[index] & topic) / len(union) if union else 0.0
-
-    rankings = []
-    for topic in topics:
-        scores = {i: closeness(i, topic) for i in range(len(prompts))}
-        rankings.append(sorted((i for i, c in scores.items() if c > 0), key=scores.__getitem__, reverse=True))
-    taken_in_turn = dict.fromkeys(i for depth in zip_longest(*rankings) for i in depth if i is not None)
-    order = [*taken_in_turn, *(i for i in range(len(prompts)) if i not in taken_in_turn)]
-    return [prompts[i] for i in order]
+    return [
+        [len(w & topic) / len(w | topic) if w | topic else 0.0 for w in words]
+        for topic in topics
+    ]
 
 
 def _last_user(messages: Sequence[dict[str, Any]]) -> str:

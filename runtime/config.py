@@ -159,6 +159,7 @@ class StoreConfig(_Section):
 AnchorSource = Literal["log", "protected", "probe"]
 AnchorLossKind = Literal["sft", "kl"]
 AnchorBalance = Literal["examples", "none"]
+AnchorProbeOrder = Literal["nearest", "farthest", "mixed"]
 
 
 class AnchorsConfig(_Section):
@@ -191,6 +192,13 @@ class AnchorsConfig(_Section):
         description="sft: cross-entropy on the active model's greedy answers (keeps what a user is served there); "
         "kl: KL(active || candidate) over the full vocabulary on those answers, one more forward pass per step. "
         "Measured on the default model (learners.anchors): sft kept greedy answers, kl kept the distribution.",
+    )
+    probe_order: AnchorProbeOrder = Field(
+        "nearest",
+        description="Which probe prompts the `probe` source gives first: nearest (those closest to what the new "
+        "examples ask, taken in turn for each: the neighbours an update bleeds into) or farthest (those sharing "
+        "the fewest words with any new example, in file order: breadth, away from the new content) or mixed (one "
+        "of each in turn, nearest first).",
     )
     batch_size: int = Field(2, ge=1, le=256, description="Anchors in each training step's anchor batch.")
     max_new_tokens: int = Field(32, ge=1, le=1024, description="Length cap of the active model's anchor answers.")

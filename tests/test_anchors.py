@@ -222,6 +222,23 @@ def test_probe_anchors_cover_the_neighbourhood_of_every_taught_prompt(tmp_path: 
     assert [a.messages[-1]["content"] for a in every.anchors] == [prompts[i] for i in (0, 3, 1, 2, 4)]
 
 
+def test_farthest_order_gives_the_probe_prompts_least_like_the_taught_ones_first(tmp_path: Path) -> None:
+    """``probe_order: farthest``: prompts sharing no word with any taught prompt first (file order), then the
+    least related; the capital closest to the taught capital comes last."""
+    probe = tmp_path / "probe.jsonl"
+    prompts = ["What is the capital of Japan?", "Say hello.", "Which capital of Peru is oldest?",
+               "What is the longest river in Africa?", "Count to three."]
+    probe.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    taught = [user("What is the capital of Orvania?")]
+    settings = AnchorsConfig(sources=["probe"], count=5, probe_file=probe, probe_order="farthest")
+    picked = select_anchors(None, settings, exclude=taught)
+    assert [a.messages[-1]["content"] for a in picked.anchors] == [prompts[i] for i in (1, 3, 4, 2, 0)]
+    settings.probe_order = "mixed"  # nearest, farthest, second nearest, second farthest, ...
+    picked = select_anchors(None, settings, exclude=taught)
+    assert [a.messages[-1]["content"] for a in picked.anchors] == [prompts[i] for i in (0, 1, 2, 3, 4)]
+    with pytest.raises(ValueError, match="probe_order"):
+        AnchorsConfig.model_validate({"probe_order": "closest"})
+
 def test_an_engine_answer_becomes_the_tokens_the_chat_template_puts_after_the_prompt(tiny_model_dir: Path) -> None:
     from learners.anchors import tokenise_answers
 

@@ -72,7 +72,7 @@ def _run(model: Path, facts: Path, retention: Path, out: Path) -> dict:
         "--facts", "0", "--retention-questions", "3", "--max-new-tokens", "4", "--out", str(out),
         *[a for kv in tiny for a in ("--sft-set", kv)],
         *[a for kv in [*tiny, "max_new_tokens=4"] for a in ("--rewrite-set", kv)],
-        "--lora-set", "r=4",
+        "--lora-set", "r=4", "--anchors-set", "count=3", "--anchors-set", "probe_order=farthest",
     ])
 
 
@@ -108,7 +108,8 @@ def test_forgetting_benchmark_on_tiny_model(tmp_path: Path) -> None:
     assert set(saved["goals"]) == {
         "rewrite_paraphrase_at_least_sft", "rewrite_retention_drop_small_sft_larger", "rewrite_over_sft_time"
     }
-    assert saved["config"]["anchors"]["count_used"] >= 1  # the default anchors, as every update
+    anchors = saved["config"]["anchors"]  # as every update, with --anchors-set over learning.anchors' defaults
+    assert 1 <= anchors["count_used"] <= 3 and anchors["count"] == 3 and anchors["probe_order"] == "farthest"
     assert all(isinstance(g["met"], bool) for g in saved["goals"].values())
     assert len(saved["base"]["responses"]) == 5 and len(saved["base"]["retention_correct"]) == 3
     cfg = saved["config"]

@@ -33,7 +33,7 @@ def test_sequential_benchmark_tiny(tmp_path: Path, tiny_model_dir: Path) -> None
             "--data", str(facts), "--retention", str(retention), "--model", str(tiny_model_dir),
             "--methods", "sft,auto", "--batches", "2", "--batch-size", "2", "--retention-questions", "2",
             "--auto-retention-questions", "2", "--sft-set", "num_epochs=1", "--lora-set", "r=4",
-            "--auto-candidates", "[{method: sft, num_epochs: 1}]", "--out", str(out),
+            "--auto-candidates", "[{method: sft, num_epochs: 1}]", "--anchors-set", "count=2", "--out", str(out),
         ]
     )
     saved = json.loads(out.read_text())
@@ -44,4 +44,5 @@ def test_sequential_benchmark_tiny(tmp_path: Path, tiny_model_dir: Path) -> None
     assert len(sft_steps[1]["batches"]) == 2  # every earlier batch is measured again
     assert "retention_drop" in sft_steps[1]
     assert set(saved["methods"]) == {"sft", "auto"}
+    assert saved["config"]["anchors_overrides"] == {"count": 2}
     assert out.with_suffix(".md").read_text().startswith("| method |")
