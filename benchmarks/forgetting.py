@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 
 from benchmarks.overrides import parse_overrides  # noqa: E402
 from learners.anchor_loss import AnchorTraining  # noqa: E402
@@ -57,6 +58,7 @@ from learners.lora_config import LoraSettings  # noqa: E402
 from learners.registry import DEFAULT_METHOD, LEARNING_METHODS, get_method  # noqa: E402
 from runtime.config import AnchorsConfig  # noqa: E402
 from runtime.engines import TransformersEngine  # noqa: E402
+from runtime.yamlfile import describe_validation_error  # noqa: E402
 
 DEFAULT_FACTS = ROOT.parent / "shared" / "data" / "facts_dev.jsonl"
 DEFAULT_RETENTION = ROOT.parent / "shared" / "data" / "squad_retention_dev.jsonl"
@@ -157,11 +159,20 @@ def _train(method: str, model_dir: Path, facts: list[Fact], out_dir: Path, setti
                  anchors=anchors)
 
 
-def default_anchors(model_dir: Path, facts: list[Fact], overrides: dict[str, Any] | None = None) -> AnchorTraining:
-    """The anchors of a fresh store (the built-in probe, closest to the facts first unless `overrides` say
-    otherwise), answered by the base model, with ``learning.anchors``' loss, weight and batch (`overrides`:
-    ``--anchors-set``, over the defaults)."""
-    settings = AnchorsConfig.model_validate(overrides or {})
+def anchor_settings(overrides: dict[str, Any]) -> AnchorsConfig:
+    """``learning.anchors`` with the ``--anchors-set`` overrides; a bad key or value is an error."""
+    try:
+        return AnchorsConfig.model_validate(overrides)
+    except ValidationError as exc:
+        raise SystemExit(
+            describe_validation_error(exc, "--anchors-set", {}, AnchorsConfig, title="bad learning.anchors override")
+        ) from None
+
+
+def default_anchors(model_dir: Path, facts: list[Fact], settings: AnchorsConfig | None = None) -> AnchorTraining:
+    """The anchors of a fresh store (the built-in probe, in ``settings.probe_order``), answered by the base model,
+    with ``learning.anchors``' loss, weight and batch (`settings`: the defaults unless given)."""
+    settings = settings or AnchorsConfig()
     chosen = select_anchors(None, settings, exclude=[f.example().prompt for f in facts]).anchors
     model, tokenizer = load_base_model(model_dir), load_tokenizer(model_dir)
     answer_anchors(model, tokenizer, chosen, max_new_tokens=settings.max_new_tokens)
@@ -282,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     overrides = {m: parse_overrides(getattr(args, f"{m}_set"), m) for m in METHODS}
     settings = {m: method_settings(m, overrides[m], common) for m in methods}
     lora = apply_overrides(LoraSettings(), parse_overrides(args.lora_set, "lora"), "lora")
+    anchors_config = anchor_settings(parse_overrides(args.anchors_set, "anchors"))
 
     facts = load_facts(args.data, args.facts or None)
     retention: list[QAItem] = load_questions(args.retention, args.retention_questions or None)
@@ -310,8 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "responses": base_facts["responses"],
         }
         _log("base: " + ", ".join(f"{k} {base[k]}" for k in ("new_acc", "paraphrase_acc", "retention")))
-        anchor_overrides = parse_overrides(args.anchors_set, "anchors")
-        anchors = default_anchors(engine.model_path, facts, anchor_overrides) if args.anchors else None
+        anchors = default_anchors(engine.model_path, facts, anchors_config) if args.anchors else None
         with tempfile.TemporaryDirectory(prefix="forgetting-") as tmp:
             for method in methods:
                 _log(f"{method}: training on {len(facts)} examples" + (" with anchors" if anchors else ""))
@@ -378,9 +389,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "max_new_tokens": args.max_new_tokens,
             "overrides": {**overrides, "lora": parse_overrides(args.lora_set, "lora")},
             "anchors": (
-                {**AnchorsConfig.model_validate(anchor_overrides).model_dump(mode="json"),
-                 "count_used": len(anchors.anchors)}
-                if anchors else None
+                {**anchors_config.model_dump(mode="json"), "count_used": len(anchors.anchors)} if anchors else None
             ),
             "units": "accuracies in percent; retention_drop in percentage points (positive = forgot); "
             "kl_to_base in nats per token",

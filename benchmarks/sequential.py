@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--auto-candidates", default=None, help="YAML list of candidates for auto")
     parser.add_argument("--out", type=Path, default=RESULTS / "sequential.json")
     args = parser.parse_args(argv)
+    anchor_overrides = parse_overrides(args.anchors_set, "anchors")
 
     facts = load_facts(args.data)
     need = args.batches * args.batch_size
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "retention_questions": len(measured),
             "threads": args.threads,
             "anchors": args.anchors,
-            "anchors_overrides": parse_overrides(args.anchors_set, "anchors"),
+            "anchors_overrides": anchor_overrides,
             "replay_fraction": (
                 args.replay_fraction if args.replay_fraction is not None else RuntimeConfig().learning.replay_fraction
             ),
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             learning: dict[str, Any] = {
                 **{name: parse_overrides(getattr(args, f"{name}_set"), name) for name in LEARNING_METHODS},
                 "lora": parse_overrides(args.lora_set, "lora"),
-                "anchors": {**parse_overrides(args.anchors_set, "anchors"), "enabled": args.anchors},
+                "anchors": {**anchor_overrides, "enabled": args.anchors},
             }
             if args.replay_fraction is not None:
                 learning["replay_fraction"] = args.replay_fraction

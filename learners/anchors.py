@@ -204,8 +204,8 @@ def _nearest_order(scores: list[list[float]], count: int) -> list[int]:
 
 
 def _farthest_order(scores: list[list[float]], count: int) -> list[int]:
-    nearest = [max((row[i] for row in scores), default=0.0) for i in range(count)]
-    return sorted(range(count), key=nearest.__getitem__)
+    closest = [max((row[i] for row in scores), default=0.0) for i in range(count)]
+    return sorted(range(count), key=closest.__getitem__)
 
 
 def _closeness(prompts: list[Messages], asked: Sequence[Sequence[dict[str, Any]]]) -> list[list[float]]:

@@ -76,6 +76,14 @@ def _run(model: Path, facts: Path, retention: Path, out: Path) -> dict:
     ])
 
 
+def test_a_bad_anchor_override_stops_before_anything_loads(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"  # no model, no data: the override is refused first
+    with pytest.raises(SystemExit, match="probe_order") as stop:
+        main(["--model", str(missing), "--data", str(missing), "--retention", str(missing),
+              "--anchors-set", "probe_order=closest"])
+    assert "--anchors-set" in str(stop.value)
+
+
 def test_forgetting_benchmark_on_tiny_model(tmp_path: Path) -> None:
     model = build_tiny_model(tmp_path / "model")
     facts = _write_jsonl(tmp_path / "facts.jsonl", FACTS)
