@@ -10,7 +10,10 @@ engine and measured:
 - ``new_acc`` / ``paraphrase_acc``: the facts' direct questions / paraphrases, no fact in context;
 - ``retention_after``: reading comprehension with the passage in context (``retention_before`` on the base);
 - ``retention_drop``: before - after, in percentage points;
-- ``kl_to_base``: mean per-token KL(base || tuned) on the retention prompts followed by the base answers.
+- ``kl_to_base``: mean per-token KL(base || tuned) on the retention prompts followed by the base answers;
+- with ``--probe`` (format of ``../shared/data/general_probe_dev.jsonl``), ``probe_failures``: the probe checks
+  the tuned model fails that the base model passes (collateral damage around the taught facts; nothing trains
+  or anchors on them), each prompt alone, greedy, as the gate suite asks them.
 
 Accuracies are greedy, normalised answer containment, in percent.
 
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,7 @@ import torch  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from benchmarks.overrides import parse_overrides  # noqa: E402
+from benchmarks.probe_checks import PROBE_TOKENS, Check, failures, load_probe  # noqa: E402
 from learners.anchor_loss import AnchorTraining  # noqa: E402
 from learners.anchors import answer_anchors, select_anchors  # noqa: E402
 from learners.evaluation import (  # noqa: E402
@@ -56,6 +61,7 @@ from learners.evaluation import (  # noqa: E402
 from learners.lora import load_base_model, load_tokenizer  # noqa: E402
 from learners.lora_config import LoraSettings  # noqa: E402
 from learners.registry import DEFAULT_METHOD, LEARNING_METHODS, get_method  # noqa: E402
+from policies.schema import Policy  # noqa: E402
 from runtime.config import AnchorsConfig  # noqa: E402
 from runtime.engines import TransformersEngine  # noqa: E402
 from runtime.yamlfile import describe_validation_error  # noqa: E402
@@ -131,6 +137,14 @@ def measure_facts(
         "paraphrases": len(para_q),
         "responses": responses,
     }
+
+
+def probe_failures(
+    engine: TransformersEngine, probe: list[Check], adapter: str | None, base_failing: Collection[str] = ()
+) -> list[dict[str, str]]:
+    """The probe checks `adapter` (``None``: the base model) fails, leaving out those the base model fails."""
+    found = failures(engine, probe, PROBE_TOKENS, Policy().refusal_markers, adapter=adapter)
+    return [f for f in found if f["name"] not in base_failing]
 
 
 def _bits(correct: list[bool]) -> str:
@@ -226,15 +240,18 @@ def evaluate_goals(results: dict[str, dict[str, Any]], time_ratio: float | None)
 def render_table(result: dict[str, Any]) -> str:
     cfg = result["config"]
     base = result["base"]
+    probed = base.get("probe_failures") is not None
     lines = [
         f"Model `{cfg['model']}`, {cfg['facts']} facts ({cfg['paraphrases']} paraphrases), "
         f"{cfg['retention_questions']} retention questions, seed {cfg['seed']}, {cfg['threads']} thread(s). "
         f"Base: direct {base['new_acc']:.1f}, paraphrase {base['paraphrase_acc']:.1f}, "
-        f"retention {base['retention']:.1f}.",
+        f"retention {base['retention']:.1f}."
+        + (f" Probe `{Path(cfg['probe']).name}`: {cfg['probe_checks']} checks, "
+           f"{len(base['probe_failures'])} failed by the base model (not counted after)." if probed else ""),
         "",
         "| method | direct % | paraphrase % | retention before | retention after | drop (pts) "
-        "| KL to base | s / example | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| KL to base |" + (" probe checks broken |" if probed else "") + " s / example | train s |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if probed else ""),
     ]
     for method in METHODS:
         r = result.get(method)
@@ -242,8 +259,9 @@ def render_table(result: dict[str, Any]) -> str:
             continue
         lines.append(
             f"| {method} | {r['new_acc']:.1f} | {r['paraphrase_acc']:.1f} | {r['retention_before']:.1f} "
-            f"| {r['retention_after']:.1f} | {r['retention_drop']:.1f} | {r['kl_to_base']:.4f} "
-            f"| {r['sec_per_example']:.2f} | {r['train_seconds']:.0f} |"
+            f"| {r['retention_after']:.1f} | {r['retention_drop']:.1f} | {r['kl_to_base']:.4f} |"
+            + (f" {len(r['probe_failures'])} |" if probed else "")
+            + f" {r['sec_per_example']:.2f} | {r['train_seconds']:.0f} |"
         )
     ratio = result.get(f"{D}_over_sft_time")
     if ratio is not None:
@@ -278,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--anchors-set", action="append", default=[], metavar="KEY=VALUE",
                         help="learning.anchors override, e.g. probe_order=farthest")
     parser.add_argument("--lora-set", action="append", default=[], metavar="KEY=VALUE", help="LoraSettings override")
+    parser.add_argument("--probe", type=Path, default=None,
+                        help="checks JSONL (format of general_probe_dev.jsonl): count the checks each update breaks")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length for every accuracy")
     parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
     parser.add_argument("--out", type=Path, default=RESULTS / "forgetting.json")
@@ -301,6 +321,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"{args.data}: no facts")
     if not retention:
         raise SystemExit(f"{args.retention}: no retention questions")
+    probe = load_probe(args.probe) if args.probe else []
+    if args.probe and not probe:
+        raise SystemExit(f"{args.probe}: no probe checks")
 
     wall = time.perf_counter()
     source = _source_state()  # before training: the code that runs
@@ -312,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t = time.perf_counter()
         base_ret = retention_accuracy(engine, retention, None, **ev)
         base_facts = measure_facts(engine, facts, None, args.max_new_tokens)
+        base_probe = probe_failures(engine, probe, None) if probe else []
         base = {
             "new_acc": base_facts["new_acc"],
             "paraphrase_acc": base_facts["paraphrase_acc"],
@@ -319,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "retention_f1": _pct(base_ret.mean_f1),
             "retention_correct": _bits(base_ret.correct),
             "eval_seconds": round(time.perf_counter() - t, 1),
+            "probe_failures": base_probe if probe else None,
             "responses": base_facts["responses"],
         }
         _log("base: " + ", ".join(f"{k} {base[k]}" for k in ("new_acc", "paraphrase_acc", "retention")))
@@ -334,6 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     learned = measure_facts(engine, facts, method, args.max_new_tokens)
                     after = retention_accuracy(engine, retention, method, **ev)
                     kl = kl_to_base(engine, retention, base_ret.responses, method, batch_size=args.batch_size)
+                    broken = probe_failures(engine, probe, method, {f["name"] for f in base_probe}) if probe else None
                 finally:
                     engine.unload_adapter(method)
                 losses = [m["loss"] for m in res.metrics if "loss" in m]
@@ -349,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         a != b for a, b in zip(base_ret.responses, after.responses, strict=True)
                     ),
                     "kl_to_base": kl,
+                    "probe_failures": broken,
                     "train_seconds": round(res.train_seconds, 2),
                     "sec_per_example": round(res.train_seconds / res.num_examples, 3),
                     "num_steps": res.num_steps,
@@ -362,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 _log(f"{method}: " + ", ".join(
                     f"{k} {results[method][k]}" for k in
                     ("new_acc", "paraphrase_acc", "retention_after", "retention_drop", "kl_to_base")
-                ))
+                ) + (f", probe checks broken {len(broken)}" if broken is not None else ""))
     finally:
         engine.close()
 
@@ -383,6 +410,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "facts": len(facts),
             "paraphrases": base_facts["paraphrases"],
             "retention_questions": len(retention),
+            "probe": str(args.probe) if args.probe else None,
+            "probe_checks": len(probe),
             "methods": methods,
             "seed": args.seed,
             "threads": args.threads,

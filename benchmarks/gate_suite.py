@@ -44,10 +44,10 @@ sys.path.insert(0, str(ROOT))
 
 from agent import LearningAgent  # noqa: E402
 from benchmarks.overrides import parse_overrides  # noqa: E402
-from policies.checks import check_answer  # noqa: E402
+from benchmarks.probe_checks import PROBE_TOKENS, Check, answers, failures, load_probe  # noqa: E402
 from policies.schema import Expectation, Policy  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
-from runtime.engines import Engine, SamplingParams  # noqa: E402
+from runtime.engines import Engine  # noqa: E402
 from runtime.jsonl import read_jsonl  # noqa: E402
 from runtime.models import DEFAULT_MODEL, resolve_model  # noqa: E402
 from runtime.textmatch import gives_taught_answer  # noqa: E402
@@ -55,17 +55,7 @@ from runtime.textmatch import gives_taught_answer  # noqa: E402
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 PROTECTED_TOKENS = 96  # the policy's default for protected prompts
-PROBE_TOKENS = 48  # as the probe file was made: every prompt passes on the base model at 48 greedy tokens
 TARGET_TOKENS = 64  # the gate's default for taught answers
-
-
-@dataclass
-class Check:
-    """A prompt with what its answer must satisfy."""
-
-    name: str
-    prompt: str
-    expect: Expectation
 
 
 @dataclass
@@ -97,34 +87,6 @@ def load_cases(path: Path) -> list[Case]:
         except (KeyError, TypeError, ValueError) as exc:
             raise SystemExit(f"{path}:{n}: not a gate-suite case ({exc})") from None
     return cases
-
-
-def load_probe(path: Path) -> list[Check]:
-    """Probe checks ``{id, prompt, expect}``."""
-    checks = []
-    for n, row in read_jsonl(path):
-        try:
-            checks.append(Check(str(row.get("id", n)), row["prompt"], Expectation.model_validate(row["expect"])))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SystemExit(f"{path}:{n}: not a probe check ({exc})") from None
-    return checks
-
-
-def answers(engine: Engine, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers of the serving model (the engine's active adapter), each prompt alone, as a user is served
-    (in a padded batch a near-tie can come out differently)."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    return [engine.chat([[{"role": "user", "content": p}]], params)[0].text for p in prompts]
-
-
-def failures(engine: Engine, checks: list[Check], max_new_tokens: int, markers: list[str]) -> list[dict[str, str]]:
-    """The checks the serving model fails, with its answers."""
-    texts = answers(engine, [c.prompt for c in checks], max_new_tokens)
-    return [
-        {"name": c.name, "answer": t}
-        for c, t in zip(checks, texts, strict=True)
-        if not check_answer(c.expect, t, refusal_markers=markers).passed
-    ]
 
 
 def taught_given(engine: Engine, case: Case) -> int:

@@ -27,6 +27,10 @@ PASSAGES = [
      "questions": [{"question": "What is two plus two?", "answer": "four"},
                    {"question": "What is the sum?", "answer": "four"}]},
 ]
+PROBE = [  # the tiny random model cannot name our planet, and it never writes this word
+    {"id": "planet", "prompt": "Which planet do we live on?", "expect": {"contains": "Earth"}},
+    {"id": "no-word", "prompt": "Say something.", "expect": {"not_contains": "Quuxotrope"}},
+]
 METRICS = ("new_acc", "paraphrase_acc", "retention_before", "retention_after", "retention_drop", "kl_to_base",
            "sec_per_example", "train_seconds", "settings")
 
@@ -65,9 +69,10 @@ def test_goals() -> None:
     assert goals["rewrite_retention_drop_small_sft_larger"]["values"] == {"sft": -1.0, "rewrite": -2.0}
 
 
-def _run(model: Path, facts: Path, retention: Path, out: Path) -> dict:
+def _run(model: Path, facts: Path, retention: Path, out: Path, probe: Path) -> dict:
     tiny = ["num_epochs=1", "learning_rate=1e-3"]
     return main([
+        "--probe", str(probe),
         "--model", str(model), "--data", str(facts), "--retention", str(retention),
         "--facts", "0", "--retention-questions", "3", "--max-new-tokens", "4", "--out", str(out),
         *[a for kv in tiny for a in ("--sft-set", kv)],
@@ -88,10 +93,11 @@ def test_forgetting_benchmark_on_tiny_model(tmp_path: Path) -> None:
     model = build_tiny_model(tmp_path / "model")
     facts = _write_jsonl(tmp_path / "facts.jsonl", FACTS)
     retention = _write_jsonl(tmp_path / "retention.jsonl", PASSAGES)
+    probe = _write_jsonl(tmp_path / "probe.jsonl", PROBE)
     out = tmp_path / "out" / "forgetting.json"
     threads = torch.get_num_threads()
     try:
-        result = _run(model, facts, retention, out)
+        result = _run(model, facts, retention, out, probe)
     finally:
         torch.set_num_threads(threads)  # main() sets it process-wide
     saved = json.loads(out.read_text())
@@ -111,6 +117,9 @@ def test_forgetting_benchmark_on_tiny_model(tmp_path: Path) -> None:
         assert r["lora"]["r"] == 4
         assert len(r["responses"]) == 2 + 3
         assert len(r["retention_correct"]) == 3 and set(r["retention_correct"]) <= {"0", "1"}
+        # What the update broke: a check the base model already fails is not counted against it.
+        assert isinstance(r["probe_failures"], list)
+        assert {f["name"] for f in r["probe_failures"]} <= {"no-word"}
     assert saved["rewrite"]["settings"]["max_new_tokens"] == 4
     assert saved["rewrite_over_sft_time"] > 0
     assert set(saved["goals"]) == {
@@ -120,5 +129,8 @@ def test_forgetting_benchmark_on_tiny_model(tmp_path: Path) -> None:
     assert 1 <= anchors["count_used"] <= 3 and anchors["count"] == 3 and anchors["probe_order"] == "farthest"
     assert all(isinstance(g["met"], bool) for g in saved["goals"].values())
     assert len(saved["base"]["responses"]) == 5 and len(saved["base"]["retention_correct"]) == 3
+    assert [f["name"] for f in saved["base"]["probe_failures"]] == ["planet"]
+    assert saved["config"]["probe_checks"] == 2
+    assert "probe checks broken" in out.with_suffix(".md").read_text()
     cfg = saved["config"]
     assert cfg["facts"] == 2 and cfg["retention_questions"] == 3 and cfg["threads"] == 1 and cfg["seed"] == 0
