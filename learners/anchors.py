@@ -7,7 +7,9 @@ with the active model's own greedy answer (on-policy, as in SDFT, but applied to
 is trained on the new examples plus ``weight`` x a loss on a batch of anchors at every step
 (:mod:`learners.anchor_loss`).
 
-Prompts come from the sources of ``learning.anchors.sources``, in order, until ``count`` are chosen:
+Prompts come from the sources of ``learning.anchors.sources``, in order, until ``count`` are chosen (a large
+update takes ``per_example`` anchors per example it trains on when that is more, and its probe prompts in
+``large_update_order``: it moves the model everywhere, not only near its own content):
 
 - ``log``: recent live traffic, positively rated first, then the newest; never a conversation that was
   corrected or rated negatively, and never a prompt one of the new signals is about;
@@ -128,8 +130,10 @@ def select_anchors(
     protected: Sequence[Messages] = (),
     exclude: Iterable[Sequence[dict[str, Any]]] = (),
     min_positive_score: float = 1.0,
+    examples: int | None = None,
 ) -> AnchorSelection:
-    """Choose up to ``settings.count`` anchor prompts from ``settings.sources``, in order.
+    """Choose up to ``settings.count`` anchor prompts from ``settings.sources``, in order (more for a large update:
+    :meth:`~runtime.config.AnchorsConfig.count_for`).
 
     Args:
         store: the interaction log (source ``log``); ``None`` skips that source.
@@ -137,25 +141,28 @@ def select_anchors(
         protected: the policy's protected conversations (source ``protected``).
         exclude: conversations the new signals are about; no anchor asks the same thing.
         min_positive_score: ratings at or above this are positive (``log`` takes those first).
+        examples: how many examples the update trains on (new and replayed); past ``count / per_example`` the
+            count grows with it and the probe is taken in ``large_update_order``. ``None``: ``count``.
     """
     selection = AnchorSelection()
     if not settings.enabled:
         return selection
+    count, probe_order = settings.count_for(examples), settings.order_for(examples)
     exclude = [list(m) for m in exclude]
     taken = {prompt_key(m) for m in exclude}
     taken.discard("")
     for source in settings.sources:
-        if len(selection.anchors) >= settings.count:
+        if len(selection.anchors) >= count:
             break
         if source == "log":
             candidates = _log_prompts(store, settings, min_positive_score) if store is not None else []
         elif source == "protected":
             candidates = [list(m) for m in protected]
         else:
-            order = PROBE_ORDERS[settings.probe_order]
+            order = PROBE_ORDERS[probe_order]
             candidates = order(load_probe_prompts(settings.probe_file or BUILTIN_ANCHOR_PROBE), exclude)
         for messages in candidates:
-            if len(selection.anchors) >= settings.count:
+            if len(selection.anchors) >= count:
                 break
             key = prompt_key(messages)
             if not key or key in taken:

@@ -9,6 +9,7 @@ Unknown keys and bad values are errors (:class:`ConfigError`) that name the file
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -178,7 +179,17 @@ class AnchorsConfig(_Section):
         "rated first, never the prompts the new signals are about), `protected` (the policy's protected prompts), "
         "`probe` (a built-in set of everyday prompts, or `probe_file`).",
     )
-    count: int = Field(12, ge=1, le=1024, description="Anchor prompts per update (filled from the sources in order).")
+    count: int = Field(
+        12, ge=1, le=1024,
+        description="Anchor prompts per update (filled from the sources in order); a large update takes more, see "
+        "`per_example`.",
+    )
+    per_example: float = Field(
+        2.0, ge=0.0, le=64.0,
+        description="A large update takes max(count, per_example x the examples it trains on, new and replayed) "
+        "anchors, so that its anchors cover as much of what the model does as the update moves (0: always "
+        "`count`). With the defaults a correction of up to six examples keeps 12.",
+    )
     weight: float = Field(1.0, gt=0.0, le=100.0, description="Weight of the anchor loss against the new examples'.")
     balance: AnchorBalance = Field(
         "examples",
@@ -200,6 +211,12 @@ class AnchorsConfig(_Section):
         "the fewest words with any new example, in file order: breadth, away from the new content) or mixed (one "
         "of each in turn, nearest first).",
     )
+    large_update_order: AnchorProbeOrder = Field(
+        "mixed",
+        description="`probe_order` of an update whose anchors `per_example` scaled beyond `count`: a large update "
+        "moves the model everywhere, not only near its own content, so by default half its probe anchors keep "
+        "the breadth of what the model does (measured on the forgetting and sequential benchmarks).",
+    )
     batch_size: int = Field(2, ge=1, le=256, description="Anchors in each training step's anchor batch.")
     max_new_tokens: int = Field(32, ge=1, le=1024, description="Length cap of the active model's anchor answers.")
     log_window: int = Field(500, ge=1, description="Recent live interactions considered for the `log` source.")
@@ -214,6 +231,17 @@ class AnchorsConfig(_Section):
         if len(set(value)) != len(value):
             raise ValueError("each source may be listed once")
         return value
+
+    def count_for(self, examples: int | None) -> int:
+        """The anchor count of an update training on `examples` examples (``None``: unknown, ``count``)."""
+        if not examples or self.per_example <= 0:
+            return self.count
+        return min(1024, max(self.count, math.ceil(self.per_example * examples)))
+
+    def order_for(self, examples: int | None) -> AnchorProbeOrder:
+        """The probe order of an update training on `examples` examples: ``large_update_order`` when
+        :meth:`count_for` scaled the count up, else ``probe_order``."""
+        return self.large_update_order if self.count_for(examples) > self.count else self.probe_order
 
 
 class RepairConfig(_Section):

@@ -239,6 +239,29 @@ def test_farthest_order_gives_the_probe_prompts_least_like_the_taught_ones_first
     with pytest.raises(ValueError, match="probe_order"):
         AnchorsConfig.model_validate({"probe_order": "closest"})
 
+
+def test_a_large_update_takes_more_anchors_in_the_large_update_order(tmp_path: Path) -> None:
+    """``per_example``: past ``count / per_example`` examples the count grows with the update, and the probe is
+    taken in ``large_update_order``; a correction of a few examples keeps ``count`` and ``probe_order``."""
+    probe = tmp_path / "probe.jsonl"
+    prompts = ["What is the capital of Japan?", "Say hello.", "Which capital of Peru is oldest?",
+               "What is the longest river in Africa?", "Count to three.", "Name a colour."]
+    probe.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    taught = [user("What is the capital of Orvania?")]
+    settings = AnchorsConfig(sources=["probe"], count=2, per_example=1.5, probe_file=probe)
+    assert [settings.count_for(n) for n in (None, 1, 3, 4)] == [2, 2, 5, 6]
+    small = select_anchors(None, settings, exclude=taught, examples=1)
+    assert [a.messages[-1]["content"] for a in small.anchors] == [prompts[0], prompts[2]]  # nearest
+    large = select_anchors(None, settings, exclude=taught, examples=3)
+    assert [a.messages[-1]["content"] for a in large.anchors] == prompts[:5]  # mixed: nearest, farthest in turn
+    settings.large_update_order = "nearest"
+    large = select_anchors(None, settings, exclude=taught, examples=3)
+    assert [a.messages[-1]["content"] for a in large.anchors][:2] == [prompts[0], prompts[2]]
+    settings.per_example = 0
+    assert len(select_anchors(None, settings, exclude=taught, examples=100).anchors) == 2
+    with pytest.raises(ValueError, match="per_example"):
+        AnchorsConfig.model_validate({"per_example": -1})
+
 def test_an_engine_answer_becomes_the_tokens_the_chat_template_puts_after_the_prompt(tiny_model_dir: Path) -> None:
     from learners.anchors import tokenise_answers
 

@@ -126,7 +126,9 @@ def test_forgetting_benchmark_on_tiny_model(tmp_path: Path) -> None:
         "rewrite_paraphrase_at_least_sft", "rewrite_retention_drop_small_sft_larger", "rewrite_over_sft_time"
     }
     anchors = saved["config"]["anchors"]  # as every update, with --anchors-set over learning.anchors' defaults
-    assert 1 <= anchors["count_used"] <= 3 and anchors["count"] == 3 and anchors["probe_order"] == "farthest"
+    assert anchors["count"] == 3 and anchors["probe_order"] == "farthest"
+    # 2 facts x per_example 2 is more than count: 4 anchors, in large_update_order (mixed)
+    assert 1 <= anchors["count_used"] <= 4 and anchors["probe_order_used"] == "mixed"
     assert all(isinstance(g["met"], bool) for g in saved["goals"].values())
     assert len(saved["base"]["responses"]) == 5 and len(saved["base"]["retention_correct"]) == 3
     assert [f["name"] for f in saved["base"]["probe_failures"]] == ["planet"]

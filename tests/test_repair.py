@@ -35,7 +35,7 @@ def config_for(tmp_path: Path, model_dir: Path, **learning) -> RuntimeConfig:
         "engine": {"device": "cpu", "num_threads": 1},
         "learning": {
             "lora": {"r": 4, "alpha": 8}, "sft": FAST,
-            "anchors": {"sources": ["probe"], "count": 3, "max_new_tokens": 4}, **learning,
+            "anchors": {"sources": ["probe"], "count": 3, "per_example": 1.0, "max_new_tokens": 4}, **learning,
         },
     })
 
@@ -120,6 +120,18 @@ def test_no_repair_without_prompts_or_attempts(
     result = run_cycle(config_for(tmp_path, tiny_model_dir, repair=repair), store, "sft", gate=ScriptedGate(verdict))
     assert result.status == "vetoed" and len(result.attempts) == 1 and why in result.message
     assert result.held == 2
+
+
+def test_a_large_update_takes_anchors_in_proportion_to_its_examples(
+    tmp_path: Path, tiny_model_dir: Path, store: Store
+) -> None:
+    """``per_example`` x the examples the update trains on (here 1 x 5 new ones) when that is more than ``count``
+    (the order they come in: ``tests/test_anchors.py``)."""
+    teach(store, 5)
+    result = run_cycle(config_for(tmp_path, tiny_model_dir), store, "sft")
+    assert result.status == "activated", result.message
+    assert result.attempts[0]["anchors"] == {"probe": 5}
+    assert len(store.get_run(result.run_id).metrics["anchors"]) == 5
 
 
 def test_anchors_off_trains_without_them(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
@@ -285,8 +297,8 @@ def test_a_first_attempt_asks_every_anchor_in_one_call_at_the_anchor_length(
     policy = _protected_policy(prompts)
     engine = Recording(tiny_engine)
     gate = PolicyGate(policy, engine)  # type: ignore[arg-type]
-    config = config_for(tmp_path, tiny_model_dir, anchors={"sources": ["protected", "probe"], "count": 3,
-                                                           "max_new_tokens": 4})
+    anchors = {"sources": ["protected", "probe"], "count": 3, "per_example": 1.0, "max_new_tokens": 4}
+    config = config_for(tmp_path, tiny_model_dir, anchors=anchors)
     loaded = set(tiny_engine.list_adapters())
     try:
         result = run_cycle(config, store, "sft", gate=gate, engine=engine,  # type: ignore[arg-type]
