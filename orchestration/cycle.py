@@ -230,7 +230,7 @@ def run_cycle(
     asked = [e.prompt for e in build.new]
     anchors = select_anchors(
         store, config.learning.anchors, protected=protected_prompts, exclude=asked,
-        min_positive_score=config.learning.min_positive_score, examples=len(build.new) + len(build.replay),
+        min_positive_score=config.learning.min_positive_score, examples=len(build.examples),
     ).anchors
     repair = config.learning.repair
     executor = executor_from_config(config.learning)

@@ -163,6 +163,10 @@ AnchorBalance = Literal["examples", "none"]
 AnchorProbeOrder = Literal["nearest", "farthest", "mixed"]
 
 
+MAX_ANCHORS = 1024
+"""The most anchor prompts one update takes (``count``'s bound, and the cap of a scaled count)."""
+
+
 class AnchorsConfig(_Section):
     """Anchor prompts answered by the active model itself, trained beside the new examples and the replay.
 
@@ -180,7 +184,7 @@ class AnchorsConfig(_Section):
         "`probe` (a built-in set of everyday prompts, or `probe_file`).",
     )
     count: int = Field(
-        12, ge=1, le=1024,
+        12, ge=1, le=MAX_ANCHORS,
         description="Anchor prompts per update (filled from the sources in order); a large update takes more, see "
         "`per_example`.",
     )
@@ -236,7 +240,7 @@ class AnchorsConfig(_Section):
         """The anchor count of an update training on `examples` examples (``None``: unknown, ``count``)."""
         if not examples or self.per_example <= 0:
             return self.count
-        return min(1024, max(self.count, math.ceil(self.per_example * examples)))
+        return min(MAX_ANCHORS, max(self.count, math.ceil(self.per_example * examples)))
 
     def order_for(self, examples: int | None) -> AnchorProbeOrder:
         """The probe order of an update training on `examples` examples: ``large_update_order`` when

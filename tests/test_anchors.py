@@ -262,6 +262,7 @@ def test_a_large_update_takes_more_anchors_in_the_large_update_order(tmp_path: P
     with pytest.raises(ValueError, match="per_example"):
         AnchorsConfig.model_validate({"per_example": -1})
 
+
 def test_an_engine_answer_becomes_the_tokens_the_chat_template_puts_after_the_prompt(tiny_model_dir: Path) -> None:
     from learners.anchors import tokenise_answers
 
