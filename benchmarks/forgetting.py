@@ -185,8 +185,8 @@ def anchor_settings(overrides: dict[str, Any]) -> AnchorsConfig:
 
 def default_anchors(model_dir: Path, facts: list[Fact], settings: AnchorsConfig | None = None) -> AnchorTraining:
     """The anchors of a fresh store (the built-in probe; as many and in the order the runtime takes for an update
-    of ``len(facts)`` examples), answered by the base model, with ``learning.anchors``' loss, weight and batch
-    (`settings`: the defaults unless given)."""
+    of ``len(facts)`` examples), answered by the base model, with ``learning.anchors``' loss, weight (that of an
+    update of that size) and batch (`settings`: the defaults unless given)."""
     settings = settings or AnchorsConfig()
     chosen = select_anchors(
         None, settings, exclude=[f.example().prompt for f in facts], examples=len(facts)
@@ -194,7 +194,8 @@ def default_anchors(model_dir: Path, facts: list[Fact], settings: AnchorsConfig 
     model, tokenizer = load_base_model(model_dir), load_tokenizer(model_dir)
     answer_anchors(model, tokenizer, chosen, max_new_tokens=settings.max_new_tokens)
     return AnchorTraining(
-        chosen, loss=settings.loss, weight=settings.weight, batch_size=settings.batch_size, balance=settings.balance
+        chosen, loss=settings.loss, weight=settings.weight_for(len(facts)), batch_size=settings.batch_size,
+        balance=settings.balance,
     )
 
 
@@ -422,7 +423,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "overrides": {**overrides, "lora": parse_overrides(args.lora_set, "lora")},
             "anchors": (
                 {**anchors_config.model_dump(mode="json"), "count_used": len(anchors.anchors),
-                 "probe_order_used": anchors_config.order_for(len(facts))} if anchors else None
+                 "probe_order_used": anchors_config.order_for(len(facts)),
+                 "weight_used": anchors_config.weight_for(len(facts))} if anchors else None
             ),
             "units": "accuracies in percent; retention_drop in percentage points (positive = forgot); "
             "kl_to_base in nats per token",

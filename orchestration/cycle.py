@@ -348,24 +348,25 @@ def _attempt(
     lr_factor = repair.learning_rate_factor ** (number - 1)
     epochs_factor = repair.epochs_factor ** (number - 1)
     anchor_counts = AnchorSelection(anchors).counts()
+    anchor_settings = ctx.config.learning.anchors
     started = time.monotonic()
     _answer_from_gate(ctx.gate, ctx.parent, anchors)
     if ctx.engine is not None:
-        anchors = _answer_on_engine(ctx.engine, ctx.parent, anchors, ctx.config.learning.anchors.max_new_tokens)
+        anchors = _answer_on_engine(ctx.engine, ctx.parent, anchors, anchor_settings.max_new_tokens)
     parent = ctx.parent
+    anchor_weight = anchor_settings.weight_for(len(ctx.build.examples))
     run_id = ctx.store.create_run(
         ctx.method,
         config={
             "settings": ctx.settings, "lora": ctx.config.learning.lora, "device": ctx.device, "attempt": number,
-            "repair_of": previous_run, "anchors": anchor_counts, "learning_rate_factor": lr_factor,
-            "epochs_factor": epochs_factor,
+            "repair_of": previous_run, "anchors": anchor_counts, "anchor_weight": anchor_weight,
+            "learning_rate_factor": lr_factor, "epochs_factor": epochs_factor,
         },
         parent_adapter=parent.name if parent else None,
         data_counts=ctx.counts,
     )
     ctx.store.update_run(run_id, status="running")
     staging = ctx.registry.staging_dir(run_id)
-    anchor_settings = ctx.config.learning.anchors
     job = TrainJob(
         method="sft",
         base_model_dir=str(resolve_model(ctx.config.model.name, ctx.config.model.cache_dir)),
@@ -378,7 +379,7 @@ def _attempt(
         num_threads=ctx.num_threads,
         anchors=[a.to_dict() for a in anchors],
         anchor_settings={
-            "loss": anchor_settings.loss, "weight": anchor_settings.weight, "balance": anchor_settings.balance,
+            "loss": anchor_settings.loss, "weight": anchor_weight, "balance": anchor_settings.balance,
             "batch_size": anchor_settings.batch_size, "max_new_tokens": anchor_settings.max_new_tokens,
         },
     )

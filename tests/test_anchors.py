@@ -257,10 +257,16 @@ def test_a_large_update_takes_more_anchors_in_the_large_update_order(tmp_path: P
     settings.large_update_order = "nearest"
     large = select_anchors(None, settings, exclude=taught, examples=3)
     assert [a.messages[-1]["content"] for a in large.anchors][:2] == [prompts[0], prompts[2]]
+    assert [settings.weight_for(n) for n in (None, 1, 3)] == [1.0, 1.0, 0.5]  # large_update_weight
+    settings.large_update_weight = None
+    assert [settings.weight_for(n) for n in (None, 1, 3)] == [1.0, 1.0, 1.0]  # null: weight
     settings.per_example = 0
     assert len(select_anchors(None, settings, exclude=taught, examples=100).anchors) == 2
+    assert settings.weight_for(100) == 1.0
     with pytest.raises(ValueError, match="per_example"):
         AnchorsConfig.model_validate({"per_example": -1})
+    with pytest.raises(ValueError, match="large_update_weight"):
+        AnchorsConfig.model_validate({"large_update_weight": 0})
 
 
 def test_an_engine_answer_becomes_the_tokens_the_chat_template_puts_after_the_prompt(tiny_model_dir: Path) -> None:

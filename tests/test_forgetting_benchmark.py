@@ -129,6 +129,7 @@ def test_forgetting_benchmark_on_tiny_model(tmp_path: Path) -> None:
     assert anchors["count"] == 3 and anchors["probe_order"] == "farthest"
     # 2 facts x per_example 2 is more than count: 4 anchors, in large_update_order (mixed)
     assert 1 <= anchors["count_used"] <= 4 and anchors["probe_order_used"] == "mixed"
+    assert anchors["weight_used"] == (anchors["large_update_weight"] or anchors["weight"])
     assert all(isinstance(g["met"], bool) for g in saved["goals"].values())
     assert len(saved["base"]["responses"]) == 5 and len(saved["base"]["retention_correct"]) == 3
     assert [f["name"] for f in saved["base"]["probe_failures"]] == ["planet"]

@@ -125,13 +125,16 @@ def test_no_repair_without_prompts_or_attempts(
 def test_a_large_update_takes_anchors_in_proportion_to_its_examples(
     tmp_path: Path, tiny_model_dir: Path, store: Store
 ) -> None:
-    """``per_example`` x the examples the update trains on (here 1 x 5 new ones) when that is more than ``count``
-    (the order they come in: ``tests/test_anchors.py``)."""
+    """``per_example`` x the examples the update trains on (here 1 x 5 new ones) when that is more than ``count``,
+    at ``large_update_weight`` (the order they come in: ``tests/test_anchors.py``)."""
     teach(store, 5)
-    result = run_cycle(config_for(tmp_path, tiny_model_dir), store, "sft")
+    config = config_for(tmp_path, tiny_model_dir)
+    config.learning.anchors.large_update_weight = 0.25
+    result = run_cycle(config, store, "sft")
     assert result.status == "activated", result.message
     assert result.attempts[0]["anchors"] == {"probe": 5}
-    assert len(store.get_run(result.run_id).metrics["anchors"]) == 5
+    run = store.get_run(result.run_id)
+    assert len(run.metrics["anchors"]) == 5 and run.config["anchor_weight"] == 0.25
 
 
 def test_anchors_off_trains_without_them(tmp_path: Path, tiny_model_dir: Path, store: Store) -> None:
