@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS / "sequential.json")
     args = parser.parse_args(argv)
     anchor_overrides = parse_overrides(args.anchors_set, "anchors")
+    overrides: dict[str, Any] = {
+        **{name: parse_overrides(getattr(args, f"{name}_set"), name) for name in LEARNING_METHODS},
+        "lora": parse_overrides(args.lora_set, "lora"),
+    }
 
     facts = load_facts(args.data)
     need = args.batches * args.batch_size
@@ -96,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "threads": args.threads,
             "anchors": args.anchors,
             "anchors_overrides": anchor_overrides,
+            "overrides": overrides,
             "replay_fraction": (
                 args.replay_fraction if args.replay_fraction is not None else RuntimeConfig().learning.replay_fraction
             ),
@@ -112,9 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         for method in args.methods.split(","):
             learning: dict[str, Any] = {
-                **{name: parse_overrides(getattr(args, f"{name}_set"), name) for name in LEARNING_METHODS},
-                "lora": parse_overrides(args.lora_set, "lora"),
-                "anchors": {**anchor_overrides, "enabled": args.anchors},
+                **overrides, "anchors": {**anchor_overrides, "enabled": args.anchors},
             }
             if args.replay_fraction is not None:
                 learning["replay_fraction"] = args.replay_fraction

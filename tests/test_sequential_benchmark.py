@@ -45,4 +45,6 @@ def test_sequential_benchmark_tiny(tmp_path: Path, tiny_model_dir: Path) -> None
     assert "retention_drop" in sft_steps[1]
     assert set(saved["methods"]) == {"sft", "auto"}
     assert saved["config"]["anchors_overrides"] == {"count": 2}
+    assert saved["config"]["overrides"]["sft"] == {"num_epochs": 1}  # how the run was made, e.g. its seed
+    assert saved["config"]["overrides"]["lora"] == {"r": 4}
     assert out.with_suffix(".md").read_text().startswith("| method |")
