@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "anchors": (
                 {**anchors_config.model_dump(mode="json"), "count_used": len(anchors.anchors),
                  "probe_order_used": anchors_config.order_for(len(facts)),
-                 "weight_used": anchors_config.weight_for(len(facts))} if anchors else None
+                 "weight_used": anchors.weight} if anchors else None
             ),
             "units": "accuracies in percent; retention_drop in percentage points (positive = forgot); "
             "kl_to_base in nats per token",

@@ -146,7 +146,7 @@ def compare(benchmark: str, arms: dict[str, list[tuple[int | None, dict[str, flo
                     "worse": sum(sign * d < 0 for d in diffs),
                 }
             metrics[metric] = entry
-        out["arms"][name] = {"seeds": [seed for seed, _ in rows], "files": len(rows), "metrics": metrics}
+        out["arms"][name] = {"seeds": [seed for seed, _ in rows], "metrics": metrics}
     return out
 
 
