@@ -194,8 +194,8 @@ def default_anchors(model_dir: Path, facts: list[Fact], settings: AnchorsConfig 
     model, tokenizer = load_base_model(model_dir), load_tokenizer(model_dir)
     answer_anchors(model, tokenizer, chosen, max_new_tokens=settings.max_new_tokens)
     return AnchorTraining(
-        chosen, loss=settings.loss, weight=settings.weight_for(len(facts)), batch_size=settings.batch_size,
-        balance=settings.balance,
+        chosen, loss=settings.loss_for(len(facts)), weight=settings.weight_for(len(facts)),
+        batch_size=settings.batch_size, balance=settings.balance,
     )
 
 
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "anchors": (
                 {**anchors_config.model_dump(mode="json"), "count_used": len(anchors.anchors),
                  "probe_order_used": anchors_config.order_for(len(facts)),
-                 "weight_used": anchors.weight} if anchors else None
+                 "loss_used": anchors.loss, "weight_used": anchors.weight} if anchors else None
             ),
             "units": "accuracies in percent; retention_drop in percentage points (positive = forgot); "
             "kl_to_base in nats per token",

@@ -167,6 +167,9 @@ def run_method(
             entry: dict[str, Any] = {"step": step + 1, "status": cycle.status, "cycle_seconds": seconds}
             if "auto" in cycle.metrics:  # which candidate auto kept, and why
                 entry["auto"] = cycle.metrics["auto"]
+            entry["training"] = {
+                k: cycle.metrics[k] for k in ("steps", "train_seconds", "train_loss") if k in cycle.metrics
+            }
             if cycle.adapter is not None:
                 name = f"{method}-{step}"
                 engine.load_adapter(name, cycle.adapter.path)

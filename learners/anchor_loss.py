@@ -5,7 +5,10 @@ loss), taking the next ``batch_size`` anchors in a shuffled cycle. Two losses:
 
 - ``sft``: cross-entropy on the active model's greedy answers (the answer tokens only);
 - ``kl``: KL(active || candidate) over the full vocabulary at every answer token, the active model being the
-  update's starting point (the base model with the parent adapter, kept frozen beside the trained one).
+  update's starting point (the base model with the parent adapter, kept frozen beside the trained one). The
+  active model's distributions are fixed, so the first call computes them for every anchor at once and keeps
+  them (answer tokens only) when they fit in ``REFERENCE_CACHE_BYTES``; otherwise each step computes
+  its batch's.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from runtime.config import AnchorBalance, AnchorLossKind
 
 REFERENCE_ADAPTER = "anchor_reference"
 """Name of the frozen copy of the parent adapter that ``kl`` compares against."""
+
+REFERENCE_CACHE_BYTES = 256 * 1024**2
+"""The most memory the ``kl`` loss keeps the active model's answer-token distributions in (else it recomputes
+them each step, one more forward pass)."""
 
 
 class AnchorLoss:
@@ -68,23 +75,53 @@ class AnchorLoss:
             raise ValueError("no answered anchor to train on")
         self._rng = random.Random(seed)
         self._order: list[int] = []
+        self._reference_log_probs: list[torch.Tensor] | None = None
         self.history: list[float] = []
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _next_batch(self) -> list[tuple[list[int], int]]:
+    def _next_batch(self) -> list[int]:
+        """The indices of the next `batch_size` anchors, in a shuffled cycle."""
         batch = []
         for _ in range(min(self.batch_size, len(self.rows))):
             if not self._order:
                 self._order = list(range(len(self.rows)))
                 self._rng.shuffle(self._order)
-            batch.append(self.rows[self._order.pop()])
+            batch.append(self._order.pop())
         return batch
 
     def __call__(self, model: Any) -> torch.Tensor:
-        batch = self._next_batch()
-        device = next(model.parameters()).device
+        if self.kind == "kl" and self._reference_log_probs is None and self._reference_fits(model):
+            self._reference_log_probs = self._active_log_probs(model)
+        indices = self._next_batch()
+        batch = [self.rows[i] for i in indices]
+        input_ids, attention, answer = self._collate(batch, next(model.parameters()).device)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+        mask = answer[:, 1:]  # position t predicts token t + 1
+        if self.kind == "sft":
+            nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+            value = (nll * mask).sum() / mask.sum().clamp(min=1)
+        else:
+            log_q = torch.log_softmax(logits, dim=-1)
+            if self._reference_log_probs is not None:
+                log_p = torch.zeros_like(log_q)
+                for row, index in enumerate(indices):
+                    log_p[row][mask[row]] = self._reference_log_probs[index].to(log_p)
+            else:
+                assert self.reference is not None
+                with torch.no_grad(), self.reference(model):
+                    ref_logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+                log_p = torch.log_softmax(ref_logits, dim=-1)
+            per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+            value = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        self.history.append(float(value.detach()))
+        return self.weight * value
+
+    def _collate(
+        self, batch: Sequence[tuple[list[int], int]], device: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask, answer-token mask) of `batch`, right-padded."""
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -93,22 +130,28 @@ class AnchorLoss:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention[row, : len(ids)] = 1
             answer[row, prompt_len : len(ids)] = True
-        input_ids, attention, answer = input_ids.to(device), attention.to(device), answer.to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-        mask = answer[:, 1:]  # position t predicts token t + 1
-        if self.kind == "sft":
-            nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
-            value = (nll * mask).sum() / mask.sum().clamp(min=1)
-        else:
-            assert self.reference is not None
-            with torch.no_grad(), self.reference(model):
-                ref_logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-            log_p = torch.log_softmax(ref_logits, dim=-1)
-            log_q = torch.log_softmax(logits, dim=-1)
-            per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
-            value = (per_token * mask).sum() / mask.sum().clamp(min=1)
-        self.history.append(float(value.detach()))
-        return self.weight * value
+        return input_ids.to(device), attention.to(device), answer.to(device)
+
+    def _reference_fits(self, model: Any) -> bool:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        tokens = sum(len(ids) - prompt_len for ids, prompt_len in self.rows)
+        return tokens * vocab * 4 <= REFERENCE_CACHE_BYTES  # float32
+
+    def _active_log_probs(self, model: Any) -> list[torch.Tensor]:
+        """The active model's log-probabilities at each anchor's answer tokens (one ``[answer, vocab]`` tensor per
+        anchor), computed once: the reference does not move while the candidate trains."""
+        assert self.reference is not None
+        device = next(model.parameters()).device
+        kept: list[torch.Tensor] = []
+        with torch.no_grad(), self.reference(model):
+            for start in range(0, len(self.rows), 8):
+                chunk = self.rows[start : start + 8]
+                input_ids, attention, answer = self._collate(chunk, device)
+                logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+                log_p = torch.log_softmax(logits, dim=-1)
+                mask = answer[:, 1:]
+                kept.extend(log_p[row][mask[row]].cpu() for row in range(len(chunk)))
+        return kept
 
 
 def _tokenise(anchor: Anchor, tokenizer: Any, max_length: int) -> tuple[list[int], int]:

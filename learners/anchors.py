@@ -5,7 +5,8 @@ unrelated behaviours: after learning one fictional capital, the model may name i
 country. Anchors pull the update towards what the serving model already does elsewhere: each is a prompt
 with the active model's own greedy answer (on-policy, as in SDFT, but applied to retention), and the update
 is trained on the new examples plus ``weight`` x a loss on a batch of anchors at every step
-(:mod:`learners.anchor_loss`).
+(:mod:`learners.anchor_loss`): KL to the active model for a small update, cross-entropy on its answers for a
+large one (``loss``, ``large_update_loss``).
 
 Prompts come from the sources of ``learning.anchors.sources``, in order, until ``count`` are chosen (a large
 update takes ``per_example`` anchors per example it trains on when that is more, and its probe prompts in

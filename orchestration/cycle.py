@@ -355,11 +355,13 @@ def _attempt(
         anchors = _answer_on_engine(ctx.engine, ctx.parent, anchors, anchor_settings.max_new_tokens)
     parent = ctx.parent
     anchor_weight = anchor_settings.weight_for(len(ctx.build.examples))
+    anchor_loss = anchor_settings.loss_for(len(ctx.build.examples))
     run_id = ctx.store.create_run(
         ctx.method,
         config={
             "settings": ctx.settings, "lora": ctx.config.learning.lora, "device": ctx.device, "attempt": number,
             "repair_of": previous_run, "anchors": anchor_counts, "anchor_weight": anchor_weight,
+            "anchor_loss": anchor_loss,
             "learning_rate_factor": lr_factor, "epochs_factor": epochs_factor,
         },
         parent_adapter=parent.name if parent else None,
@@ -379,7 +381,7 @@ def _attempt(
         num_threads=ctx.num_threads,
         anchors=[a.to_dict() for a in anchors],
         anchor_settings={
-            "loss": anchor_settings.loss, "weight": anchor_weight, "balance": anchor_settings.balance,
+            "loss": anchor_loss, "weight": anchor_weight, "balance": anchor_settings.balance,
             "batch_size": anchor_settings.batch_size, "max_new_tokens": anchor_settings.max_new_tokens,
         },
     )

@@ -209,10 +209,16 @@ class AnchorsConfig(_Section):
         "none: `weight` as is.",
     )
     loss: AnchorLossKind = Field(
+        "kl",
+        description="kl: KL(active || candidate) over the full vocabulary on the active model's greedy answers, one "
+        "more forward pass per step; sft: cross-entropy on those answers. KL is zero where the update has not moved "
+        "the model, so it only resists change; the cross-entropy also sharpens the model on its own answers, and a "
+        "4-fact update with it learned half its paraphrases (README, \"Which anchor loss\").",
+    )
+    large_update_loss: AnchorLossKind | None = Field(
         "sft",
-        description="sft: cross-entropy on the active model's greedy answers (keeps what a user is served there); "
-        "kl: KL(active || candidate) over the full vocabulary on those answers, one more forward pass per step. "
-        "Measured on the default model (learners.anchors): sft kept greedy answers, kl kept the distribution.",
+        description="`loss` of an update whose anchors `per_example` scaled beyond `count` (null: `loss`); the "
+        "large-update settings were measured with sft.",
     )
     probe_order: AnchorProbeOrder = Field(
         "nearest",
@@ -252,6 +258,13 @@ class AnchorsConfig(_Section):
         """The probe order of an update training on `examples` examples: ``large_update_order`` when
         :meth:`count_for` scaled the count up, else ``probe_order``."""
         return self.large_update_order if self._scaled(examples) else self.probe_order
+
+    def loss_for(self, examples: int | None) -> AnchorLossKind:
+        """The anchor loss of an update training on `examples` examples: ``large_update_loss`` (when set) when
+        :meth:`count_for` scaled the count up, else ``loss``."""
+        if self.large_update_loss is not None and self._scaled(examples):
+            return self.large_update_loss
+        return self.loss
 
     def weight_for(self, examples: int | None) -> float:
         """The anchor weight of an update training on `examples` examples: ``large_update_weight`` (when set)

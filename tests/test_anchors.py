@@ -109,6 +109,40 @@ def test_kl_term_is_zero_at_the_start_and_grows_when_the_model_moves(tiny_model_
     assert float(value) > 0 and sft.history[-1] == pytest.approx(float(value) / 2.0)
 
 
+def test_kl_keeps_the_active_distributions_and_gives_the_same_loss_as_recomputing_them(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first call keeps the active model's answer-token distributions; later steps take no reference forward
+    pass, and the loss is the one a per-step reference gives."""
+    from learners import anchor_loss as anchor_loss_module
+
+    anchors = _answered(tiny_model_dir)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = build_peft_model(load_base_model(tiny_model_dir), LoraSettings(r=4, alpha=8))
+    entered: list[int] = []
+    plain = reference_context(model, None)
+
+    def counting(m):  # type: ignore[no-untyped-def]
+        entered.append(1)
+        return plain(m)
+
+    cached = AnchorLoss(anchors, tokenizer, kind="kl", batch_size=2, reference=counting, seed=3)
+    monkeypatch.setattr(anchor_loss_module, "REFERENCE_CACHE_BYTES", 0)
+    recomputed = AnchorLoss(anchors, tokenizer, kind="kl", batch_size=2, reference=plain, seed=3)
+    monkeypatch.undo()
+    assert float(cached(model)) == pytest.approx(0.0, abs=1e-4)
+    assert len(entered) == 1  # every anchor's distribution at once
+    recomputed(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    for _ in range(3):
+        expected = float(recomputed(model))
+        assert float(cached(model)) == pytest.approx(expected, rel=1e-4, abs=1e-6) and expected > 1e-3
+    assert len(entered) == 1
+
+
 def test_kl_reference_is_the_parent_adapter_frozen(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
     anchors = _answered(tiny_model_dir)
     model = build_peft_model(load_base_model(tiny_model_dir), parent_adapter_dir=tiny_adapter_dir)
@@ -258,8 +292,11 @@ def test_a_large_update_takes_more_anchors_in_the_large_update_order(tmp_path: P
     large = select_anchors(None, settings, exclude=taught, examples=3)
     assert [a.messages[-1]["content"] for a in large.anchors][:2] == [prompts[0], prompts[2]]
     assert [settings.weight_for(n) for n in (None, 1, 3)] == [1.0, 1.0, 0.5]  # large_update_weight
+    assert [settings.loss_for(n) for n in (None, 1, 3)] == ["kl", "kl", "sft"]  # large_update_loss
     settings.large_update_weight = None
+    settings.large_update_loss = None
     assert [settings.weight_for(n) for n in (None, 1, 3)] == [1.0, 1.0, 1.0]  # null: weight
+    assert [settings.loss_for(n) for n in (None, 1, 3)] == ["kl", "kl", "kl"]  # null: loss
     settings.per_example = 0
     assert len(select_anchors(None, settings, exclude=taught, examples=100).anchors) == 2
     assert settings.weight_for(100) == 1.0
@@ -267,6 +304,8 @@ def test_a_large_update_takes_more_anchors_in_the_large_update_order(tmp_path: P
         AnchorsConfig.model_validate({"per_example": -1})
     with pytest.raises(ValueError, match="large_update_weight"):
         AnchorsConfig.model_validate({"large_update_weight": 0})
+    with pytest.raises(ValueError, match="large_update_loss"):
+        AnchorsConfig.model_validate({"large_update_loss": "mse"})
 
 
 def test_an_engine_answer_becomes_the_tokens_the_chat_template_puts_after_the_prompt(tiny_model_dir: Path) -> None:
