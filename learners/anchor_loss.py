@@ -133,7 +133,8 @@ class AnchorLoss:
         return input_ids.to(device), attention.to(device), answer.to(device)
 
     def _reference_fits(self, model: Any) -> bool:
-        vocab = model.get_output_embeddings().weight.shape[0]
+        embeddings = model.get_output_embeddings()
+        vocab = embeddings.weight.shape[0] if embeddings is not None else model.config.vocab_size
         tokens = sum(len(ids) - prompt_len for ids, prompt_len in self.rows)
         return tokens * vocab * 4 <= REFERENCE_CACHE_BYTES  # float32
 
