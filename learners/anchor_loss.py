@@ -103,18 +103,15 @@ class AnchorLoss:
             nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
             value = (nll * mask).sum() / mask.sum().clamp(min=1)
         else:
-            log_q = torch.log_softmax(logits, dim=-1)
+            log_q = torch.log_softmax(logits[mask], dim=-1)  # answer tokens only, row by row
             if self._reference_log_probs is not None:
-                log_p = torch.zeros_like(log_q)
-                for row, index in enumerate(indices):
-                    log_p[row][mask[row]] = self._reference_log_probs[index].to(log_p)
+                log_p = torch.cat([self._reference_log_probs[i] for i in indices]).to(log_q)
             else:
                 assert self.reference is not None
                 with torch.no_grad(), self.reference(model):
                     ref_logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-                log_p = torch.log_softmax(ref_logits, dim=-1)
-            per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
-            value = (per_token * mask).sum() / mask.sum().clamp(min=1)
+                log_p = torch.log_softmax(ref_logits[mask], dim=-1)
+            value = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
         self.history.append(float(value.detach()))
         return self.weight * value
 

@@ -210,10 +210,11 @@ class AnchorsConfig(_Section):
     )
     loss: AnchorLossKind = Field(
         "kl",
-        description="kl: KL(active || candidate) over the full vocabulary on the active model's greedy answers, one "
-        "more forward pass per step; sft: cross-entropy on those answers. KL is zero where the update has not moved "
-        "the model, so it only resists change; the cross-entropy also sharpens the model on its own answers, and a "
-        "4-fact update with it learned half its paraphrases (README, \"Which anchor loss\").",
+        description="kl: KL(active || candidate) over the full vocabulary on the active model's greedy answers (the "
+        "active model's distributions computed once per update); sft: cross-entropy on those answers. KL is zero "
+        "where the update has not moved the model, so it only resists change; the cross-entropy also sharpens the "
+        "model on its own answers, and a 4-fact update with it learned half its paraphrases (README, \"Which "
+        "anchor loss\").",
     )
     large_update_loss: AnchorLossKind | None = Field(
         "sft",
