@@ -2,7 +2,9 @@
 
 The parent sends a :class:`TrainJob`; a fresh ``spawn`` child lowers its priority, caps its CPU threads or
 pins the chosen GPU, trains, and writes the adapter into the job's staging directory. Progress comes back
-over a queue. If the child crashes or is killed, the parent raises :class:`TrainingFailed` with what is
+over a queue. A job whose last inputs the parent still computes (the anchors the serving engine answers) is
+run with ``prepare``: the child starts and imports its libraries meanwhile, then takes the prepared job. If the
+child crashes or is killed, the parent raises :class:`TrainingFailed` with what is
 known; the staging directory is never published (that is the caller's step, after verification).
 
 A SEAL update (self-edit search, generator rounds and the serving candidate) runs the same way from a
@@ -125,17 +127,31 @@ def pick_training_device(
     return best[1] if best else "cpu"
 
 
+PrepareFn = Callable[[TrainJob], None]
+"""Fills in a job's last inputs in place (the cycle's anchors, answered by the serving engine)."""
+
+
 def run_training_process(
     job: TrainJob, progress: ProgressFn | None = None, *, timeout_s: float | None = None,
-    executor: JobExecutor | None = None,
+    executor: JobExecutor | None = None, prepare: PrepareFn | None = None,
 ) -> dict[str, Any]:
     """Run `job` in a worker (`executor`, default :func:`current_executor`) and return its result (metrics,
-    timings); raises `TrainingFailed`."""
+    timings); raises `TrainingFailed`.
+
+    `prepare`, when given, fills in the job's last inputs first. A local worker is started before it runs and
+    imports its libraries meanwhile (seconds on a CPU), then takes the finished job; other executors get the job
+    once it is prepared.
+    """
     from learners.registry import get_method
 
     if get_method(job.method).kind != "trainer":
         raise ValueError(f"{job.method!r} is not a method with a train function of its own")
-    return (executor or current_executor()).run(job, progress, timeout_s)
+    executor = executor or current_executor()
+    if isinstance(executor, LocalProcessExecutor):
+        return executor.run(job, progress, timeout_s, prepare=prepare)
+    if prepare is not None:
+        prepare(job)
+    return executor.run(job, progress, timeout_s)
 
 
 def run_seal_process(
@@ -194,8 +210,12 @@ class LocalProcessExecutor:
 
     name = "local"
 
-    def run(self, job: Job, progress: ProgressFn | None, timeout_s: float | None) -> Any:
-        return _run_child(job, progress, timeout_s)
+    def run(
+        self, job: Job, progress: ProgressFn | None, timeout_s: float | None, *, prepare: PrepareFn | None = None
+    ) -> Any:
+        """Run `job` in a fresh child; with `prepare` (a :class:`TrainJob`'s), the child starts and imports its
+        libraries while `prepare` fills in the job here, then takes the job."""
+        return _run_child(job, progress, timeout_s, prepare)
 
 
 _EXECUTOR: contextvars.ContextVar[JobExecutor | None] = contextvars.ContextVar("learner_executor", default=None)
@@ -237,13 +257,26 @@ def use_executor(executor: JobExecutor) -> Iterator[JobExecutor]:
         _EXECUTOR.reset(token)
 
 
-def _run_child(job: Job, progress: ProgressFn | None, timeout_s: float | None) -> Any:
+def _run_child(
+    job: Job, progress: ProgressFn | None, timeout_s: float | None, prepare: PrepareFn | None = None
+) -> Any:
     ctx = mp.get_context("spawn")
     messages: mp.Queue = ctx.Queue()
+    prepared: mp.Queue | None = ctx.Queue() if prepare is not None else None
     kind = job_kind(job)
-    child = ctx.Process(target=_child_main, args=(kind, asdict(job), messages), name=f"learner-{job.method}")
+    child = ctx.Process(
+        target=_child_main, args=(kind, asdict(job), messages, prepared), name=f"learner-{job.method}"
+    )
     child.start()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    if prepare is not None and prepared is not None:
+        try:
+            prepare(job)
+        except BaseException:
+            child.kill()
+            child.join()
+            raise
+        prepared.put(asdict(job))
     result: Any = None
     finished = started = False
     error: str | None = None
@@ -303,12 +336,15 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
-def _child_main(kind: str, job_dict: dict[str, Any], messages: mp.Queue) -> None:
+def _child_main(kind: str, job_dict: dict[str, Any], messages: mp.Queue, prepared: mp.Queue | None = None) -> None:
     _die_with_parent()
     messages.put(("started", os.getpid()))
     job = JOB_KINDS[kind](**job_dict)
     try:
         _lower_priority(job.niceness)
+        if prepared is not None:  # import while the parent prepares the job, then take the prepared job
+            _warm_up(job)
+            job = JOB_KINDS[kind](**prepared.get())
         result = execute_job(job, lambda step, total, logs: messages.put(("progress", (step, total, logs))))
         messages.put(("done", result))
     except BaseException:
@@ -319,6 +355,14 @@ def _child_main(kind: str, job_dict: dict[str, Any], messages: mp.Queue) -> None
 def execute_job(job: Job, progress: ProgressFn) -> Any:
     """Run `job` in this process (a worker: it sets this process's visible GPUs and torch threads) and return its
     result. URL inputs are read from local copies first (:func:`localize_inputs`)."""
+    _use_device(job)
+    localize_inputs(job)
+    kind = job_kind(job)
+    return {"train": _train, "seal": _seal, "call": _call}[kind](job, progress)
+
+
+def _use_device(job: Job) -> None:
+    """This worker's visible GPUs (before torch is first imported) and torch threads, for `job`."""
     if job.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     elif job.device.startswith("cuda:"):
@@ -327,9 +371,16 @@ def execute_job(job: Job, progress: ProgressFn) -> Any:
     import torch
 
     torch.set_num_threads(job.num_threads or learner_cpu_threads())
-    localize_inputs(job)
-    kind = job_kind(job)
-    return {"train": _train, "seal": _seal, "call": _call}[kind](job, progress)
+
+
+def _warm_up(job: Job) -> None:
+    """Import what `job` will run (torch, and for a training job its method's trainer with TRL)."""
+    _use_device(job)
+    if isinstance(job, TrainJob):
+        from learners import anchor_loss  # noqa: F401
+        from learners.registry import get_method
+
+        get_method(job.method).load_trainer()
 
 
 _URL_INPUTS = {"train": ("parent_adapter_dir",), "seal": ("parent_adapter_dir", "generator_adapter_dir")}

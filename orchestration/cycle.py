@@ -32,6 +32,7 @@ from learners.examples import TrainingText
 from learners.executors import executor_from_config
 from learners.registry import get_method, method_sections, scale_settings, settings_dict, validate_learning
 from learners.worker import (
+    PrepareFn,
     ProgressFn,
     TrainingFailed,
     TrainJob,
@@ -351,8 +352,6 @@ def _attempt(
     anchor_settings = ctx.config.learning.anchors
     started = time.monotonic()
     _answer_from_gate(ctx.gate, ctx.parent, anchors)
-    if ctx.engine is not None:
-        anchors = _answer_on_engine(ctx.engine, ctx.parent, anchors, anchor_settings.max_new_tokens)
     parent = ctx.parent
     anchor_weight = anchor_settings.weight_for(len(ctx.build.examples))
     anchor_loss = anchor_settings.loss_for(len(ctx.build.examples))
@@ -386,6 +385,14 @@ def _attempt(
         },
     )
 
+    chosen = anchors
+
+    def answer_on_engine(job: TrainJob) -> None:
+        """The anchors the gate did not answer, answered by the serving engine while the worker starts."""
+        if ctx.engine is not None:
+            answered = _answer_on_engine(ctx.engine, parent, chosen, anchor_settings.max_new_tokens)
+            job.anchors = [a.to_dict() for a in answered]
+
     def attempt_of(status: Literal["approved", "vetoed", "failed"], reasons: list[str], adapter: str | None = None,
                    repairable: bool = False) -> Attempt:
         return Attempt(number, run_id, status, reasons, time.monotonic() - started, adapter, anchor_counts,
@@ -394,7 +401,7 @@ def _attempt(
     try:
         ctx.phase("training", number, 1 + ctx.config.learning.repair.max_attempts)
         trained_method, adapter_dir, metrics, answered = _train(
-            ctx, job, run_id, number, lr_factor, epochs_factor, timeout_s
+            ctx, job, run_id, number, lr_factor, epochs_factor, timeout_s, answer_on_engine
         )
         ctx.phase("verification", 0, 1)
         record = ctx.registry.publish(
@@ -436,10 +443,13 @@ def _attempt(
 
 def _train(
     ctx: _Context, job: TrainJob, run_id: str, number: int, lr_factor: float, epochs_factor: float,
-    timeout_s: float | None,
+    timeout_s: float | None, prepare: PrepareFn,
 ) -> tuple[str, str, dict[str, Any], list[dict[str, Any]]]:
-    """Run the method in the worker; returns (method recorded, adapter dir, metrics, answered anchors)."""
+    """Run the method in the worker; returns (method recorded, adapter dir, metrics, answered anchors).
+    `prepare` fills in the job's anchors: while the worker starts for a ``trainer`` method, first otherwise."""
     kind = get_method(ctx.method).kind
+    if kind != "trainer":
+        prepare(job)
     if kind == "selection":
         from learners.auto_trainer import select_candidate
 
@@ -464,7 +474,9 @@ def _train(
     else:
         job.method = ctx.method
         job.settings = scale_settings(ctx.method, ctx.sections[ctx.method], lr_factor, epochs_factor)
-    result = run_training_process(job, ctx.progress, timeout_s=timeout_s)
+    result = run_training_process(
+        job, ctx.progress, timeout_s=timeout_s, prepare=prepare if kind == "trainer" else None
+    )
     metrics = {"train_seconds": result["train_seconds"], "steps": result["num_steps"], **result["summary"]}
     return ctx.method, job.output_dir, metrics, result.get("anchors") or []
 

@@ -143,6 +143,60 @@ def test_kl_keeps_the_active_distributions_and_gives_the_same_loss_as_recomputin
     assert len(entered) == 1
 
 
+@pytest.mark.parametrize("kind", ["kl", "sft"])
+def test_logits_only_where_answers_are_predicted_give_the_same_loss_and_gradients(
+    tiny_model_dir: Path, kind: str
+) -> None:
+    """The output layer only sees the positions that predict answer tokens (``logits_to_keep``); the loss and
+    the LoRA gradients are those of computing every position's logits."""
+    anchors = _answered(tiny_model_dir)
+    anchors[1].answer_ids = anchors[1].answer_ids[:2]  # rows of different lengths: padding after a short answer
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = build_peft_model(load_base_model(tiny_model_dir), LoraSettings(r=4, alpha=8))
+    reference = reference_context(model, None) if kind == "kl" else None
+    kept = AnchorLoss(anchors, tokenizer, kind=kind, batch_size=3, reference=reference, seed=1)
+    full = AnchorLoss(anchors, tokenizer, kind=kind, batch_size=3, reference=reference, seed=1)
+    full._logits_to_keep = False
+    kept(model), full(model)  # the kl reference is taken before the model moves
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(3):
+        model.zero_grad()
+        value = kept(model)
+        value.backward()
+        grads = [p.grad.clone() for p in lora]
+        model.zero_grad()
+        expected = full(model)
+        expected.backward()
+        assert float(value) == pytest.approx(float(expected), rel=1e-5) and float(expected) > 1e-3
+        for got, want in zip(grads, [p.grad for p in lora], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert kept._logits_to_keep  # the model took logits_to_keep: no fallback
+
+
+def test_a_model_without_logits_to_keep_gives_the_same_anchor_loss(tiny_model_dir: Path) -> None:
+    anchors = _answered(tiny_model_dir)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_base_model(tiny_model_dir)
+
+    class Older(torch.nn.Module):  # a causal LM whose forward has no logits_to_keep
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):  # type: ignore[no-untyped-def]
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    older = AnchorLoss(anchors, tokenizer, kind="sft", batch_size=2, seed=1)
+    current = AnchorLoss(anchors, tokenizer, kind="sft", batch_size=2, seed=1)
+    with torch.no_grad():
+        assert float(older(Older())) == pytest.approx(float(current(model)), rel=1e-5)
+    assert not older._logits_to_keep and current._logits_to_keep
+
+
 def test_kl_reference_is_the_parent_adapter_frozen(tiny_model_dir: Path, tiny_adapter_dir: Path) -> None:
     anchors = _answered(tiny_model_dir)
     model = build_peft_model(load_base_model(tiny_model_dir), parent_adapter_dir=tiny_adapter_dir)

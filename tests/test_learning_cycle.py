@@ -334,6 +334,48 @@ def test_the_worker_dies_with_its_parent(tmp_path: Path, tiny_model_dir: Path) -
             parent.kill()
 
 
+def test_a_prepared_job_is_filled_in_while_its_worker_starts(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """``prepare`` runs once the worker process is started (it imports meanwhile) and the worker trains on the job
+    as prepared; a failing ``prepare`` ends the worker and raises its error."""
+    import multiprocessing
+
+    from learners.worker import TrainJob, run_training_process
+
+    def job(out: str) -> TrainJob:
+        return TrainJob(method="sft", base_model_dir=str(tiny_model_dir), output_dir=str(tmp_path / out),
+                        examples=[], settings={"num_epochs": 1}, lora={"r": 4}, num_threads=1)
+
+    workers: list[int] = []
+
+    def prepare(prepared: TrainJob) -> None:
+        workers.extend(p.pid for p in multiprocessing.active_children())
+        prepared.examples = [{"prompt": [{"role": "user", "content": f"q{i}"}], "demonstration": "a"} for i in range(3)]
+
+    result = run_training_process(job("ok"), prepare=prepare)
+    assert len(workers) == 1  # the worker was already started
+    assert result["num_examples"] == 3  # the examples prepare added
+    assert (tmp_path / "ok" / "adapter_config.json").exists()
+
+    def fails(prepared: TrainJob) -> None:
+        workers[:] = [p.pid for p in multiprocessing.active_children()]
+        raise ConnectionError("engine unreachable")
+
+    with pytest.raises(ConnectionError, match="engine unreachable"):
+        run_training_process(job("failed"), prepare=fails)
+    assert workers and not any(_running(pid) for pid in workers)
+    assert not (tmp_path / "failed").exists()
+
+    class Elsewhere:  # another executor (Ray): it gets the job once prepared
+        name = "elsewhere"
+        jobs: list[TrainJob] = []
+
+        def run(self, job, progress, timeout_s):  # type: ignore[no-untyped-def]
+            self.jobs.append(job)
+            return {"num_examples": len(job.examples)}
+
+    assert run_training_process(job("ray"), executor=Elsewhere(), prepare=prepare)["num_examples"] == 3
+
+
 def _running(pid: int) -> bool:
     """Whether `pid` is a live process (a zombie waiting to be reaped does not count)."""
     try:
