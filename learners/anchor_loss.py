@@ -125,8 +125,9 @@ class AnchorLoss:
         """(float logits, the tokens they predict, which of those are answer tokens) of the batch, from the first
         position that predicts an answer token on.
 
-        The output layer (hidden size x vocabulary: the largest matmul of the step) only sees those positions
-        (``logits_to_keep``): the prompts, about two thirds of an anchor's tokens, need no logits.
+        The output layer (hidden size x vocabulary) only sees those positions (``logits_to_keep``): the prompts,
+        about two thirds of an anchor's tokens, need no logits. On SmolLM2 on a CPU that saves about 3% of an anchor
+        step; the vocabulary-wide logits it does not hold matter more for memory on a large vocabulary.
         """
         start = min(prompt_len for _, prompt_len in batch) - 1  # predicts the earliest answer token
         keep = input_ids.shape[1] - start

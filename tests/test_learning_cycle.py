@@ -367,10 +367,8 @@ def test_a_prepared_job_is_filled_in_while_its_worker_starts(tmp_path: Path, tin
 
     class Elsewhere:  # another executor (Ray): it gets the job once prepared
         name = "elsewhere"
-        jobs: list[TrainJob] = []
 
         def run(self, job, progress, timeout_s):  # type: ignore[no-untyped-def]
-            self.jobs.append(job)
             return {"num_examples": len(job.examples)}
 
     assert run_training_process(job("ray"), executor=Elsewhere(), prepare=prepare)["num_examples"] == 3
